@@ -1,0 +1,135 @@
+//! Packet counters: one slot per (hook, counter) in a per-CPU array.
+//!
+//! Every packet a netd program sees ends in exactly one *verdict* counter
+//! (pass, forward, drop…). Packets that are passed untouched or dropped also
+//! bump one *reason* counter saying why, so `netd status` can answer "what
+//! happened to my packets" without a packet capture.
+
+/// Where a program is attached. Part of the counter index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress on the uplink: traffic arriving at the host.
+    UplinkIngress = 0,
+    /// TC egress on the uplink: traffic leaving the host.
+    UplinkEgress = 1,
+    /// TC ingress on a container's host-side veth: traffic leaving a container.
+    ContainerEgress = 2,
+}
+
+impl Hook {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [Hook; Self::COUNT as usize] = [
+        Hook::UplinkIngress,
+        Hook::UplinkEgress,
+        Hook::ContainerEgress,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::UplinkIngress => "uplink-ingress",
+            Hook::UplinkEgress => "uplink-egress",
+            Hook::ContainerEgress => "container-egress",
+        }
+    }
+}
+
+/// What happened to a packet, or why.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    // Verdicts: exactly one per packet.
+    /// Left to the kernel's normal path, untouched.
+    Pass = 0,
+    /// Dropped by netd (a drop reason says why).
+    Drop = 1,
+
+    // Why a packet was passed untouched.
+    /// Not IPv4 or IPv6 (ARP, LLDP…).
+    NotIp = 2,
+    /// IPv4 or IPv6 but no netd rule applies to it.
+    NoMatch = 3,
+    /// A non-first IP fragment: no L4 header to look at.
+    Fragment = 4,
+
+    // Malformed input: passed untouched (the kernel's own checks decide) and
+    // counted, never rewritten.
+    /// Frame shorter than the headers it announces.
+    Truncated = 5,
+    /// IPv4 header length or version field is invalid.
+    BadIpHeader = 6,
+    /// A VLAN tag on an interface netd does not run VLANs on.
+    VlanTagged = 7,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Pass,
+        Counter::Drop,
+        Counter::NotIp,
+        Counter::NoMatch,
+        Counter::Fragment,
+        Counter::Truncated,
+        Counter::BadIpHeader,
+        Counter::VlanTagged,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Pass => "pass",
+            Counter::Drop => "drop",
+            Counter::NotIp => "not-ip",
+            Counter::NoMatch => "no-match",
+            Counter::Fragment => "fragment",
+            Counter::Truncated => "truncated",
+            Counter::BadIpHeader => "bad-ip-header",
+            Counter::VlanTagged => "vlan-tagged",
+        }
+    }
+
+    /// Verdicts partition packets; the other counters explain them.
+    pub const fn is_verdict(self) -> bool {
+        matches!(self, Counter::Pass | Counter::Drop)
+    }
+
+    /// Index of this counter for `hook` in the counters array.
+    pub const fn index(self, hook: Hook) -> u32 {
+        hook as u32 * Self::COUNT + self as u32
+    }
+}
+
+/// Number of slots in the counters array.
+pub const COUNTER_SLOTS: u32 = Hook::COUNT * Counter::COUNT;
+
+/// One counter slot (per CPU in the kernel; summed by userspace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CounterValue {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_unique() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for hook in Hook::ALL {
+            for c in Counter::ALL {
+                let i = c.index(hook) as usize;
+                assert!(!seen[i], "duplicate index {i}");
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "Counter::ALL out of order at {}", c.name());
+        }
+    }
+}

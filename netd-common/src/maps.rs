@@ -1,0 +1,28 @@
+//! Map names (they are also the pin file names under the pin dir) and the
+//! layout version stamp.
+
+/// Per-CPU array of [`crate::CounterValue`], indexed by [`crate::Counter::index`].
+pub const COUNTERS: &str = "netd_counters";
+/// One-slot array holding [`Meta`]: says which netd layout owns a pin dir.
+pub const META: &str = "netd_meta";
+
+/// Every map netd pins, in the order `netd status` lists them.
+pub const ALL: &[&str] = &[META, COUNTERS];
+
+/// Bumped whenever a pinned map's key/value layout or meaning changes. A
+/// daemon refuses to adopt a pin dir stamped with another version instead of
+/// misreading its maps.
+pub const LAYOUT_VERSION: u32 = 1;
+/// "netd" in ASCII: tells a netd meta map from anything else pinned there.
+pub const META_MAGIC: u32 = 0x6e65_7464;
+
+/// The value stored in [`META`] slot 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub magic: u32,
+    pub layout_version: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Meta {}

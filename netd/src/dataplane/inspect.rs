@@ -1,0 +1,198 @@
+//! Reading and removing what is pinned, without loading any program: works
+//! while the daemon is down.
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::{Map, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_programs, SchedClassifier,
+    },
+};
+use netd_common::{maps, Counter, CounterValue, Hook};
+use serde::Serialize;
+
+use super::{pins::detach_pinned_link, program_for, sum_counters, PinDir};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub layout_version: u32,
+    pub attachments: Vec<AttachmentStatus>,
+    pub maps: Vec<MapStatus>,
+    /// hook name -> counter name -> totals; zero counters omitted.
+    pub counters: Vec<HookCounters>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AttachmentStatus {
+    pub hook: &'static str,
+    pub interface: String,
+    pub direction: &'static str,
+    pub program: String,
+    pub program_id: u32,
+    pub link_id: u32,
+    /// False when the link outlived its interface or was detached.
+    pub attached: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapStatus {
+    pub name: &'static str,
+    pub map_type: String,
+    pub max_entries: u32,
+    /// Entries in use (arrays are always full).
+    pub entries: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HookCounters {
+    pub hook: &'static str,
+    pub counters: Vec<NamedCounter>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NamedCounter {
+    pub name: &'static str,
+    pub verdict: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Reads the status of what is pinned under `pin_dir`.
+pub fn read_status(pin_dir: &Path) -> Result<Status> {
+    let pins = PinDir::existing(pin_dir)?;
+    pins.check_layout()?;
+    let meta = pins.read_meta()?;
+
+    let mut attachments = Vec::new();
+    for (hook, ifname, path) in pins.links()? {
+        attachments.push(attachment_status(hook, ifname, &path)?);
+    }
+
+    let mut map_status = Vec::new();
+    for name in maps::ALL {
+        let path = pins.map(name);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let info = data.info()?;
+        map_status.push(MapStatus {
+            name,
+            map_type: format!("{:?}", info.map_type()?),
+            max_entries: info.max_entries(),
+            entries: info.max_entries(),
+        });
+    }
+
+    let path = pins.map(maps::COUNTERS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let array: PerCpuArray<MapData, CounterValue> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    let totals = sum_counters(&array)?;
+    let counters = group_counters(&totals);
+
+    Ok(Status {
+        pin_dir: pin_dir.display().to_string(),
+        layout_version: meta.layout_version,
+        attachments,
+        maps: map_status,
+        counters,
+    })
+}
+
+fn attachment_status(hook: Hook, ifname: String, path: &Path) -> Result<AttachmentStatus> {
+    let link = FdLink::from(
+        PinnedLink::from_pin(path).with_context(|| format!("opening {}", path.display()))?,
+    );
+    let info = link.info()?;
+    let program_id = info.program_id();
+    let (expected, attach_type) = program_for(hook);
+    let attached = SchedClassifier::query_tcx(&ifname, attach_type)
+        .map(|(_, progs)| progs.iter().any(|p| p.id() == program_id))
+        .unwrap_or(false);
+    // The kernel keeps 15 characters of a program name: show ours in full
+    // when the kernel's is a prefix of it, and the kernel's otherwise.
+    let program = match loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == program_id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
+    {
+        Some(name) if expected.starts_with(&name) => expected.to_owned(),
+        Some(name) => name,
+        None => "(gone)".to_owned(),
+    };
+    Ok(AttachmentStatus {
+        hook: hook.name(),
+        interface: ifname,
+        direction: match attach_type {
+            aya::programs::TcAttachType::Ingress => "ingress",
+            _ => "egress",
+        },
+        program,
+        program_id,
+        link_id: info.id(),
+        attached,
+    })
+}
+
+fn group_counters(totals: &[(Hook, Counter, CounterValue)]) -> Vec<HookCounters> {
+    Hook::ALL
+        .into_iter()
+        .map(|hook| HookCounters {
+            hook: hook.name(),
+            counters: totals
+                .iter()
+                .filter(|(h, _, v)| *h == hook && v.packets != 0)
+                .map(|(_, c, v)| NamedCounter {
+                    name: c.name(),
+                    verdict: c.is_verdict(),
+                    packets: v.packets,
+                    bytes: v.bytes,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct UninstallReport {
+    pub links_detached: usize,
+    pub maps_removed: usize,
+}
+
+/// Detaches every pinned link and removes every pin and the pin dir itself.
+/// Idempotent: a missing pin dir is reported as nothing to do.
+pub fn uninstall(pin_dir: &Path) -> Result<UninstallReport> {
+    let mut report = UninstallReport::default();
+    if !pin_dir.exists() {
+        return Ok(report);
+    }
+    let pins = PinDir::existing(pin_dir)?;
+    // Refuse to delete a directory that is not ours.
+    pins.check_layout_for_removal()?;
+    for (_, _, path) in pins.links()? {
+        detach_pinned_link(&path)?;
+        report.links_detached += 1;
+    }
+    // Every other pin in a netd pin dir is a map (of this or an older layout).
+    for entry in std::fs::read_dir(pin_dir)? {
+        let path = entry?.path();
+        if path != pins.links_dir() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            report.maps_removed += 1;
+        }
+    }
+    let links_dir = pins.links_dir();
+    if links_dir.exists() {
+        std::fs::remove_dir(&links_dir)
+            .with_context(|| format!("removing {}", links_dir.display()))?;
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| {
+        format!(
+            "removing {} (it holds objects netd did not create)",
+            pin_dir.display()
+        )
+    })?;
+    Ok(report)
+}

@@ -1,0 +1,307 @@
+//! The dataplane: the only userspace code that loads eBPF programs, attaches
+//! them and touches maps. Everything else talks to the kernel through it.
+//!
+//! Objects live under a pin dir in bpffs:
+//!   `<pin-dir>/<map name>`             every map (netd_common::maps::ALL)
+//!   `<pin-dir>/links/<hook>@<ifname>`  one TCX link per attachment
+//! Pinned links keep programs attached when the daemon exits; a new daemon
+//! reuses the pinned maps and swaps its freshly loaded programs into the
+//! pinned links atomically (BPF_LINK_UPDATE), so forwarding never stops.
+
+mod inspect;
+mod pins;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+    },
+    Ebpf, EbpfLoader,
+};
+use netd_common::{
+    counters::COUNTER_SLOTS,
+    maps::{self, LAYOUT_VERSION, META_MAGIC},
+    Counter, CounterValue, Hook, Meta,
+};
+
+pub use inspect::{read_status, uninstall, AttachmentStatus, MapStatus, Status, UninstallReport};
+pub use pins::{interface_index, PinDir};
+
+/// The compiled eBPF object (built by build.rs from netd-ebpf).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd"));
+
+/// The program serving `hook` and the TC direction it attaches to.
+pub fn program_for(hook: Hook) -> (&'static str, TcAttachType) {
+    match hook {
+        Hook::UplinkIngress => ("netd_uplink_ingress", TcAttachType::Ingress),
+        Hook::UplinkEgress => ("netd_uplink_egress", TcAttachType::Egress),
+        // Ingress on the host side of a container's veth sees what the
+        // container sends.
+        Hook::ContainerEgress => ("netd_container_egress", TcAttachType::Ingress),
+    }
+}
+
+/// Options for loading the programs.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Log every packet decision through aya-log (slow; for debugging).
+    pub debug_datapath: bool,
+}
+
+/// Loaded programs and maps, pinned under a pin dir or (for tests) unpinned.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pins: Option<PinDir>,
+    /// Links this process attached or adopted, by (hook, interface).
+    links: HashMap<(u32, String), FdLink>,
+    /// Set with `debug_datapath`: drains aya-log records into `log`/tracing.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Outcome of running a program once on a frame with BPF_PROG_TEST_RUN.
+#[derive(Debug)]
+pub struct TestRunOutput {
+    /// The TC action the program returned (TC_ACT_*; -1 is "not ours").
+    pub action: i32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// Kernel-measured time per run.
+    pub duration_per_run: std::time::Duration,
+}
+
+impl Dataplane {
+    /// Loads the programs with their maps pinned under `pin_dir`, adopting
+    /// maps a previous daemon pinned there. Fails with a one-line error when
+    /// the pin dir holds something that is not this netd's layout.
+    pub fn open(pin_dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let pins = PinDir::prepare(pin_dir)?;
+        pins.check_layout()?;
+        let map_paths: Vec<(&str, PathBuf)> = maps::ALL
+            .iter()
+            .map(|name| (*name, pins.map(name)))
+            .collect();
+        let mut dp = Self::load_with(&map_paths, Some(pins), opts)?;
+        dp.stamp_layout()?;
+        Ok(dp)
+    }
+
+    /// Loads the programs with private, unpinned maps: for BPF_PROG_TEST_RUN
+    /// tests and benchmarks, which must not disturb a running daemon.
+    pub fn load_unpinned(opts: &LoadOptions) -> Result<Self> {
+        Self::load_with(&[], None, opts)
+    }
+
+    fn load_with(
+        map_pins: &[(&str, PathBuf)],
+        pins: Option<PinDir>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let debug: u8 = opts.debug_datapath.into();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .override_global("NETD_DEBUG", &debug, true)
+            .load(EBPF_OBJECT)
+            .context("loading netd's eBPF object")?;
+        let logger = if opts.debug_datapath {
+            Some(aya_log::EbpfLogger::init(&mut ebpf).context("starting aya-log")?)
+        } else {
+            None
+        };
+        for hook in Hook::ALL {
+            let (name, _) = program_for(hook);
+            let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected program {name}"))?;
+        }
+        Ok(Self {
+            ebpf,
+            pins,
+            links: HashMap::new(),
+            logger,
+        })
+    }
+
+    fn stamp_layout(&mut self) -> Result<()> {
+        let mut meta: Array<&mut MapData, Meta> = Array::try_from(
+            self.ebpf
+                .map_mut(maps::META)
+                .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::META))?,
+        )?;
+        meta.set(
+            0,
+            Meta {
+                magic: META_MAGIC,
+                layout_version: LAYOUT_VERSION,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Attaches the program for `hook` to `ifname` with a pinned TCX link. A
+    /// live link pinned by an earlier daemon is taken over by swapping in
+    /// this daemon's program atomically; a stale one (its interface was
+    /// deleted) is replaced.
+    pub fn attach(&mut self, hook: Hook, ifname: &str) -> Result<()> {
+        let pins = self
+            .pins
+            .as_ref()
+            .ok_or_else(|| anyhow!("attach needs a pin dir"))?;
+        interface_index(ifname)?;
+        let (name, attach_type) = program_for(hook);
+        let pin_path = pins.link(hook, ifname);
+        let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
+
+        let adopted = match adopt_pinned_link(&pin_path, ifname, attach_type)? {
+            Some(old) => {
+                let id = prog
+                    .attach_to_link(old)
+                    .with_context(|| format!("replacing {name} on {ifname}"))?;
+                Some(FdLink::try_from(prog.take_link(id)?)?)
+            }
+            None => None,
+        };
+        let link = match adopted {
+            Some(link) => link,
+            None => {
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attaching {name} to {ifname}"))?;
+                let link = FdLink::try_from(prog.take_link(id)?)?;
+                // The pin keeps the program attached after this process exits.
+                FdLink::from(
+                    link.pin(&pin_path)
+                        .with_context(|| format!("pinning link at {}", pin_path.display()))?,
+                )
+            }
+        };
+        self.links.insert((hook as u32, ifname.to_owned()), link);
+        Ok(())
+    }
+
+    /// Detaches `hook` from `ifname` and removes its pin. Missing is fine.
+    pub fn detach(&mut self, hook: Hook, ifname: &str) -> Result<()> {
+        self.links.remove(&(hook as u32, ifname.to_owned()));
+        if let Some(pins) = &self.pins {
+            pins::detach_pinned_link(&pins.link(hook, ifname))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the program for `hook` once (or `repeat` times) on `frame`.
+    pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunOutput> {
+        let (name, _) = program_for(hook);
+        let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
+        // Room for programs that grow the frame (encapsulation).
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let result = prog
+            .test_run(opts)
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: result.return_value as i32,
+            frame: out,
+            duration_per_run: result.duration,
+        })
+    }
+
+    /// Counter totals over all CPUs, for every (hook, counter).
+    pub fn counters(&self) -> Result<Vec<(Hook, Counter, CounterValue)>> {
+        let map = self
+            .ebpf
+            .map(maps::COUNTERS)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::COUNTERS))?;
+        let array: PerCpuArray<&MapData, CounterValue> = PerCpuArray::try_from(map)?;
+        sum_counters(&array)
+    }
+
+    /// Forwards pending datapath log records (with `debug_datapath`).
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(PinDir::path)
+    }
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a TC classifier"))
+}
+
+/// Opens the link pinned at `path` if it is still attached to `ifname`. A
+/// link whose interface vanished is unpinned and `None` returned.
+fn adopt_pinned_link(
+    path: &Path,
+    ifname: &str,
+    attach_type: TcAttachType,
+) -> Result<Option<SchedClassifierLink>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let pinned = PinnedLink::from_pin(path)
+        .with_context(|| format!("opening pinned link {}", path.display()))?;
+    let link = FdLink::from(pinned);
+    let prog_id = link.info()?.program_id();
+    let live = SchedClassifier::query_tcx(ifname, attach_type)
+        .map(|(_, progs)| progs.iter().any(|p| p.id() == prog_id))
+        .unwrap_or(false);
+    if !live {
+        drop(link);
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale link pin {}", path.display()))?;
+        return Ok(None);
+    }
+    Ok(Some(SchedClassifierLink::try_from(link)?))
+}
+
+fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, CounterValue>,
+) -> Result<Vec<(Hook, Counter, CounterValue)>> {
+    let mut out = Vec::with_capacity(COUNTER_SLOTS as usize);
+    for hook in Hook::ALL {
+        for counter in Counter::ALL {
+            let per_cpu = array.get(&counter.index(hook), 0)?;
+            let total = per_cpu
+                .iter()
+                .fold(CounterValue::default(), |acc, v| CounterValue {
+                    packets: acc.packets + v.packets,
+                    bytes: acc.bytes + v.bytes,
+                });
+            out.push((hook, counter, total));
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses to run without the privileges every dataplane operation needs.
+pub fn require_privileges() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("netd needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo");
+    }
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! netd: an eBPF dataplane for Docker hosts. The library holds the daemon's
+//! rooms; `main.rs` is only the CLI entry point.
+//!
+//! - [`cli`]: argument parsing and human/JSON output.
+//! - [`daemon`]: `netd run`, wiring the rooms together.
+//! - [`docker`]: the Docker source (bollard).
+//! - [`netlink`]: interface and route queries (rtnetlink).
+//! - [`dataplane`]: the only code that loads programs and touches maps.
+pub mod cli;
+pub mod daemon;
+pub mod dataplane;
+pub mod docker;
+pub mod netlink;

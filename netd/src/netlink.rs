@@ -1,0 +1,46 @@
+//! Interface and route queries over rtnetlink, in the daemon's network
+//! namespace.
+use anyhow::{anyhow, Context as _, Result};
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    link::LinkAttribute,
+    route::{RouteAttribute, RouteMessage},
+};
+use rtnetlink::IpVersion;
+
+/// The interface of the IPv4 default route: netd's uplink unless told.
+pub async fn default_route_interface() -> Result<String> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .context("listing routes")?;
+    let oif = routes
+        .iter()
+        .filter(|r| r.header.destination_prefix_length == 0)
+        .find_map(|r| {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })
+        })
+        .ok_or_else(|| {
+            anyhow!("this network namespace has no IPv4 default route: pass --uplink IFACE")
+        })?;
+    let mut links = handle.link().get().match_index(oif).execute();
+    let link = links
+        .try_next()
+        .await?
+        .ok_or_else(|| anyhow!("default route points at unknown ifindex {oif}"))?;
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("interface {oif} has no name"))
+}
