@@ -30,6 +30,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => netlink::default_route_interface().await?,
     };
     dataplane::interface_index(&uplink)?;
+    // Local checks first, so a bad pin dir is reported before Docker is tried.
+    dataplane::PinDir::prepare(&opts.pin_dir)?.check_layout()?;
     docker::connect(&opts.docker_host).await?;
 
     let mut dp = Dataplane::open(

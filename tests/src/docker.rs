@@ -1,0 +1,264 @@
+//! A dockerd per emulated host, with a private data-root, exec-root, socket
+//! and pidfile, and the locally built test image.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::netns::NetNs;
+
+/// Image every test container runs: busybox-static, imported locally.
+pub const TEST_IMAGE: &str = "netd-test:latest";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DockerMode {
+    /// Configured for netd: no iptables rules, no masquerade, no docker-proxy.
+    Netd,
+    /// Docker's own iptables NAT, userland proxy off.
+    StockIptables,
+    /// Docker's own iptables NAT plus docker-proxy.
+    StockProxy,
+}
+
+pub struct Dockerd {
+    child: Option<Child>,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Dockerd {
+    pub fn start(ns: &NetNs, dir: &Path, bip: &str, mode: DockerMode) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let sock = dir.join("docker.sock");
+        let log = std::fs::File::create(dir.join("dockerd.log"))?;
+        let mut cmd = ns.command("dockerd");
+        cmd.arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("-H")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .arg("--bip")
+            .arg(bip)
+            .args(["--log-level", "warn"]);
+        match mode {
+            DockerMode::Netd => {
+                cmd.args([
+                    "--iptables=false",
+                    "--ip-masq=false",
+                    "--userland-proxy=false",
+                ]);
+            }
+            DockerMode::StockIptables => {
+                cmd.args(["--userland-proxy=false"]);
+            }
+            DockerMode::StockProxy => {
+                cmd.args(["--userland-proxy=true"]);
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd (is docker.io installed? run `cargo xtask setup`)")?;
+        let mut d = Self {
+            child: Some(child),
+            dir: dir.into(),
+            sock,
+        };
+        d.wait_ready()?;
+        d.import_test_image()?;
+        Ok(d)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self
+                .docker_raw(&["version", "--format", "{{.Server.Version}}"])?
+                .status
+                .success()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("dockerd exited ({status}): {}", self.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("dockerd did not come up in 60 s: {}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+
+    /// The API endpoint for netd's --docker-host.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.sock.display())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn docker_raw(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new("docker")
+            .arg("-H")
+            .arg(self.host())
+            .args(args)
+            .output()
+            .context("running the docker CLI")
+    }
+
+    /// Runs the docker CLI against this daemon; fails unless it succeeds.
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker_raw(args)?;
+        if !out.status.success() {
+            bail!(
+                "docker {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Starts a detached container from the test image; returns its id.
+    pub fn run(&self, name: &str, extra: &[&str], command: &[&str]) -> Result<String> {
+        let mut args = vec!["run", "-d", "--pull=never", "--name", name];
+        args.extend_from_slice(extra);
+        args.push(TEST_IMAGE);
+        args.extend_from_slice(command);
+        self.docker(&args)
+    }
+
+    /// The container's IP address on the default bridge.
+    pub fn container_ip(&self, name: &str) -> Result<String> {
+        self.docker(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            name,
+        ])
+    }
+
+    fn import_test_image(&self) -> Result<()> {
+        let tar = test_image_tar()?;
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(self.host())
+            .args(["import", "-c", "CMD [\"/bin/sh\"]"])
+            .arg(tar)
+            .arg(TEST_IMAGE)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "docker import failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A rootfs tarball of busybox-static with its applet links, built once per
+/// test process.
+fn test_image_tar() -> Result<PathBuf> {
+    static TAR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    let tar = TAR
+        .get_or_init(|| build_test_image_tar().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)?;
+    if !tar.exists() {
+        // The last bench of an earlier batch removed it: build again.
+        return build_test_image_tar();
+    }
+    Ok(tar)
+}
+
+fn test_image_dir() -> PathBuf {
+    Path::new(crate::STATE_ROOT).join(format!("image-{}", std::process::id()))
+}
+
+/// Removes the test image build dir (a later bench would rebuild it only if
+/// this process had not cached the path: it is removed with the last bench).
+pub(crate) fn remove_test_image_dir() {
+    let _ = std::fs::remove_dir_all(test_image_dir());
+}
+
+fn build_test_image_tar() -> Result<PathBuf> {
+    let busybox =
+        which("busybox").context("busybox-static is not installed: run `cargo xtask setup`")?;
+    let root = test_image_dir();
+    let bin = root.join("rootfs/bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(&busybox, bin.join("busybox"))?;
+    let list = Command::new(&busybox).arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+    }
+    for dir in ["etc", "tmp", "proc", "sys", "dev", "var/www"] {
+        std::fs::create_dir_all(root.join("rootfs").join(dir))?;
+    }
+    std::fs::write(
+        root.join("rootfs/var/www/index.html"),
+        "hello from netd-test\n",
+    )?;
+    let tar = root.join("image.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(root.join("rootfs"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()?;
+    if !status.success() {
+        bail!("tar of the test rootfs failed");
+    }
+    Ok(tar)
+}
+
+pub fn which(program: &str) -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found in PATH"))
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f"];
+                args.extend(ids);
+                let _ = self.docker(&args);
+            }
+        }
+        if let Some(child) = self.child.take() {
+            crate::process::terminate(child, Duration::from_secs(20));
+        }
+        crate::process::unmount_under(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

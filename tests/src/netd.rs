@@ -1,0 +1,201 @@
+//! The real `netd run` daemon inside an emulated host.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+use crate::netns::NetNs;
+
+/// The netd binary under test: $NETD_BIN, else the one cargo built next to
+/// this test executable (target/<profile>/netd).
+pub fn netd_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NETD_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("netd");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "netd binary not found next to {}: build it first (`cargo build -p netd`) or set NETD_BIN",
+        exe.display()
+    )
+}
+
+pub struct Netd {
+    child: Option<Child>,
+    ns_path: PathBuf,
+    binary: PathBuf,
+    docker_host: String,
+    uplink: String,
+    pin_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Netd {
+    pub fn start(
+        ns: &NetNs,
+        docker_host: &str,
+        uplink: &str,
+        pin_dir: &Path,
+        state_dir: &Path,
+    ) -> Result<Self> {
+        let mut netd = Self {
+            child: None,
+            ns_path: ns.path().into(),
+            binary: netd_binary()?,
+            docker_host: docker_host.into(),
+            uplink: uplink.into(),
+            pin_dir: pin_dir.into(),
+            state_dir: state_dir.into(),
+        };
+        netd.spawn()?;
+        Ok(netd)
+    }
+
+    fn ns(&self) -> Result<NetNs> {
+        NetNs::open(&self.ns_path)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        // Readiness is judged on what this run writes, not earlier runs.
+        let log_start = log.metadata()?.len() as usize;
+        let child = self
+            .ns()?
+            .command(&self.binary)
+            .arg("run")
+            .arg("--docker-host")
+            .arg(&self.docker_host)
+            .arg("--uplink")
+            .arg(&self.uplink)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .env("NETD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting netd run")?;
+        std::fs::write(self.state_dir.join("netd.pid"), child.id().to_string())?;
+        self.child = Some(child);
+        self.wait_ready(log_start)
+    }
+
+    /// Ready = this run's log says it follows Docker (after attaching).
+    fn wait_ready(&mut self, log_start: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let log = log.get(log_start..).unwrap_or_default().to_owned();
+            if log.contains("Docker event stream up") {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("netd run exited ({status}): {}", log.trim());
+            }
+            if Instant::now() > deadline {
+                bail!("netd run not ready in 30 s: {}", log.trim());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.state_dir.join("netd.log")
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM and wait: the datapath must stay pinned and working.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            crate::process::terminate(child, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts the daemon again on the same pins.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Runs `netd <args…>` in the host's namespace.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        self.ns()?
+            .command(&self.binary)
+            .args(args)
+            .output()
+            .context("running netd")
+    }
+
+    /// `netd status --json` for this daemon's pin dir.
+    pub fn status(&self) -> Result<Value> {
+        let pin = self.pin_dir.display().to_string();
+        let out = self.cli(&["status", "--json", "--pin-dir", &pin])?;
+        if !out.status.success() {
+            bail!(
+                "netd status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// `netd uninstall` for this daemon's pin dir.
+    pub fn uninstall(&self) -> Result<()> {
+        let pin = self.pin_dir.display().to_string();
+        let out = self.cli(&["uninstall", "--pin-dir", &pin])?;
+        if !out.status.success() {
+            bail!(
+                "netd uninstall failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Packets of counter `name` at `hook` in a `netd status --json` document.
+pub fn counter(status: &Value, hook: &str, name: &str) -> u64 {
+    status["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h["hook"] == hook)
+        .flat_map(|h| h["counters"].as_array().cloned().unwrap_or_default())
+        .filter(|c| c["name"] == name)
+        .map(|c| c["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+impl Drop for Netd {
+    fn drop(&mut self) {
+        self.stop();
+        if self.pin_dir.exists() {
+            if let Err(e) = self.uninstall() {
+                eprintln!("netd bench: {e:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Network namespaces: created with unshare(2) and bind-mounted under
+//! /run/netns (so `ip netns` and `nsenter --net` see them), entered with
+//! setns(2) (never `ip netns exec`, which remounts /sys and hides bpffs).
+use std::{
+    fs::File,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{bail, Context as _, Result};
+use nix::{
+    mount::{mount, umount2, MntFlags, MsFlags},
+    sched::{setns, unshare, CloneFlags},
+};
+
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// A named network namespace, deleted on drop.
+pub struct NetNs {
+    name: String,
+    path: PathBuf,
+    file: File,
+    /// Delete on drop (false for handles from [`NetNs::open`]).
+    owned: bool,
+}
+
+impl NetNs {
+    /// Creates the namespace `name` with its loopback up.
+    pub fn create(name: &str) -> Result<Self> {
+        std::fs::create_dir_all(NETNS_DIR)?;
+        let path = Path::new(NETNS_DIR).join(name);
+        if path.exists() {
+            bail!("network namespace {name} already exists");
+        }
+        File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let target = path.clone();
+        // unshare() changes the calling thread only: do it on a scratch
+        // thread so the test's own thread stays in its namespace.
+        let made = std::thread::spawn(move || -> Result<()> {
+            unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .context("bind-mounting the namespace")?;
+            Ok(())
+        })
+        .join()
+        .expect("namespace thread panicked");
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let file = File::open(&path)?;
+        let ns = Self {
+            name: name.into(),
+            path,
+            file,
+            owned: true,
+        };
+        crate::netlink::with_netlink(
+            &ns,
+            |h| async move { crate::netlink::set_up(&h, "lo").await },
+        )?;
+        Ok(ns)
+    }
+
+    /// Opens an existing namespace without taking ownership of it (its
+    /// drop does not delete it).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path: path.into(),
+            file,
+            owned: false,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A command that runs inside this namespace (setns before exec).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        let fd = self.file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the fd outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                let borrowed = std::os::fd::BorrowedFd::borrow_raw(fd);
+                setns(borrowed, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        cmd
+    }
+
+    /// Runs `program args…` in the namespace and returns its output.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<Output> {
+        self.command(program)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {program} in {}", self.name))
+    }
+
+    /// Like [`Self::run`] but fails unless the command succeeds; returns stdout.
+    pub fn run_ok(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = self.run(program, args)?;
+        if !out.status.success() {
+            bail!(
+                "`{program} {}` in {} failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(&self.file, CloneFlags::CLONE_NEWNET).context("setns")?;
+                f()
+            })
+            .join()
+            .expect("namespace thread panicked")
+        })
+    }
+
+    /// Writes a sysctl of this namespace (net.* sysctls are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.enter(|| std::fs::write(&path, value).with_context(|| format!("writing {path}")))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if self.owned {
+            delete_netns(&self.path);
+        }
+    }
+}
+
+/// Unmounts and removes a namespace bind mount; the namespace itself goes
+/// away with its last user.
+pub fn delete_netns(path: &Path) {
+    let _ = umount2(path, MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(path);
+}

@@ -1,0 +1,158 @@
+//! Emulated hosts and the LAN between them.
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+
+use crate::{
+    docker::{DockerMode, Dockerd},
+    netd::Netd,
+    netlink::{add_address, add_route, veth_between, with_netlink},
+    netns::NetNs,
+    Bench,
+};
+
+/// Name of every emulated host's LAN interface.
+pub const UPLINK: &str = "eth0";
+
+/// An L2 segment: a bridge in a switch namespace of its own.
+pub struct Lan {
+    ns: NetNs,
+    /// First three octets of the /24, inside 198.18.0.0/15.
+    prefix: [u8; 3],
+    ports: std::sync::atomic::AtomicU32,
+}
+
+impl Lan {
+    pub(crate) fn new(ns: NetNs, prefix: [u8; 3]) -> Result<Self> {
+        crate::netlink::add_bridge(&ns, "lan")?;
+        Ok(Self {
+            ns,
+            prefix,
+            ports: 0.into(),
+        })
+    }
+
+    /// The LAN address with host part `host`.
+    pub fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], host)
+    }
+
+    /// Plugs `ns` into the LAN as `eth0` with address `.host`/24.
+    pub fn attach(&self, ns: &NetNs, host: u8) -> Result<Ipv4Addr> {
+        let port = self
+            .ports
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (sw, tmp) = (format!("p{port}"), format!("t{port}"));
+        veth_between(&self.ns, &sw, ns, &tmp, UPLINK)?;
+        crate::netlink::enslave(&self.ns, &sw, "lan")?;
+        let ip = self.ip(host);
+        with_netlink(ns, |h| async move { add_address(&h, UPLINK, ip, 24).await })?;
+        Ok(ip)
+    }
+}
+
+/// A network namespace standing in for a machine: a LAN address, maybe a
+/// dockerd and a netd of its own. Dropped in field order: netd, dockerd, ns.
+pub struct Host {
+    pub netd: Option<Netd>,
+    pub docker: Option<Dockerd>,
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    state_dir: std::path::PathBuf,
+}
+
+impl Host {
+    /// A plain host on `lan` (a client or server, no Docker).
+    pub fn plain(bench: &Bench, lan: &Lan, role: &str, host: u8) -> Result<Self> {
+        let ns = bench.netns(role)?;
+        let ip = lan.attach(&ns, host)?;
+        let state_dir = bench.state_dir().join(ns.name());
+        std::fs::create_dir_all(&state_dir)?;
+        Ok(Self {
+            netd: None,
+            docker: None,
+            ns,
+            ip,
+            state_dir,
+        })
+    }
+
+    /// A Docker host on `lan` whose containers get `bridge_subnet` (a /24
+    /// given by its first three octets; the bridge is .1).
+    pub fn docker(
+        bench: &Bench,
+        lan: &Lan,
+        role: &str,
+        host: u8,
+        bridge_subnet: [u8; 3],
+        mode: DockerMode,
+    ) -> Result<Self> {
+        let mut h = Self::plain(bench, lan, role, host)?;
+        h.ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let bip = format!(
+            "{}.{}.{}.1/24",
+            bridge_subnet[0], bridge_subnet[1], bridge_subnet[2]
+        );
+        h.docker = Some(Dockerd::start(
+            &h.ns,
+            &h.state_dir.join("docker"),
+            &bip,
+            mode,
+        )?);
+        Ok(h)
+    }
+
+    pub fn dockerd(&self) -> &Dockerd {
+        self.docker.as_ref().expect("host has no dockerd")
+    }
+
+    pub fn netd(&mut self) -> &mut Netd {
+        self.netd.as_mut().expect("host runs no netd")
+    }
+
+    /// Starts netd in this host against its dockerd, pinned on the bench's
+    /// private bpffs.
+    pub fn start_netd(&mut self, bench: &Bench) -> Result<()> {
+        let pin_dir = bench.bpffs().join(self.ns.name());
+        let netd = Netd::start(
+            &self.ns,
+            &self.dockerd().host(),
+            UPLINK,
+            &pin_dir,
+            &self.state_dir,
+        )?;
+        self.netd = Some(netd);
+        Ok(())
+    }
+
+    /// Routes `subnet`/24 via `gateway` (e.g. a Docker host's container subnet).
+    pub fn route(&self, subnet: [u8; 3], gateway: Ipv4Addr) -> Result<()> {
+        let dest = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 0);
+        with_netlink(&self.ns, |h| async move {
+            add_route(&h, dest, 24, gateway).await
+        })
+    }
+
+    /// HTTP GET from this host; the body on success. (busybox wget's own -T
+    /// timeout crashes in Debian's busybox 1.35, so coreutils' timeout
+    /// bounds it.)
+    pub fn http_get(&self, url: &str) -> Result<String> {
+        let out = self
+            .ns
+            .run("timeout", &["10", "busybox", "wget", "-q", "-O", "-", url])?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "GET {url} from {} failed ({}): {}",
+                self.ns.name(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a busybox applet in this host's namespace.
+    pub fn busybox(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.ns.run("busybox", args)
+    }
+}
