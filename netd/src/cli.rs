@@ -164,3 +164,55 @@ pub fn render_status(s: &dataplane::Status) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent_and_defaults_hold() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["netd", "status"]).unwrap();
+        match cli.command {
+            Command::Status { json, pin_dir } => {
+                assert!(!json);
+                assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["netd", "run", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn status_rendering_names_every_attachment_and_counter() {
+        let status = dataplane::Status {
+            pin_dir: "/sys/fs/bpf/netd".into(),
+            layout_version: 1,
+            attachments: vec![dataplane::AttachmentStatus {
+                hook: "uplink-ingress",
+                interface: "eth0".into(),
+                direction: "ingress",
+                program: "netd_uplink_ingress".into(),
+                program_id: 7,
+                link_id: 3,
+                attached: false,
+            }],
+            maps: vec![],
+            counters: vec![dataplane::HookCounters {
+                hook: "uplink-ingress",
+                counters: vec![dataplane::NamedCounter {
+                    name: "no-match",
+                    verdict: false,
+                    packets: 42,
+                    bytes: 4200,
+                }],
+            }],
+        };
+        let text = render_status(&status);
+        assert!(text.contains("netd_uplink_ingress"));
+        assert!(text.contains("DETACHED"));
+        assert!(text.contains("no-match") && text.contains("42") && text.contains("(reason)"));
+    }
+}

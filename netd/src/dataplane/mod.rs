@@ -32,7 +32,10 @@ use netd_common::{
     Counter, CounterValue, Hook, Meta,
 };
 
-pub use inspect::{read_status, uninstall, AttachmentStatus, MapStatus, Status, UninstallReport};
+pub use inspect::{
+    read_status, uninstall, AttachmentStatus, HookCounters, MapStatus, NamedCounter, Status,
+    UninstallReport,
+};
 pub use pins::{interface_index, PinDir};
 
 /// The compiled eBPF object (built by build.rs from netd-ebpf).
