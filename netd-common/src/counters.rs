@@ -60,10 +60,22 @@ pub enum Counter {
     BadIpHeader = 6,
     /// A VLAN tag on an interface netd does not run VLANs on.
     VlanTagged = 7,
+
+    // Actions on packets that netd rewrote (the verdict is still pass: the
+    // kernel routes the rewritten packet).
+    /// Destination rewritten to a container (published port).
+    Dnat = 8,
+    /// Source of a reply rewritten back to the published address.
+    RevDnat = 9,
+    /// A new flow could not be recorded: the connection table is full.
+    CtFull = 10,
+    /// A kernel helper failed half-way through a rewrite; dropped rather
+    /// than delivered wrong.
+    RewriteFailed = 11,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -73,6 +85,10 @@ impl Counter {
         Counter::Truncated,
         Counter::BadIpHeader,
         Counter::VlanTagged,
+        Counter::Dnat,
+        Counter::RevDnat,
+        Counter::CtFull,
+        Counter::RewriteFailed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -85,6 +101,10 @@ impl Counter {
             Counter::Truncated => "truncated",
             Counter::BadIpHeader => "bad-ip-header",
             Counter::VlanTagged => "vlan-tagged",
+            Counter::Dnat => "dnat",
+            Counter::RevDnat => "rev-dnat",
+            Counter::CtFull => "ct-full",
+            Counter::RewriteFailed => "rewrite-failed",
         }
     }
 

@@ -7,6 +7,8 @@
 
 pub mod counters;
 pub mod maps;
+pub mod nat;
 
 pub use counters::{Counter, CounterValue, Hook};
 pub use maps::Meta;
+pub use nat::{CtEntry, CtKey, PortKey, PortTarget};

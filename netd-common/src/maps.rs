@@ -5,14 +5,22 @@
 pub const COUNTERS: &str = "netd_counters";
 /// One-slot array holding [`Meta`]: says which netd layout owns a pin dir.
 pub const META: &str = "netd_meta";
+/// Hash of [`crate::PortKey`] → [`crate::PortTarget`]: published ports.
+pub const PORTS: &str = "netd_ports";
+/// LRU hash of [`crate::CtKey`] → [`crate::CtEntry`]: NATed flows.
+pub const NAT_CT: &str = "netd_nat_ct";
+
+/// Default capacities (overridable at load time).
+pub const PORTS_MAX: u32 = 65_536;
+pub const NAT_CT_MAX: u32 = 262_144;
 
 /// Every map netd pins, in the order `netd status` lists them.
-pub const ALL: &[&str] = &[META, COUNTERS];
+pub const ALL: &[&str] = &[META, COUNTERS, PORTS, NAT_CT];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A
 /// daemon refuses to adopt a pin dir stamped with another version instead of
 /// misreading its maps.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// "netd" in ASCII: tells a netd meta map from anything else pinned there.
 pub const META_MAGIC: u32 = 0x6e65_7464;
 

@@ -1,10 +1,14 @@
 //! Map definitions. Names are the pin file names (netd_common::maps); BTF map
 //! definitions so that `bpftool map dump` prints field names.
 use aya_ebpf::{
-    btf_maps::{Array, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use netd_common::{counters::COUNTER_SLOTS, CounterValue, Meta};
+use netd_common::{
+    counters::COUNTER_SLOTS,
+    maps::{NAT_CT_MAX, PORTS_MAX},
+    CounterValue, CtEntry, CtKey, Meta, PortKey, PortTarget,
+};
 
 #[btf_map(name = "netd_counters")]
 pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
@@ -13,3 +17,13 @@ pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = Per
 /// object so that it is created and pinned together with the other maps.
 #[btf_map(name = "netd_meta")]
 pub static META: Array<Meta, 1> = Array::new();
+
+/// Published ports; written by the daemon.
+#[btf_map(name = "netd_ports")]
+pub static PORTS: HashMap<PortKey, PortTarget, { PORTS_MAX as usize }> = HashMap::new();
+
+/// NATed flows, two entries per flow (one per direction). LRU: under
+/// pressure the least recently used flows are evicted, never new ones refused
+/// silently.
+#[btf_map(name = "netd_nat_ct")]
+pub static NAT_CT: LruHashMap<CtKey, CtEntry, { NAT_CT_MAX as usize }> = LruHashMap::new();

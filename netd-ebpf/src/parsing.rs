@@ -13,6 +13,16 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Offsets of fields in an IPv4 header and TCP/UDP header.
+pub const IPV4_CSUM: usize = 10;
+pub const IPV4_SRC: usize = 12;
+pub const IPV4_DST: usize = 16;
+pub const TCP_CSUM: usize = 16;
+pub const UDP_CSUM: usize = 6;
+
 /// Returns a pointer to a `T` at `offset` in the linear packet data, or
 /// `None` when the packet is too short.
 #[inline(always)]
@@ -25,10 +35,8 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// The IP layer of a parsed frame. The offsets and protocol are what the
-/// NAT and conntrack paths act on.
+/// The IP layer of a parsed frame.
 #[derive(Clone, Copy)]
-#[allow(dead_code)]
 pub enum Ip {
     V4 {
         /// Offset of the L4 header (after IPv4 options).
@@ -37,15 +45,12 @@ pub enum Ip {
         /// Set for every fragment but the first: there is no L4 header.
         later_fragment: bool,
     },
-    V6 {
-        l4_offset: usize,
-        next_header: u8,
-    },
+    /// IPv6 is parsed for classification; NAT for it is not built yet.
+    V6,
 }
 
 /// Offsets of an Ethernet + IP frame.
 #[derive(Clone, Copy)]
-#[allow(dead_code)]
 pub struct Frame {
     pub l3_offset: usize,
     pub ip: Ip,
@@ -98,15 +103,58 @@ fn parse_ipv4(ctx: &TcContext, l3_offset: usize) -> Result<Frame, Counter> {
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, l3_offset: usize) -> Result<Frame, Counter> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3_offset).ok_or(Counter::Truncated)?;
-    let (vcf0, next_header) = unsafe { ((*ip).vcf[0], (*ip).next_hdr) };
-    if vcf0 >> 4 != 6 {
+    if unsafe { (*ip).vcf[0] } >> 4 != 6 {
         return Err(Counter::BadIpHeader);
     }
     Ok(Frame {
         l3_offset,
-        ip: Ip::V6 {
-            l4_offset: l3_offset + Ipv6Hdr::LEN,
-            next_header,
-        },
+        ip: Ip::V6,
     })
+}
+
+/// The addresses and ports of an IPv4 TCP/UDP packet, raw (network order).
+#[derive(Clone, Copy)]
+pub struct Ipv4Flow {
+    pub l3_offset: usize,
+    pub l4_offset: usize,
+    pub proto: u8,
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+}
+
+/// Reads the flow of an IPv4 TCP or UDP packet that carries its L4 header.
+/// `Ok(None)`: not a packet NAT applies to (other protocol, IPv6, later
+/// fragment). `Err`: the L4 header is cut short.
+#[inline(always)]
+pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Counter> {
+    let Ip::V4 {
+        l4_offset,
+        proto,
+        later_fragment: false,
+    } = frame.ip
+    else {
+        return Ok(None);
+    };
+    let l4_len = match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        _ => return Ok(None),
+    };
+    if ctx.data() + l4_offset + l4_len > ctx.data_end() {
+        return Err(Counter::Truncated);
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, frame.l3_offset).ok_or(Counter::Truncated)?;
+    let ports: *const [u8; 4] = ptr_at(ctx, l4_offset).ok_or(Counter::Truncated)?;
+    let (src_addr, dst_addr, p) = unsafe { ((*ip).src_addr, (*ip).dst_addr, *ports) };
+    Ok(Some(Ipv4Flow {
+        l3_offset: frame.l3_offset,
+        l4_offset,
+        proto,
+        src_addr,
+        dst_addr,
+        src_port: [p[0], p[1]],
+        dst_port: [p[2], p[3]],
+    }))
 }

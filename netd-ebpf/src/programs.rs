@@ -1,16 +1,23 @@
 //! Program entry points, one per hook. Each turns the outcome of the concern
-//! modules into exactly one verdict counter and a TC action.
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext, Global};
+//! modules into exactly one verdict counter, one reason/action counter and a
+//! TC action.
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+    Global,
+};
 use aya_log_ebpf::debug;
 use netd_common::{Counter, Hook};
 
 use crate::{
     counters::count,
-    parsing::{parse_frame, Ip},
+    nat::{dnat_ingress, rev_dnat_egress},
+    parsing::{ipv4_flow, parse_frame, Frame, Ip, Ipv4Flow},
 };
 
-/// "Not ours": with TCX this runs the next program on the hook, or the
-/// kernel's normal path when there is none. netd coexists with other TC users.
+/// "Not ours", or rewritten and ready for the kernel to route: with TCX this
+/// runs the next program on the hook, or the kernel's normal path.
 const PASS: i32 = TC_ACT_UNSPEC;
 
 /// Set to 1 by `netd run --debug-datapath`. It lives in .rodata, so with 0
@@ -18,42 +25,77 @@ const PASS: i32 = TC_ACT_UNSPEC;
 #[unsafe(no_mangle)]
 static NETD_DEBUG: Global<u8> = Global::new(0);
 
-/// Classifies a frame that netd has no rule for yet: why it is passed.
+enum Outcome {
+    /// Passed on; the counter says why (a reason) or what was done (an action).
+    Pass(Counter),
+    Drop(Counter),
+}
+
 #[inline(always)]
-fn observe(ctx: &TcContext, hook: Hook) -> i32 {
-    let reason = match parse_frame(ctx) {
-        Ok(frame) => match frame.ip {
-            Ip::V4 {
-                later_fragment: true,
-                ..
-            } => Counter::Fragment,
-            Ip::V4 { .. } | Ip::V6 { .. } => Counter::NoMatch,
-        },
-        Err(reason) => reason,
-    };
+fn finish(ctx: &TcContext, hook: Hook, outcome: Outcome) -> i32 {
     let len = ctx.len();
+    let (verdict, detail, action) = match outcome {
+        Outcome::Pass(c) => (Counter::Pass, c, PASS),
+        Outcome::Drop(c) => (Counter::Drop, c, TC_ACT_SHOT as i32),
+    };
     if NETD_DEBUG.load() != 0 {
         debug!(
             ctx,
-            "hook {} pass reason {} len {}", hook as u32, reason as u32, len
+            "hook {} verdict {} detail {} len {}", hook as u32, verdict as u32, detail as u32, len
         );
     }
-    count(hook, reason, len);
-    count(hook, Counter::Pass, len);
-    PASS
+    count(hook, detail, len);
+    count(hook, verdict, len);
+    action
+}
+
+/// Why a parsed frame that no rule applies to is passed.
+#[inline(always)]
+fn unmatched(frame: &Frame) -> Counter {
+    match frame.ip {
+        Ip::V4 {
+            later_fragment: true,
+            ..
+        } => Counter::Fragment,
+        _ => Counter::NoMatch,
+    }
+}
+
+/// Parses, then hands IPv4 TCP/UDP flows to `act`.
+#[inline(always)]
+fn with_flow(
+    ctx: &TcContext,
+    act: impl FnOnce(&TcContext, &Ipv4Flow) -> Result<Option<Counter>, Counter>,
+) -> Outcome {
+    let frame = match parse_frame(ctx) {
+        Ok(frame) => frame,
+        Err(reason) => return Outcome::Pass(reason),
+    };
+    match ipv4_flow(ctx, &frame) {
+        Err(reason) => Outcome::Pass(reason),
+        Ok(None) => Outcome::Pass(unmatched(&frame)),
+        Ok(Some(flow)) => match act(ctx, &flow) {
+            Ok(Some(action)) => Outcome::Pass(action),
+            Ok(None) => Outcome::Pass(Counter::NoMatch),
+            Err(reason) => Outcome::Drop(reason),
+        },
+    }
 }
 
 #[classifier]
 pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, Hook::UplinkIngress)
+    let outcome = with_flow(&ctx, dnat_ingress);
+    finish(&ctx, Hook::UplinkIngress, outcome)
 }
 
 #[classifier]
 pub fn netd_uplink_egress(ctx: TcContext) -> i32 {
-    observe(&ctx, Hook::UplinkEgress)
+    let outcome = with_flow(&ctx, rev_dnat_egress);
+    finish(&ctx, Hook::UplinkEgress, outcome)
 }
 
 #[classifier]
 pub fn netd_container_egress(ctx: TcContext) -> i32 {
-    observe(&ctx, Hook::ContainerEgress)
+    let outcome = with_flow(&ctx, |_, _| Ok(None));
+    finish(&ctx, Hook::ContainerEgress, outcome)
 }

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{Array, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -29,7 +29,7 @@ use aya::{
 use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{self, LAYOUT_VERSION, META_MAGIC},
-    Counter, CounterValue, Hook, Meta,
+    Counter, CounterValue, CtEntry, CtKey, Hook, Meta, PortKey, PortTarget,
 };
 
 pub use inspect::{
@@ -235,6 +235,44 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::COUNTERS))?;
         let array: PerCpuArray<&MapData, CounterValue> = PerCpuArray::try_from(map)?;
         sum_counters(&array)
+    }
+
+    fn ports_map(&mut self) -> Result<BpfHashMap<&mut MapData, PortKey, PortTarget>> {
+        let map = self
+            .ebpf
+            .map_mut(maps::PORTS)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::PORTS))?;
+        Ok(BpfHashMap::try_from(map)?)
+    }
+
+    /// Publishes (or re-targets) a port.
+    pub fn set_port(&mut self, key: PortKey, target: PortTarget) -> Result<()> {
+        self.ports_map()?
+            .insert(key, target, 0)
+            .context("writing netd_ports (full? raise its size)")
+    }
+
+    /// Withdraws a published port; existing flows keep their translation.
+    pub fn remove_port(&mut self, key: &PortKey) -> Result<()> {
+        match self.ports_map()?.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every published port in the map.
+    pub fn ports(&mut self) -> Result<Vec<(PortKey, PortTarget)>> {
+        Ok(self.ports_map()?.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Every entry of the NAT connection table.
+    pub fn nat_flows(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let map = self
+            .ebpf
+            .map(maps::NAT_CT)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::NAT_CT))?;
+        let ct: BpfHashMap<&MapData, CtKey, CtEntry> = BpfHashMap::try_from(map)?;
+        Ok(ct.iter().collect::<Result<_, _>>()?)
     }
 
     /// Forwards pending datapath log records (with `debug_datapath`).

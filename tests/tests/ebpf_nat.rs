@@ -1,0 +1,168 @@
+//! Published-port DNAT and its reverse, run in the kernel on crafted frames.
+use std::net::Ipv4Addr;
+
+use netd::dataplane::{Dataplane, LoadOptions};
+use netd_common::{nat::CT_DIR_REPLY, Counter, Hook, PortKey, PortTarget};
+use netd_tests::{packet::*, privileged};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const CONTAINER: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+const PASS: i32 = -1;
+
+fn publish(dp: &mut Dataplane, proto: u8, host_port: u16, container_port: u16) {
+    dp.set_port(
+        PortKey {
+            addr: HOST.octets(),
+            port: host_port.to_be_bytes(),
+            proto,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: CONTAINER.octets(),
+            port: container_port.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+}
+
+fn count(dp: &Dataplane, hook: Hook, counter: Counter) -> u64 {
+    dp.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(h, c, _)| *h == hook && *c == counter)
+        .unwrap()
+        .2
+        .packets
+}
+
+/// (src, dst, sport, dport) of an Ethernet + IPv4 + TCP/UDP frame.
+fn tuple(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let ip = &f[14..];
+    let l4 = &ip[usize::from(ip[0] & 0xf) * 4..];
+    (
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        u16::from_be_bytes([l4[0], l4[1]]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+    )
+}
+
+#[test]
+fn tcp_published_port_is_translated_both_ways_with_valid_checksums() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    publish(&mut dp, PROTO_TCP, 8080, 80);
+
+    let syn = tcp4_frame((CLIENT, 40000), (HOST, 8080), TCP_SYN, b"");
+    let out = dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap();
+    assert_eq!(out.action, PASS);
+    assert_eq!(tuple(&out.frame), (CLIENT, CONTAINER, 40000, 80));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    assert_eq!(count(&dp, Hook::UplinkIngress, Counter::Dnat), 1);
+
+    // Both directions of the flow are recorded.
+    let flows = dp.nat_flows().unwrap();
+    assert_eq!(flows.len(), 2, "{flows:?}");
+    assert!(flows.iter().any(|(k, e)| e.direction == CT_DIR_REPLY
+        && k.src_addr == CONTAINER.octets()
+        && e.addr == HOST.octets()
+        && e.port == 8080u16.to_be_bytes()));
+
+    // The container's SYN-ACK leaves by the uplink with the published source.
+    let synack = tcp4_frame((CONTAINER, 80), (CLIENT, 40000), TCP_SYN | TCP_ACK, b"");
+    let out = dp.test_run(Hook::UplinkEgress, &synack, 1).unwrap();
+    assert_eq!(out.action, PASS);
+    assert_eq!(tuple(&out.frame), (HOST, CLIENT, 8080, 40000));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    assert_eq!(count(&dp, Hook::UplinkEgress, Counter::RevDnat), 1);
+
+    // A data packet with payload follows the recorded flow even after the
+    // port is withdrawn (existing flows keep working).
+    dp.remove_port(&PortKey {
+        addr: HOST.octets(),
+        port: 8080u16.to_be_bytes(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    })
+    .unwrap();
+    let data = tcp4_frame(
+        (CLIENT, 40000),
+        (HOST, 8080),
+        TCP_ACK | TCP_PSH,
+        b"GET / HTTP/1.0\r\n\r\n",
+    );
+    let out = dp.test_run(Hook::UplinkIngress, &data, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (CLIENT, CONTAINER, 40000, 80));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    // … but a new flow to the withdrawn port is not translated.
+    let other = tcp4_frame((CLIENT, 40001), (HOST, 8080), TCP_SYN, b"");
+    let out = dp.test_run(Hook::UplinkIngress, &other, 1).unwrap();
+    assert_eq!(out.frame, other);
+}
+
+#[test]
+fn udp_is_translated_and_a_zero_checksum_stays_zero() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    publish(&mut dp, PROTO_UDP, 5353, 53);
+
+    let q = udp4_frame((CLIENT, 33333), (HOST, 5353), b"query");
+    let out = dp.test_run(Hook::UplinkIngress, &q, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (CLIENT, CONTAINER, 33333, 53));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+
+    let mut no_csum = udp4_frame((CLIENT, 33334), (HOST, 5353), b"query");
+    no_csum[14 + 20 + 6] = 0;
+    no_csum[14 + 20 + 7] = 0;
+    let out = dp.test_run(Hook::UplinkIngress, &no_csum, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (CLIENT, CONTAINER, 33334, 53));
+    assert_eq!(&out.frame[40..42], &[0, 0], "UDP 'no checksum' must stay 0");
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+
+    let reply = udp4_frame((CONTAINER, 53), (CLIENT, 33333), b"answer");
+    let out = dp.test_run(Hook::UplinkEgress, &reply, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (HOST, CLIENT, 5353, 33333));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+}
+
+#[test]
+fn other_ports_protocols_and_truncated_l4_are_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    publish(&mut dp, PROTO_TCP, 8080, 80);
+    // Same port, other protocol; same protocol, other port; other host IP.
+    for f in [
+        udp4_frame((CLIENT, 1), (HOST, 8080), b"x"),
+        tcp4_frame((CLIENT, 1), (HOST, 8081), TCP_SYN, b""),
+        tcp4_frame(
+            (CLIENT, 1),
+            (Ipv4Addr::new(198, 18, 1, 2), 8080),
+            TCP_SYN,
+            b"",
+        ),
+    ] {
+        let out = dp.test_run(Hook::UplinkIngress, &f, 1).unwrap();
+        assert_eq!(out.frame, f);
+    }
+    // A TCP header cut short: passed untouched, counted as truncated.
+    let full = tcp4_frame((CLIENT, 1), (HOST, 8080), TCP_SYN, b"");
+    let cut = &full[..14 + 20 + 10];
+    let mut cut = cut.to_vec();
+    cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+    let before = count(&dp, Hook::UplinkIngress, Counter::Truncated);
+    let out = dp.test_run(Hook::UplinkIngress, &cut, 1).unwrap();
+    assert_eq!(out.frame, cut);
+    assert_eq!(
+        count(&dp, Hook::UplinkIngress, Counter::Truncated),
+        before + 1
+    );
+    assert_eq!(dp.nat_flows().unwrap().len(), 0);
+}
