@@ -31,7 +31,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     dataplane::interface_index(&uplink)?;
     // Local checks first, so a bad pin dir is reported before Docker is tried.
-    dataplane::PinDir::prepare(&opts.pin_dir)?.check_layout()?;
+    dataplane::PinDir::check(&opts.pin_dir)?;
     docker::connect(&opts.docker_host).await?;
 
     let mut dp = Dataplane::open(

@@ -3,9 +3,14 @@
 use std::{collections::HashMap, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use bollard::{system::EventsOptions, Docker, API_DEFAULT_VERSION};
+use bollard::{
+    container::ListContainersOptions, models::ContainerInspectResponse, system::EventsOptions,
+    Docker, API_DEFAULT_VERSION,
+};
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
+
+use crate::state::{parse_host_ip, parse_port_spec, HostBinding, Publish};
 
 /// Default Docker endpoint when neither --docker-host nor DOCKER_HOST is set.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -78,18 +83,25 @@ pub async fn watch_events(host: String, tx: mpsc::Sender<SourceUpdate>) {
                 continue;
             }
         };
+        // Resync first, then subscribe with `since` = a moment taken before
+        // the resync: events in between are replayed, never lost (a replay
+        // is harmless, reconciling is idempotent).
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| format!("{}.{:09}", d.as_secs(), d.subsec_nanos()))
+            .unwrap_or_default();
+        if tx.send(SourceUpdate::Resync).await.is_err() {
+            return;
+        }
         let filters = HashMap::from([(
             "type".to_owned(),
             vec!["container".to_owned(), "network".to_owned()],
         )]);
         let mut events = docker.events(Some(EventsOptions::<String> {
+            since: Some(since),
             filters,
             ..Default::default()
         }));
-        // Subscribed first, then resync: nothing between the two is lost.
-        if tx.send(SourceUpdate::Resync).await.is_err() {
-            return;
-        }
         backoff = Duration::from_millis(250);
         while let Some(item) = events.next().await {
             match item {
@@ -111,4 +123,73 @@ pub async fn watch_events(host: String, tx: mpsc::Sender<SourceUpdate>) {
         }
         tracing::warn!("lost Docker event stream at {host}; reconnecting");
     }
+}
+
+/// Every published port of every running container, from a full list and
+/// inspect. Containers without an IPv4 address of their own (host, none and
+/// container:<id> network modes) publish nothing netd serves.
+pub async fn published_ports(docker: &Docker) -> Result<Vec<Publish>> {
+    let containers = docker
+        .list_containers(Some(ListContainersOptions::<String> {
+            all: false,
+            ..Default::default()
+        }))
+        .await
+        .context("listing containers")?;
+    let mut out = Vec::new();
+    for summary in containers {
+        let Some(id) = summary.id else { continue };
+        let inspect = match docker.inspect_container(&id, None).await {
+            Ok(i) => i,
+            // Gone between list and inspect: its destroy event follows.
+            Err(e) => {
+                tracing::debug!("inspect {id}: {e}");
+                continue;
+            }
+        };
+        out.extend(publishes_of(&id, &inspect));
+    }
+    Ok(out)
+}
+
+fn publishes_of(id: &str, inspect: &ContainerInspectResponse) -> Vec<Publish> {
+    let Some(settings) = &inspect.network_settings else {
+        return Vec::new();
+    };
+    // The first network (by name) that gave the container an IPv4 address.
+    let mut networks: Vec<_> = settings.networks.iter().flatten().collect();
+    networks.sort_by(|a, b| a.0.cmp(b.0));
+    let Some(container_ip) = networks.iter().find_map(|(_, ep)| {
+        ep.ip_address
+            .as_deref()
+            .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
+    }) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (spec, bindings) in settings.ports.iter().flatten() {
+        let Some((container_port, proto)) = parse_port_spec(spec) else {
+            tracing::warn!("container {id}: unsupported port {spec}");
+            continue;
+        };
+        for b in bindings.iter().flatten() {
+            let Some(host_port) = b.host_port.as_deref().and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            let host_ip = match parse_host_ip(b.host_ip.as_deref().unwrap_or("")) {
+                HostBinding::Any => None,
+                HostBinding::Addr(ip) => Some(ip),
+                HostBinding::Unsupported => continue, // IPv6: not served yet
+            };
+            out.push(Publish {
+                container: id.to_owned(),
+                host_ip,
+                host_port,
+                proto,
+                container_ip,
+                container_port,
+            });
+        }
+    }
+    out
 }

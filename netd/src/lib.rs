@@ -5,9 +5,13 @@
 //! - [`daemon`]: `netd run`, wiring the rooms together.
 //! - [`docker`]: the Docker source (bollard).
 //! - [`netlink`]: interface and route queries (rtnetlink).
+//! - [`state`]: the desired state derived from Docker (pure data).
+//! - [`reconcile`]: diffs desired state against the maps, applies the difference.
 //! - [`dataplane`]: the only code that loads programs and touches maps.
 pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod docker;
 pub mod netlink;
+pub mod reconcile;
+pub mod state;

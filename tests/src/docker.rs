@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use std::os::unix::process::CommandExt as _;
 
 use crate::netns::NetNs;
 
@@ -63,6 +64,7 @@ impl Dockerd {
             }
         }
         let child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -256,7 +258,7 @@ impl Drop for Dockerd {
             }
         }
         if let Some(child) = self.child.take() {
-            crate::process::terminate(child, Duration::from_secs(20));
+            crate::process::terminate_group(child, Duration::from_secs(20), true);
         }
         crate::process::unmount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -50,7 +50,7 @@ impl NetNs {
             Ok(())
         })
         .join()
-        .expect("namespace thread panicked");
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("namespace thread panicked")));
         if let Err(e) = made {
             let _ = std::fs::remove_file(&path);
             return Err(e);

@@ -11,8 +11,11 @@ use nix::{
     unistd::Pid,
 };
 
-/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps.
-pub fn terminate(mut child: Child, grace: Duration) {
+/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps. With
+/// `whole_group`, the SIGKILL also reaches the child's process group (a
+/// child spawned as group leader, so helpers such as dockerd's containerd
+/// die with it).
+pub fn terminate_group(mut child: Child, grace: Duration, whole_group: bool) {
     let pid = Pid::from_raw(child.id() as i32);
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
@@ -25,8 +28,16 @@ pub fn terminate(mut child: Child, grace: Duration) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    if whole_group {
+        let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+    }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps.
+pub fn terminate(child: Child, grace: Duration) {
+    terminate_group(child, grace, false)
 }
 
 /// Is `pid` alive (and not a zombie)?

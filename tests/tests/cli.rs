@@ -127,8 +127,24 @@ fn foreign_and_incompatible_pin_dirs_are_refused_and_kept() {
         "name",
         "their_map",
     ]);
+    let listing = |dir: &std::path::Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing(&foreign);
     one_line_error(&run(foreign.to_str().unwrap()), "not netd's");
-    assert!(stranger.exists());
+    assert_eq!(listing(&foreign), before, "a refused pin dir was changed");
+    let out = ns
+        .command(&netd)
+        .args(["uninstall", "--pin-dir", foreign.to_str().unwrap()])
+        .output()
+        .unwrap();
+    one_line_error(&out, "not netd's");
+    assert_eq!(listing(&foreign), before);
 
     // A netd meta map of another layout version: refused with the way out.
     let old = bench.bpffs().join("old");
@@ -170,8 +186,9 @@ fn foreign_and_incompatible_pin_dirs_are_refused_and_kept() {
         "0",
         "0",
     ]);
+    let before = listing(&old);
     one_line_error(&run(old.to_str().unwrap()), "layout v99");
-    assert!(meta.exists());
+    assert_eq!(listing(&old), before);
     // … and `netd uninstall` is that way out.
     let out = ns
         .command(&netd)

@@ -48,6 +48,32 @@ fn daemon_attaches_survives_restart_and_uninstalls() {
     let down = host.netd().status().unwrap();
     assert!(counter(&down, "uplink-ingress", "pass") > seen, "{down:#}");
 
+    // One owner per pin dir: a second daemon and an uninstall are refused
+    // while the first runs.
+    host.netd().restart().unwrap();
+    let pin = host.netd().pin_dir().display().to_string();
+    let docker_host = host.dockerd().host();
+    let second = host
+        .netd()
+        .cli(&[
+            "run",
+            "--uplink",
+            "eth0",
+            "--pin-dir",
+            &pin,
+            "--docker-host",
+            &docker_host,
+        ])
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("a netd daemon is running"),
+        "{err}"
+    );
+    let un = host.netd().cli(&["uninstall", "--pin-dir", &pin]).unwrap();
+    assert!(String::from_utf8_lossy(&un.stderr).contains("a netd daemon is running"));
+    assert!(host.netd().pin_dir().join("netd_meta").exists());
+
     // Restart: same links (adopted), new programs swapped in, counters kept.
     host.netd().restart().unwrap();
     let up = host.netd().status().unwrap();

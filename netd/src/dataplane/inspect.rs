@@ -13,7 +13,10 @@ use aya::{
 use netd_common::{maps, Counter, CounterValue, Hook};
 use serde::Serialize;
 
-use super::{pins::detach_pinned_link, program_for, sum_counters, PinDir};
+use super::{
+    pins::{detach_pinned_link, interface_index},
+    program_for, sum_counters, PinDir,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -108,9 +111,13 @@ fn attachment_status(hook: Hook, ifname: String, path: &Path) -> Result<Attachme
     let info = link.info()?;
     let program_id = info.program_id();
     let (expected, attach_type) = program_for(hook);
-    let attached = SchedClassifier::query_tcx(&ifname, attach_type)
-        .map(|(_, progs)| progs.iter().any(|p| p.id() == program_id))
-        .unwrap_or(false);
+    let attached = if interface_index(&ifname).is_err() {
+        false // the interface is gone; the link outlived it
+    } else {
+        let (_, progs) = SchedClassifier::query_tcx(&ifname, attach_type)
+            .with_context(|| format!("querying TCX programs on {ifname}"))?;
+        progs.iter().any(|p| p.id() == program_id)
+    };
     // The kernel keeps 15 characters of a program name: show ours in full
     // when the kernel's is a prefix of it, and the kernel's otherwise.
     let program = match loaded_programs()
@@ -168,7 +175,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<UninstallReport> {
     if !pin_dir.exists() {
         return Ok(report);
     }
-    let pins = PinDir::existing(pin_dir)?;
+    let pins = PinDir::existing_owned(pin_dir)?;
     // Refuse to delete a directory that is not ours.
     pins.check_layout_for_removal()?;
     for (_, _, path) in pins.links()? {

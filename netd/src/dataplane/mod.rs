@@ -86,14 +86,11 @@ impl Dataplane {
     /// the pin dir holds something that is not this netd's layout.
     pub fn open(pin_dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let pins = PinDir::prepare(pin_dir)?;
-        pins.check_layout()?;
         let map_paths: Vec<(&str, PathBuf)> = maps::ALL
             .iter()
             .map(|name| (*name, pins.map(name)))
             .collect();
-        let mut dp = Self::load_with(&map_paths, Some(pins), opts)?;
-        dp.stamp_layout()?;
-        Ok(dp)
+        Self::load_with(&map_paths, Some(pins), opts)
     }
 
     /// Loads the programs with private, unpinned maps: for BPF_PROG_TEST_RUN
@@ -116,6 +113,12 @@ impl Dataplane {
             .override_global("NETD_DEBUG", &debug, true)
             .load(EBPF_OBJECT)
             .context("loading netd's eBPF object")?;
+        // The maps exist (and are pinned) from here on: stamp the layout now,
+        // before anything else can fail, so a failed start leaves a pin dir
+        // that a later run or uninstall recognises as netd's.
+        if pins.is_some() {
+            stamp_layout(&mut ebpf)?;
+        }
         let logger = if opts.debug_datapath {
             Some(aya_log::EbpfLogger::init(&mut ebpf).context("starting aya-log")?)
         } else {
@@ -124,8 +127,11 @@ impl Dataplane {
         for hook in Hook::ALL {
             let (name, _) = program_for(hook);
             let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
-            prog.load()
-                .with_context(|| format!("the kernel rejected program {name}"))?;
+            if let Err(e) = prog.load() {
+                // The verifier log is long; keep the error to one line.
+                tracing::debug!("loading {name}: {e:?}");
+                bail!("the kernel rejected program {name} (NETD_LOG=debug shows the verifier log)");
+            }
         }
         Ok(Self {
             ebpf,
@@ -133,23 +139,6 @@ impl Dataplane {
             links: HashMap::new(),
             logger,
         })
-    }
-
-    fn stamp_layout(&mut self) -> Result<()> {
-        let mut meta: Array<&mut MapData, Meta> = Array::try_from(
-            self.ebpf
-                .map_mut(maps::META)
-                .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::META))?,
-        )?;
-        meta.set(
-            0,
-            Meta {
-                magic: META_MAGIC,
-                layout_version: LAYOUT_VERSION,
-            },
-            0,
-        )?;
-        Ok(())
     }
 
     /// Attaches the program for `hook` to `ifname` with a pinned TCX link. A
@@ -287,6 +276,22 @@ impl Dataplane {
     }
 }
 
+fn stamp_layout(ebpf: &mut Ebpf) -> Result<()> {
+    let mut meta: Array<&mut MapData, Meta> = Array::try_from(
+        ebpf.map_mut(maps::META)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::META))?,
+    )?;
+    meta.set(
+        0,
+        Meta {
+            magic: META_MAGIC,
+            layout_version: LAYOUT_VERSION,
+        },
+        0,
+    )?;
+    Ok(())
+}
+
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
     ebpf.program_mut(name)
         .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
@@ -308,9 +313,11 @@ fn adopt_pinned_link(
         .with_context(|| format!("opening pinned link {}", path.display()))?;
     let link = FdLink::from(pinned);
     let prog_id = link.info()?.program_id();
-    let live = SchedClassifier::query_tcx(ifname, attach_type)
-        .map(|(_, progs)| progs.iter().any(|p| p.id() == prog_id))
-        .unwrap_or(false);
+    // The interface exists (checked by the caller), so a failing query is a
+    // real error: never treat a live link as stale on a guess.
+    let (_, progs) = SchedClassifier::query_tcx(ifname, attach_type)
+        .with_context(|| format!("querying TCX programs on {ifname}"))?;
+    let live = progs.iter().any(|p| p.id() == prog_id);
     if !live {
         drop(link);
         std::fs::remove_file(path)

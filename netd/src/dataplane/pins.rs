@@ -21,9 +21,12 @@ const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 const LINKS_DIR: &str = "links";
 
 /// A pin dir on bpffs.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct PinDir {
     root: PathBuf,
+    /// Held by the process that owns the pin dir (a running daemon, an
+    /// uninstall): an exclusive flock on the directory.
+    _lock: Option<fs::File>,
 }
 
 impl PinDir {
@@ -35,38 +38,41 @@ impl PinDir {
                 root.display()
             );
         }
-        Ok(Self { root: root.into() })
+        Ok(Self {
+            root: root.into(),
+            _lock: None,
+        })
     }
 
-    /// Makes sure bpffs is mounted under `root` (mounting it at /sys/fs/bpf
-    /// when that is where `root` lives and nothing is mounted yet) and
-    /// creates the directory layout.
-    pub fn prepare(root: &Path) -> Result<Self> {
-        let ancestor = root
-            .ancestors()
-            .find(|p| p.exists())
-            .ok_or_else(|| anyhow!("pin dir {} has no existing parent", root.display()))?;
-        if !is_bpffs(ancestor)? {
-            if root.starts_with(DEFAULT_BPFFS) && !is_bpffs(Path::new(DEFAULT_BPFFS))? {
-                nix::mount::mount(
-                    Some("bpf"),
-                    DEFAULT_BPFFS,
-                    Some("bpf"),
-                    nix::mount::MsFlags::empty(),
-                    None::<&str>,
-                )
-                .with_context(|| format!("mounting bpffs at {DEFAULT_BPFFS}"))?;
-                tracing::info!("mounted bpffs at {DEFAULT_BPFFS}");
-            } else {
-                bail!(
-                    "pin dir {} is not on bpffs: use a path under {DEFAULT_BPFFS} or mount one (mount -t bpf bpf DIR)",
-                    root.display()
-                );
-            }
+    /// Checks, without changing anything but mounting bpffs where it is
+    /// missing, that `root` can be used: on bpffs, and empty or holding this
+    /// netd layout, and not owned by a running daemon.
+    pub fn check(root: &Path) -> Result<()> {
+        ensure_bpffs(root)?;
+        if root.exists() {
+            let dir = Self::existing(root)?;
+            dir.check_layout()?;
+            drop(lock(root)?);
         }
-        let dir = Self { root: root.into() };
-        fs::create_dir_all(dir.links_dir())
-            .with_context(|| format!("creating {}", dir.links_dir().display()))?;
+        Ok(())
+    }
+
+    /// [`Self::check`], then creates the layout and takes ownership (the
+    /// lock) for as long as the returned value lives.
+    pub fn prepare(root: &Path) -> Result<Self> {
+        Self::check(root)?;
+        fs::create_dir_all(root.join(LINKS_DIR))
+            .with_context(|| format!("creating {}", root.display()))?;
+        Ok(Self {
+            root: root.into(),
+            _lock: Some(lock(root)?),
+        })
+    }
+
+    /// An existing pin dir, owned (for uninstall).
+    pub fn existing_owned(root: &Path) -> Result<Self> {
+        let mut dir = Self::existing(root)?;
+        dir._lock = Some(lock(root)?);
         Ok(dir)
     }
 
@@ -118,7 +124,8 @@ impl PinDir {
     pub fn check_layout(&self) -> Result<()> {
         let meta_path = self.map(maps::META);
         if !meta_path.exists() {
-            let foreign: Vec<String> = fs::read_dir(&self.root)?
+            let foreign: Vec<String> = fs::read_dir(&self.root)
+                .with_context(|| format!("reading {}", self.root.display()))?
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n != LINKS_DIR)
@@ -154,7 +161,10 @@ impl PinDir {
     /// an old netd's objects is how one recovers from a version mismatch.
     pub fn check_layout_for_removal(&self) -> Result<()> {
         if self.map(maps::META).exists() {
-            if self.read_meta()?.magic != META_MAGIC {
+            let meta = self.read_meta()?;
+            // All zeroes: created by a netd whose start failed before stamping.
+            let unstamped = meta == Meta::default();
+            if meta.magic != META_MAGIC && !unstamped {
                 bail!(
                     "{} is not a netd pin dir: not touching it",
                     self.root.display()
@@ -175,6 +185,47 @@ impl PinDir {
             .with_context(|| format!("{} is not a netd meta map", path.display()))?;
         Ok(array.get(&0, 0)?)
     }
+}
+
+/// Makes sure bpffs is mounted under `root`, mounting it at /sys/fs/bpf when
+/// that is where `root` lives and nothing is mounted there yet.
+fn ensure_bpffs(root: &Path) -> Result<()> {
+    let ancestor = root
+        .ancestors()
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow!("pin dir {} has no existing parent", root.display()))?;
+    if is_bpffs(ancestor)? {
+        return Ok(());
+    }
+    if root.starts_with(DEFAULT_BPFFS) && !is_bpffs(Path::new(DEFAULT_BPFFS))? {
+        nix::mount::mount(
+            Some("bpf"),
+            DEFAULT_BPFFS,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting bpffs at {DEFAULT_BPFFS}"))?;
+        tracing::info!("mounted bpffs at {DEFAULT_BPFFS}");
+        return Ok(());
+    }
+    bail!(
+        "pin dir {} is not on bpffs: use a path under {DEFAULT_BPFFS} or mount one (mount -t bpf bpf DIR)",
+        root.display()
+    )
+}
+
+/// Takes the pin dir's exclusive lock without waiting.
+fn lock(root: &Path) -> Result<fs::File> {
+    let dir = fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "a netd daemon is running on {} (stop it first, or use another --pin-dir)",
+            root.display()
+        );
+    }
+    Ok(dir)
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {

@@ -1,0 +1,139 @@
+//! The desired state netd derives from Docker, as plain data: what the
+//! maps should hold. Pure functions, so the derivation is unit-tested
+//! without a kernel or a Docker daemon.
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use netd_common::{PortKey, PortTarget};
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// One published port of one container, as Docker reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    pub container: String,
+    /// `None`: published on every host address.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub proto: u8,
+    pub container_ip: Ipv4Addr,
+    pub container_port: u16,
+}
+
+/// Parses Docker's "80/tcp" port key.
+pub fn parse_port_spec(spec: &str) -> Option<(u16, u8)> {
+    let (port, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
+    let proto = match proto {
+        "tcp" => PROTO_TCP,
+        "udp" => PROTO_UDP,
+        "sctp" => PROTO_SCTP,
+        _ => return None,
+    };
+    Some((port.parse().ok()?, proto))
+}
+
+/// A binding's HostIp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostBinding {
+    /// "" or "0.0.0.0": every host address.
+    Any,
+    Addr(Ipv4Addr),
+    /// IPv6 ("::", …): not served yet.
+    Unsupported,
+}
+
+pub fn parse_host_ip(ip: &str) -> HostBinding {
+    match ip {
+        "" | "0.0.0.0" => HostBinding::Any,
+        other => other
+            .parse::<Ipv4Addr>()
+            .map(HostBinding::Addr)
+            .unwrap_or(HostBinding::Unsupported),
+    }
+}
+
+/// What `netd_ports` must hold: "every address" publishes expanded over the
+/// host's addresses. When two containers claim the same key (Docker
+/// prevents it; a race could not), the first by container id wins, so the
+/// result does not depend on listing order.
+pub fn desired_ports(
+    publishes: &[Publish],
+    host_addrs: &[Ipv4Addr],
+) -> HashMap<PortKey, PortTarget> {
+    let mut sorted: Vec<&Publish> = publishes.iter().collect();
+    sorted.sort_by(|a, b| a.container.cmp(&b.container));
+    let mut out = HashMap::new();
+    for p in sorted {
+        let addrs: Vec<Ipv4Addr> = match p.host_ip {
+            Some(ip) => vec![ip],
+            None => host_addrs.to_vec(),
+        };
+        for addr in addrs {
+            let key = PortKey {
+                addr: addr.octets(),
+                port: p.host_port.to_be_bytes(),
+                proto: p.proto,
+                _pad: 0,
+            };
+            out.entry(key).or_insert(PortTarget {
+                addr: p.container_ip.octets(),
+                port: p.container_port.to_be_bytes(),
+                _pad: [0; 2],
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(container: &str, host_ip: Option<Ipv4Addr>, port: u16) -> Publish {
+        Publish {
+            container: container.into(),
+            host_ip,
+            host_port: port,
+            proto: PROTO_TCP,
+            container_ip: Ipv4Addr::new(198, 19, 1, 2),
+            container_port: 80,
+        }
+    }
+
+    #[test]
+    fn specs_and_host_ips_parse() {
+        assert_eq!(parse_port_spec("80/tcp"), Some((80, PROTO_TCP)));
+        assert_eq!(parse_port_spec("53/udp"), Some((53, PROTO_UDP)));
+        assert_eq!(parse_port_spec("80/quic"), None);
+        assert_eq!(parse_port_spec("x/tcp"), None);
+        assert_eq!(parse_host_ip(""), HostBinding::Any);
+        assert_eq!(parse_host_ip("0.0.0.0"), HostBinding::Any);
+        assert_eq!(
+            parse_host_ip("198.18.0.1"),
+            HostBinding::Addr(Ipv4Addr::new(198, 18, 0, 1))
+        );
+        assert_eq!(parse_host_ip("::"), HostBinding::Unsupported);
+    }
+
+    #[test]
+    fn any_address_expands_and_specific_address_does_not() {
+        let hosts = [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2)];
+        let all = desired_ports(&[publish("a", None, 8080)], &hosts);
+        assert_eq!(all.len(), 2);
+        let one = desired_ports(&[publish("a", Some(hosts[1]), 8080)], &hosts);
+        assert_eq!(one.len(), 1);
+        assert!(one.keys().all(|k| k.addr == hosts[1].octets()));
+    }
+
+    #[test]
+    fn conflicting_claims_resolve_the_same_whatever_the_order() {
+        let hosts = [Ipv4Addr::new(198, 18, 0, 1)];
+        let mut b = publish("b", None, 8080);
+        b.container_ip = Ipv4Addr::new(198, 19, 1, 3);
+        let x = desired_ports(&[publish("a", None, 8080), b.clone()], &hosts);
+        let y = desired_ports(&[b, publish("a", None, 8080)], &hosts);
+        assert_eq!(x, y);
+        assert_eq!(x.values().next().unwrap().addr, [198, 19, 1, 2]);
+    }
+}
