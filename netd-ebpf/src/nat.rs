@@ -11,7 +11,10 @@ use netd_common::{
 use crate::{
     checksum::{set_ipv4_addr, set_port, L4Offsets},
     maps::{NAT_CT, PORTS},
-    parsing::{Ipv4Flow, IPPROTO_TCP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_CSUM, UDP_CSUM},
+    parsing::{
+        Ipv4Flow, IPPROTO_TCP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_CSUM, TCP_FLAG_ACK, TCP_FLAG_SYN,
+        UDP_CSUM,
+    },
 };
 
 #[inline(always)]
@@ -46,7 +49,16 @@ fn offsets(f: &Ipv4Flow) -> L4Offsets {
 pub fn dnat_ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = key_of(f);
-    let (addr, port) = match NAT_CT.get_ptr_mut(&key) {
+    // A bare SYN opens a new connection even if its 4-tuple was used before
+    // (clients reuse ports quickly): it takes the current mapping and
+    // replaces any entry left from the earlier connection.
+    let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    let existing = if new_connection {
+        None
+    } else {
+        NAT_CT.get_ptr_mut(&key)
+    };
+    let (addr, port) = match existing {
         Some(entry) if unsafe { (*entry).direction } == CT_DIR_ORIGINAL => unsafe {
             (*entry).last_seen_ns = now;
             ((*entry).addr, (*entry).port)

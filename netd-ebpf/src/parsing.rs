@@ -122,7 +122,12 @@ pub struct Ipv4Flow {
     pub dst_addr: [u8; 4],
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
 }
+
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Reads the flow of an IPv4 TCP or UDP packet that carries its L4 header.
 /// `Ok(None)`: not a packet NAT applies to (other protocol, IPv6, later
@@ -148,6 +153,12 @@ pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Cou
     let ip: *const Ipv4Hdr = ptr_at(ctx, frame.l3_offset).ok_or(Counter::Truncated)?;
     let ports: *const [u8; 4] = ptr_at(ctx, l4_offset).ok_or(Counter::Truncated)?;
     let (src_addr, dst_addr, p) = unsafe { ((*ip).src_addr, (*ip).dst_addr, *ports) };
+    let tcp_flags = if proto == IPPROTO_TCP {
+        let flags: *const u8 = ptr_at(ctx, l4_offset + 13).ok_or(Counter::Truncated)?;
+        unsafe { *flags }
+    } else {
+        0
+    };
     Ok(Some(Ipv4Flow {
         l3_offset: frame.l3_offset,
         l4_offset,
@@ -156,5 +167,6 @@ pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Cou
         dst_addr,
         src_port: [p[0], p[1]],
         dst_port: [p[2], p[3]],
+        tcp_flags,
     }))
 }

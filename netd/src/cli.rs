@@ -42,6 +42,13 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Published ports as the datapath holds them (reads the pinned map).
+    Ports {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Detach every program and remove everything netd pinned.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -99,6 +106,25 @@ fn dispatch(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", render_status(&status));
+            }
+            Ok(())
+        }
+        Command::Ports { json, pin_dir } => {
+            dataplane::require_privileges()?;
+            let ports = dataplane::read_ports(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ports)?);
+            } else {
+                println!("{:<6} {:<22} CONTAINER", "PROTO", "HOST");
+                for p in &ports {
+                    println!(
+                        "{:<6} {:<22} {}:{}",
+                        p.proto,
+                        format!("{}:{}", p.host_addr, p.host_port),
+                        p.container_addr,
+                        p.container_port
+                    );
+                }
             }
             Ok(())
         }

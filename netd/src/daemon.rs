@@ -11,9 +11,49 @@ use tokio::{
 
 use crate::{
     dataplane::{self, Dataplane, LoadOptions},
-    docker::{self, SourceUpdate},
-    netlink,
+    docker::{self, DockerEvent, SourceUpdate},
+    netlink, reconcile, state,
 };
+
+/// Container lifecycle and network attachment changes move endpoints and
+/// published ports; other events (exec, attach, health…) do not.
+fn affects_datapath(e: &DockerEvent) -> bool {
+    matches!(
+        e.action.as_str(),
+        "start"
+            | "restart"
+            | "die"
+            | "stop"
+            | "kill"
+            | "destroy"
+            | "pause"
+            | "unpause"
+            | "connect"
+            | "disconnect"
+            | "create"
+    )
+}
+
+/// One reconcile pass: Docker's published ports, expanded over the uplink's
+/// addresses, written to netd_ports (only the difference).
+async fn reconcile_ports(docker: &bollard::Docker, dp: &mut Dataplane, uplink: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    let publishes = docker::published_ports(docker).await?;
+    let host_addrs = netlink::ipv4_addresses(uplink).await?;
+    let desired = state::desired_ports(&publishes, &host_addrs);
+    let applied = reconcile::ports(dp, &desired)?;
+    if applied != reconcile::Applied::default() {
+        tracing::info!(
+            "published ports: +{} ~{} -{} ({} total) in {:?}",
+            applied.added,
+            applied.changed,
+            applied.removed,
+            desired.len(),
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -32,7 +72,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     dataplane::interface_index(&uplink)?;
     // Local checks first, so a bad pin dir is reported before Docker is tried.
     dataplane::PinDir::check(&opts.pin_dir)?;
-    docker::connect(&opts.docker_host).await?;
+    let docker = docker::connect(&opts.docker_host).await?;
 
     let mut dp = Dataplane::open(
         &opts.pin_dir,
@@ -59,11 +99,33 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = log_tick.tick(), if opts.debug_datapath => dp.flush_logs(),
             _ = sigterm.recv() => { tracing::info!("SIGTERM"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT"); break; }
-            update = rx.recv() => match update {
-                Some(SourceUpdate::Resync) => tracing::info!("Docker event stream up; resyncing"),
-                Some(SourceUpdate::Event(e)) => tracing::debug!("docker {} {} {}", e.kind, e.action, e.id),
-                None => break,
-            },
+            update = rx.recv() => {
+                let Some(first) = update else { break };
+                // Coalesce a burst (e.g. `docker compose up`) into one pass.
+                let mut updates = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    updates.push(more);
+                }
+                let mut needed = false;
+                for u in &updates {
+                    match u {
+                        SourceUpdate::Resync => {
+                            tracing::info!("Docker event stream up; resyncing");
+                            needed = true;
+                        }
+                        SourceUpdate::Event(e) => {
+                            tracing::debug!("docker {} {} {}", e.kind, e.action, e.id);
+                            needed |= affects_datapath(e);
+                        }
+                    }
+                }
+                if needed {
+                    if let Err(e) = reconcile_ports(&docker, &mut dp, &uplink).await {
+                        // The watcher resyncs once Docker is back.
+                        tracing::warn!("reconcile failed: {e:#}");
+                    }
+                }
+            }
         }
     }
     watcher.abort();

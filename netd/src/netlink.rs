@@ -44,3 +44,29 @@ pub async fn default_route_interface() -> Result<String> {
         })
         .ok_or_else(|| anyhow!("interface {oif} has no name"))
 }
+
+/// The IPv4 addresses of `ifname`: the host addresses published ports
+/// bound to "every address" are served on.
+pub async fn ipv4_addresses(ifname: &str) -> Result<Vec<std::net::Ipv4Addr>> {
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+    let index = nix::net::if_::if_nametoindex(ifname)
+        .with_context(|| format!("no interface named {ifname:?}"))?;
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let addrs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("listing addresses of {ifname}"))?;
+    Ok(addrs
+        .iter()
+        .flat_map(|m| m.attributes.iter())
+        .filter_map(|a| match a {
+            AddressAttribute::Local(std::net::IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        })
+        .collect())
+}

@@ -137,9 +137,15 @@ impl Host {
     /// timeout crashes in Debian's busybox 1.35, so coreutils' timeout
     /// bounds it.)
     pub fn http_get(&self, url: &str) -> Result<String> {
-        let out = self
-            .ns
-            .run("timeout", &["10", "busybox", "wget", "-q", "-O", "-", url])?;
+        self.http_get_within(url, 10)
+    }
+
+    /// [`Self::http_get`] bounded to `secs` seconds.
+    pub fn http_get_within(&self, url: &str, secs: u32) -> Result<String> {
+        let out = self.ns.run(
+            "timeout",
+            &[&secs.to_string(), "busybox", "wget", "-q", "-O", "-", url],
+        )?;
         if !out.status.success() {
             anyhow::bail!(
                 "GET {url} from {} failed ({}): {}",

@@ -166,3 +166,47 @@ fn other_ports_protocols_and_truncated_l4_are_untouched() {
     );
     assert_eq!(dp.nat_flows().unwrap().len(), 0);
 }
+
+#[test]
+fn a_new_syn_on_a_reused_tuple_takes_the_current_mapping() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    publish(&mut dp, PROTO_TCP, 8080, 80);
+    let syn = tcp4_frame((CLIENT, 40000), (HOST, 8080), TCP_SYN, b"");
+    assert_eq!(
+        tuple(&dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap().frame).1,
+        CONTAINER
+    );
+
+    // The container is replaced (new address); the client reuses its port.
+    let moved = Ipv4Addr::new(198, 19, 1, 9);
+    dp.set_port(
+        PortKey {
+            addr: HOST.octets(),
+            port: 8080u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: moved.octets(),
+            port: 80u16.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    // Mid-flow packets of the old connection keep the old translation…
+    let ack = tcp4_frame((CLIENT, 40000), (HOST, 8080), TCP_ACK, b"");
+    assert_eq!(
+        tuple(&dp.test_run(Hook::UplinkIngress, &ack, 1).unwrap().frame).1,
+        CONTAINER
+    );
+    // … a new SYN on the same tuple goes to the new container, and its
+    // replies are recognised.
+    let out = dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (CLIENT, moved, 40000, 80));
+    let synack = tcp4_frame((moved, 80), (CLIENT, 40000), TCP_SYN | TCP_ACK, b"");
+    let out = dp.test_run(Hook::UplinkEgress, &synack, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (HOST, CLIENT, 8080, 40000));
+}

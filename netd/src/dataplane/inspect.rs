@@ -1,6 +1,6 @@
 //! Reading and removing what is pinned, without loading any program: works
 //! while the daemon is down.
-use std::path::Path;
+use std::{os::fd::AsFd as _, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -10,7 +10,7 @@ use aya::{
         loaded_programs, SchedClassifier,
     },
 };
-use netd_common::{maps, Counter, CounterValue, Hook};
+use netd_common::{maps, Counter, CounterValue, Hook, PortKey, PortTarget};
 use serde::Serialize;
 
 use super::{
@@ -80,11 +80,16 @@ pub fn read_status(pin_dir: &Path) -> Result<Status> {
         let data = MapData::from_pin(&path)
             .with_context(|| format!("opening pinned map {}", path.display()))?;
         let info = data.info()?;
+        let map_type = info.map_type()?;
+        let entries = match map_type {
+            aya::maps::MapType::Hash | aya::maps::MapType::LruHash => count_keys(&data)?,
+            _ => info.max_entries(), // arrays are always full
+        };
         map_status.push(MapStatus {
             name,
-            map_type: format!("{:?}", info.map_type()?),
+            map_type: format!("{map_type:?}"),
             max_entries: info.max_entries(),
-            entries: info.max_entries(),
+            entries,
         });
     }
 
@@ -103,6 +108,40 @@ pub fn read_status(pin_dir: &Path) -> Result<Status> {
         counters,
     })
 }
+
+/// Counts the keys of a hash map by walking them (BPF has no size query).
+fn count_keys(data: &MapData) -> Result<u32> {
+    let fd = data.fd().as_fd();
+    let mut count = 0u32;
+    let mut key: Option<Vec<u8>> = None;
+    let key_size = data.info()?.key_size() as usize;
+    loop {
+        let mut next = vec![0u8; key_size];
+        #[repr(C)]
+        struct NextKeyAttr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            next_key: u64,
+        }
+        let attr = NextKeyAttr {
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+            _pad: 0,
+            key: key.as_ref().map_or(0, |k| k.as_ptr() as u64),
+            next_key: next.as_mut_ptr() as u64,
+        };
+        match super::pins::sys_bpf(BPF_MAP_GET_NEXT_KEY, &attr) {
+            Ok(_) => {
+                count += 1;
+                key = Some(next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(e) => return Err(e).context("walking map keys"),
+        }
+    }
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
 fn attachment_status(hook: Hook, ifname: String, path: &Path) -> Result<AttachmentStatus> {
     let link = FdLink::from(
@@ -202,4 +241,47 @@ pub fn uninstall(pin_dir: &Path) -> Result<UninstallReport> {
         )
     })?;
     Ok(report)
+}
+
+/// One published port as the datapath holds it.
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortStatus {
+    pub proto: &'static str,
+    pub host_addr: std::net::Ipv4Addr,
+    pub host_port: u16,
+    pub container_addr: std::net::Ipv4Addr,
+    pub container_port: u16,
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        6 => "tcp",
+        17 => "udp",
+        132 => "sctp",
+        _ => "other",
+    }
+}
+
+/// The published ports pinned under `pin_dir`, sorted.
+pub fn read_ports(pin_dir: &Path) -> Result<Vec<PortStatus>> {
+    let pins = PinDir::existing(pin_dir)?;
+    pins.check_layout()?;
+    let path = pins.map(maps::PORTS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let ports: aya::maps::HashMap<MapData, PortKey, PortTarget> =
+        aya::maps::HashMap::try_from(Map::HashMap(data))?;
+    let mut out = Vec::new();
+    for entry in ports.iter() {
+        let (k, v) = entry?;
+        out.push(PortStatus {
+            proto: proto_name(k.proto),
+            host_addr: k.addr.into(),
+            host_port: u16::from_be_bytes(k.port),
+            container_addr: v.addr.into(),
+            container_port: u16::from_be_bytes(v.port),
+        });
+    }
+    out.sort();
+    Ok(out)
 }

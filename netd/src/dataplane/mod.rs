@@ -33,8 +33,8 @@ use netd_common::{
 };
 
 pub use inspect::{
-    read_status, uninstall, AttachmentStatus, HookCounters, MapStatus, NamedCounter, Status,
-    UninstallReport,
+    read_ports, read_status, uninstall, AttachmentStatus, HookCounters, MapStatus, NamedCounter,
+    PortStatus, Status, UninstallReport,
 };
 pub use pins::{interface_index, PinDir};
 

@@ -258,7 +258,7 @@ pub fn detach_pinned_link(path: &Path) -> Result<()> {
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
-fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a fully initialised prefix of union bpf_attr for `cmd`,
     // of exactly the size passed; the kernel zero-extends the rest.
     let rc = unsafe {

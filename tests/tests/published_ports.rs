@@ -1,0 +1,149 @@
+//! `docker run -p` served by netd alone: dockerd runs with iptables, masquerade
+//! and docker-proxy off, so nothing else could make these ports reachable.
+use std::time::{Duration, Instant};
+
+use netd_tests::{privileged, Bench, DockerMode, Host};
+use serde_json::Value;
+
+fn ports(host: &mut Host) -> Vec<Value> {
+    let pin = host.netd().pin_dir().display().to_string();
+    let out = host
+        .netd()
+        .cli(&["ports", "--json", "--pin-dir", &pin])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn published_port_follows_the_container_lifecycle() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(2).unwrap();
+    let mut host = Host::docker(&bench, &lan, "dh", 1, [198, 19, 2], DockerMode::Netd).unwrap();
+    let client = Host::plain(&bench, &lan, "client", 100).unwrap();
+    host.start_netd(&bench).unwrap();
+    let url = format!("http://{}:8080/", host.ip);
+
+    // Nothing published yet: the port is closed.
+    assert!(client.http_get(&url).is_err());
+
+    // Published after netd started: the event path.
+    host.dockerd()
+        .run(
+            "web",
+            &["-p", "8080:80"],
+            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
+        )
+        .unwrap();
+    let web_ip = host.dockerd().container_ip("web").unwrap();
+    assert!(eventually(Duration::from_secs(10), || client
+        .http_get_within(&url, 2)
+        .is_ok()));
+    assert_eq!(client.http_get(&url).unwrap(), "hello from netd-test\n");
+    let p = ports(&mut host);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0]["host_port"], 8080);
+    assert_eq!(p[0]["container_addr"], web_ip);
+    assert_eq!(p[0]["container_port"], 80);
+
+    // No NAT rule and no docker-proxy did it.
+    let nat = host
+        .ns
+        .run_ok("iptables-save", &["-t", "nat"])
+        .unwrap_or_default();
+    assert!(!nat.contains("DNAT"), "{nat}");
+    let proxies = std::process::Command::new("pgrep")
+        .args(["-f", &format!("docker-proxy.*{}", host.ip)])
+        .output()
+        .unwrap();
+    assert!(
+        !proxies.status.success(),
+        "a docker-proxy runs for this host"
+    );
+
+    // A port published on one host address only.
+    host.dockerd()
+        .run(
+            "web2",
+            &["-p", &format!("{}:8081:80", host.ip)],
+            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
+        )
+        .unwrap();
+    let url2 = format!("http://{}:8081/", host.ip);
+    let ok = eventually(Duration::from_secs(10), || {
+        client.http_get_within(&url2, 2).is_ok()
+    });
+    assert!(
+        ok,
+        "{:?} {} {}",
+        ports(&mut host),
+        host.dockerd()
+            .docker(&[
+                "inspect",
+                "--format",
+                "{{json .NetworkSettings.Ports}}",
+                "web2"
+            ])
+            .unwrap(),
+        host.netd().status().unwrap()["counters"]
+    );
+
+    // The daemon restarted with containers running converges to the same map,
+    // and the port keeps working while it is down.
+    host.netd().stop();
+    assert_eq!(client.http_get(&url).unwrap(), "hello from netd-test\n");
+    host.netd().restart().unwrap();
+    assert_eq!(ports(&mut host).len(), 2);
+
+    // docker restart: the port follows the container (its IP may change).
+    host.dockerd()
+        .docker(&["restart", "-t", "0", "web"])
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || client
+        .http_get_within(&url, 2)
+        .is_ok()));
+
+    // Removed: the mapping goes, the port closes.
+    host.dockerd().docker(&["rm", "-f", "web"]).unwrap();
+    assert!(eventually(Duration::from_secs(5), || ports(&mut host)
+        .len()
+        == 1));
+    assert!(client.http_get(&url).is_err());
+
+    // A new container on the same port takes it over.
+    host.dockerd()
+        .run(
+            "web3",
+            &["-p", "8080:80"],
+            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
+        )
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || client
+        .http_get_within(&url, 2)
+        .is_ok()));
+}
