@@ -72,10 +72,16 @@ pub enum Counter {
     /// A kernel helper failed half-way through a rewrite; dropped rather
     /// than delivered wrong.
     RewriteFailed = 11,
+    /// Source rewritten to the host address (masquerade).
+    Snat = 12,
+    /// Destination of a reply rewritten back to the masqueraded container.
+    RevSnat = 13,
+    /// No free source port for a new masqueraded flow: refused.
+    SnatExhausted = 14,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -89,6 +95,9 @@ impl Counter {
         Counter::RevDnat,
         Counter::CtFull,
         Counter::RewriteFailed,
+        Counter::Snat,
+        Counter::RevSnat,
+        Counter::SnatExhausted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -105,6 +114,9 @@ impl Counter {
             Counter::RevDnat => "rev-dnat",
             Counter::CtFull => "ct-full",
             Counter::RewriteFailed => "rewrite-failed",
+            Counter::Snat => "snat",
+            Counter::RevSnat => "rev-snat",
+            Counter::SnatExhausted => "snat-exhausted",
         }
     }
 

@@ -10,17 +10,24 @@ pub const PORTS: &str = "netd_ports";
 /// LRU hash of [`crate::CtKey`] → [`crate::CtEntry`]: NATed flows.
 pub const NAT_CT: &str = "netd_nat_ct";
 
+/// One-slot array holding [`crate::nat::NatConfig`].
+pub const CONFIG: &str = "netd_config";
+/// LPM trie of container subnets (key: prefix length + IPv4 address) →
+/// `NETWORK_*` flags.
+pub const NETWORKS: &str = "netd_networks";
+
 /// Default capacities (overridable at load time).
 pub const PORTS_MAX: u32 = 65_536;
 pub const NAT_CT_MAX: u32 = 262_144;
+pub const NETWORKS_MAX: u32 = 1024;
 
 /// Every map netd pins, in the order `netd status` lists them.
-pub const ALL: &[&str] = &[META, COUNTERS, PORTS, NAT_CT];
+pub const ALL: &[&str] = &[META, COUNTERS, CONFIG, NETWORKS, PORTS, NAT_CT];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A
 /// daemon refuses to adopt a pin dir stamped with another version instead of
 /// misreading its maps.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// "netd" in ASCII: tells a netd meta map from anything else pinned there.
 pub const META_MAGIC: u32 = 0x6e65_7464;
 

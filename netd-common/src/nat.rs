@@ -38,25 +38,45 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
-/// Which rewrite a connection-table entry asks for.
-pub const CT_DIR_ORIGINAL: u8 = 0;
-/// Replies: the source goes back to the published address and port.
-pub const CT_DIR_REPLY: u8 = 1;
+/// What a connection-table entry rewrites in packets matching its key.
+pub const CT_REWRITE_DST: u8 = 0;
+pub const CT_REWRITE_SRC: u8 = 1;
 
-/// A NATed flow. Each flow has two entries, one per direction, each saying
-/// how packets matching its key are rewritten.
+/// The flow was created for a published port (DNAT).
+pub const CT_FLAG_DNAT: u8 = 1 << 0;
+/// The flow was created by masquerade (SNAT).
+pub const CT_FLAG_SNAT: u8 = 1 << 1;
+
+/// A NATed flow. Each flow has two entries, one per direction, keyed by the
+/// 5-tuple packets carry in that direction; each says which address and
+/// port to put in the packet. For ICMP echo the "port" is the echo id: a
+/// request's key has it as source port, a reply's as destination port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// Original direction: the new destination. Reply: the new source.
     pub addr: [u8; 4],
     pub port: [u8; 2],
-    /// CT_DIR_ORIGINAL or CT_DIR_REPLY.
-    pub direction: u8,
-    pub _pad: u8,
+    /// CT_REWRITE_DST or CT_REWRITE_SRC.
+    pub rewrite: u8,
+    /// CT_FLAG_*.
+    pub flags: u8,
     /// bpf_ktime_get_ns() of the last packet, for garbage collection.
     pub last_seen_ns: u64,
 }
+
+/// Datapath settings written by the daemon, slot 0 of `netd_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatConfig {
+    /// The address masqueraded traffic leaves with (0.0.0.0: masquerade off).
+    pub host_addr: [u8; 4],
+    /// Range for source ports when the original one is taken (host order).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+/// Value flag in `netd_networks`: sources in this subnet are masqueraded.
+pub const NETWORK_MASQUERADE: u32 = 1;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -64,4 +84,5 @@ mod pod {
     unsafe impl aya::Pod for super::PortTarget {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::NatConfig {}
 }

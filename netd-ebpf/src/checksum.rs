@@ -6,9 +6,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::parsing::IPPROTO_UDP;
+use crate::parsing::{IPPROTO_ICMP, IPPROTO_UDP};
 
-/// Offsets inside an IPv4 + TCP/UDP packet that a rewrite touches.
+/// Offsets inside an IPv4 + TCP/UDP/ICMP packet that a rewrite touches.
 #[derive(Clone, Copy)]
 pub struct L4Offsets {
     pub ip_csum: usize,
@@ -24,6 +24,11 @@ impl L4Offsets {
         } else {
             0
         }
+    }
+
+    /// ICMPv4's checksum covers no pseudo-header: addresses do not enter it.
+    fn has_pseudo_header(&self) -> bool {
+        self.proto != IPPROTO_ICMP
     }
 }
 
@@ -41,12 +46,14 @@ pub fn set_ipv4_addr(
         u64::from(u32::from_ne_bytes(old)),
         u64::from(u32::from_ne_bytes(new)),
     );
-    ctx.l4_csum_replace(
-        offs.l4_csum,
-        from,
-        to,
-        u64::from(BPF_F_PSEUDO_HDR) | offs.l4_flags() | 4,
-    )?;
+    if offs.has_pseudo_header() {
+        ctx.l4_csum_replace(
+            offs.l4_csum,
+            from,
+            to,
+            u64::from(BPF_F_PSEUDO_HDR) | offs.l4_flags() | 4,
+        )?;
+    }
     ctx.l3_csum_replace(offs.ip_csum, from, to, 4)?;
     ctx.store(offset, &new, 0)
 }

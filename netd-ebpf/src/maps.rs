@@ -1,13 +1,13 @@
 //! Map definitions. Names are the pin file names (netd_common::maps); BTF map
 //! definitions so that `bpftool map dump` prints field names.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use netd_common::{
     counters::COUNTER_SLOTS,
-    maps::{NAT_CT_MAX, PORTS_MAX},
-    CounterValue, CtEntry, CtKey, Meta, PortKey, PortTarget,
+    maps::{NAT_CT_MAX, NETWORKS_MAX, PORTS_MAX},
+    CounterValue, CtEntry, CtKey, Meta, NatConfig, PortKey, PortTarget,
 };
 
 #[btf_map(name = "netd_counters")]
@@ -27,3 +27,17 @@ pub static PORTS: HashMap<PortKey, PortTarget, { PORTS_MAX as usize }> = HashMap
 /// silently.
 #[btf_map(name = "netd_nat_ct")]
 pub static NAT_CT: LruHashMap<CtKey, CtEntry, { NAT_CT_MAX as usize }> = LruHashMap::new();
+
+/// Datapath settings (slot 0); written by the daemon.
+#[btf_map(name = "netd_config")]
+pub static CONFIG: Array<NatConfig, 1> = Array::new();
+
+/// Container subnets and their `NETWORK_*` flags; written by the daemon.
+#[btf_map(name = "netd_networks")]
+pub static NETWORKS: LpmTrie<[u8; 4], u32, { NETWORKS_MAX as usize }> = LpmTrie::new();
+
+/// The flags of the container subnet holding `addr` (0: none).
+#[inline(always)]
+pub fn network_flags(addr: [u8; 4]) -> u32 {
+    NETWORKS.get(&Key::new(32, addr)).copied().unwrap_or(0)
+}

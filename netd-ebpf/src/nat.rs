@@ -1,21 +1,27 @@
-//! Published ports: DNAT of traffic arriving on the uplink and the reverse
-//! rewrite of the container's replies leaving by it. Flows are recorded in
-//! NAT_CT so a flow keeps its translation even if the port mapping changes
-//! under it, and replies are recognised without a port lookup.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+//! NAT on the uplink: published ports (DNAT of arriving traffic, the reverse
+//! on replies) and masquerade (SNAT of container traffic leaving the host,
+//! the reverse on replies). Flows live in NAT_CT, one entry per direction
+//! keyed by the packet's own 5-tuple, so each packet needs one lookup, and a
+//! flow keeps its translation even if the mapping changes under it.
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    programs::TcContext,
+};
 use netd_common::{
-    nat::{CT_DIR_ORIGINAL, CT_DIR_REPLY},
+    nat::{CT_FLAG_DNAT, CT_FLAG_SNAT, CT_REWRITE_DST, CT_REWRITE_SRC, NETWORK_MASQUERADE},
     Counter, CtEntry, CtKey, PortKey,
 };
 
 use crate::{
     checksum::{set_ipv4_addr, set_port, L4Offsets},
-    maps::{NAT_CT, PORTS},
-    parsing::{
-        Ipv4Flow, IPPROTO_TCP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_CSUM, TCP_FLAG_ACK, TCP_FLAG_SYN,
-        UDP_CSUM,
-    },
+    maps::{network_flags, CONFIG, NAT_CT, PORTS},
+    parsing::{Ipv4Flow, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK, TCP_FLAG_SYN},
 };
+
+/// Source ports tried for a new masqueraded flow: the original, then
+/// random ones from the configured range.
+const SNAT_TRIES: u32 = 8;
 
 #[inline(always)]
 fn key_of(f: &Ipv4Flow) -> CtKey {
@@ -33,70 +39,96 @@ fn key_of(f: &Ipv4Flow) -> CtKey {
 fn offsets(f: &Ipv4Flow) -> L4Offsets {
     L4Offsets {
         ip_csum: f.l3_offset + IPV4_CSUM,
-        l4_csum: f.l4_offset
-            + if f.proto == IPPROTO_TCP {
-                TCP_CSUM
-            } else {
-                UDP_CSUM
-            },
+        l4_csum: f.l4_csum_offset,
         proto: f.proto,
     }
 }
 
-/// Translates a packet arriving at a published port. `Ok(Some(Dnat))` when
-/// rewritten, `Ok(None)` when no port applies, `Err(reason)` to drop.
 #[inline(always)]
-pub fn dnat_ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
+fn entry(addr: [u8; 4], port: [u8; 2], rewrite: u8, flags: u8, now: u64) -> CtEntry {
+    CtEntry {
+        addr,
+        port,
+        rewrite,
+        flags,
+        last_seen_ns: now,
+    }
+}
+
+/// A failed helper may leave a half-rewritten packet: the caller drops it
+/// rather than deliver it wrong.
+#[inline(always)]
+fn rewrite_dst(ctx: &TcContext, f: &Ipv4Flow, addr: [u8; 4], port: [u8; 2]) -> Result<(), Counter> {
+    let offs = offsets(f);
+    if port != f.dst_port {
+        set_port(ctx, &offs, f.dst_port_offset, f.dst_port, port)
+            .map_err(|_| Counter::RewriteFailed)?;
+    }
+    set_ipv4_addr(ctx, &offs, f.l3_offset + IPV4_DST, f.dst_addr, addr)
+        .map_err(|_| Counter::RewriteFailed)
+}
+
+#[inline(always)]
+fn rewrite_src(ctx: &TcContext, f: &Ipv4Flow, addr: [u8; 4], port: [u8; 2]) -> Result<(), Counter> {
+    let offs = offsets(f);
+    if port != f.src_port {
+        set_port(ctx, &offs, f.src_port_offset, f.src_port, port)
+            .map_err(|_| Counter::RewriteFailed)?;
+    }
+    set_ipv4_addr(ctx, &offs, f.l3_offset + IPV4_SRC, f.src_addr, addr)
+        .map_err(|_| Counter::RewriteFailed)
+}
+
+/// Traffic arriving on the uplink: replies to masqueraded flows and
+/// packets of published-port flows get their destination rewritten.
+/// `Ok(Some(action))` when rewritten, `Ok(None)` when not ours, `Err` to drop.
+#[inline(always)]
+pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = key_of(f);
     // A bare SYN opens a new connection even if its 4-tuple was used before
-    // (clients reuse ports quickly): it takes the current mapping and
-    // replaces any entry left from the earlier connection.
+    // (clients reuse ports quickly): it takes the current port mapping.
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    let existing = if new_connection {
-        None
-    } else {
-        NAT_CT.get_ptr_mut(&key)
-    };
-    let (addr, port) = match existing {
-        Some(entry) if unsafe { (*entry).direction } == CT_DIR_ORIGINAL => unsafe {
-            (*entry).last_seen_ns = now;
-            ((*entry).addr, (*entry).port)
-        },
-        _ => {
-            let port_key = PortKey {
-                addr: f.dst_addr,
-                port: f.dst_port,
-                proto: f.proto,
-                _pad: 0,
+    if !new_connection {
+        if let Some(e) = NAT_CT.get_ptr_mut(&key) {
+            let (addr, port, rewrite, flags) = unsafe {
+                (*e).last_seen_ns = now;
+                ((*e).addr, (*e).port, (*e).rewrite, (*e).flags)
             };
-            let Some(target) = PORTS.get_ptr(&port_key) else {
-                return Ok(None);
-            };
-            let (addr, port) = unsafe { ((*target).addr, (*target).port) };
-            record_flow(&key, addr, port, now)?;
-            (addr, port)
+            if rewrite == CT_REWRITE_DST {
+                rewrite_dst(ctx, f, addr, port)?;
+                return Ok(Some(if flags & CT_FLAG_SNAT != 0 {
+                    Counter::RevSnat
+                } else {
+                    Counter::Dnat
+                }));
+            }
         }
+    }
+    let port_key = PortKey {
+        addr: f.dst_addr,
+        port: f.dst_port,
+        proto: f.proto,
+        _pad: 0,
     };
-    let offs = offsets(f);
-    // A failed helper leaves a half-rewritten packet: drop it rather than
-    // deliver it wrong.
-    set_port(ctx, &offs, f.l4_offset + 2, f.dst_port, port).map_err(|_| Counter::RewriteFailed)?;
-    set_ipv4_addr(ctx, &offs, f.l3_offset + IPV4_DST, f.dst_addr, addr)
-        .map_err(|_| Counter::RewriteFailed)?;
+    let Some(target) = PORTS.get_ptr(&port_key) else {
+        return Ok(None);
+    };
+    let (addr, port) = unsafe { ((*target).addr, (*target).port) };
+    record_dnat_flow(&key, addr, port, now)?;
+    rewrite_dst(ctx, f, addr, port)?;
     Ok(Some(Counter::Dnat))
 }
 
-/// Both directions of a new flow; the reply key is what the container sends.
+/// Both directions of a new published-port flow; the reply key is what the
+/// container sends back.
 #[inline(always)]
-fn record_flow(original: &CtKey, addr: [u8; 4], port: [u8; 2], now: u64) -> Result<(), Counter> {
-    let forward = CtEntry {
-        addr,
-        port,
-        direction: CT_DIR_ORIGINAL,
-        _pad: 0,
-        last_seen_ns: now,
-    };
+fn record_dnat_flow(
+    original: &CtKey,
+    addr: [u8; 4],
+    port: [u8; 2],
+    now: u64,
+) -> Result<(), Counter> {
     let reply_key = CtKey {
         src_addr: addr,
         dst_addr: original.src_addr,
@@ -105,13 +137,14 @@ fn record_flow(original: &CtKey, addr: [u8; 4], port: [u8; 2], now: u64) -> Resu
         proto: original.proto,
         _pad: [0; 3],
     };
-    let reply = CtEntry {
-        addr: original.dst_addr,
-        port: original.dst_port,
-        direction: CT_DIR_REPLY,
-        _pad: 0,
-        last_seen_ns: now,
-    };
+    let forward = entry(addr, port, CT_REWRITE_DST, CT_FLAG_DNAT, now);
+    let reply = entry(
+        original.dst_addr,
+        original.dst_port,
+        CT_REWRITE_SRC,
+        CT_FLAG_DNAT,
+        now,
+    );
     NAT_CT
         .insert(original, forward, 0)
         .map_err(|_| Counter::CtFull)?;
@@ -122,24 +155,99 @@ fn record_flow(original: &CtKey, addr: [u8; 4], port: [u8; 2], now: u64) -> Resu
     Ok(())
 }
 
-/// Rewrites the source of a container's reply back to the published
-/// address and port. `Ok(None)` when the packet is not a NATed reply.
+/// Traffic leaving by the uplink: replies of published-port flows and
+/// packets of masqueraded flows get their source rewritten; the first
+/// packet of a container's outbound flow creates the masquerade.
 #[inline(always)]
-pub fn rev_dnat_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
+pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
+    let now = unsafe { bpf_ktime_get_ns() };
     let key = key_of(f);
-    let Some(entry) = NAT_CT.get_ptr_mut(&key) else {
+    if let Some(e) = NAT_CT.get_ptr_mut(&key) {
+        let (addr, port, rewrite, flags) = unsafe {
+            (*e).last_seen_ns = now;
+            ((*e).addr, (*e).port, (*e).rewrite, (*e).flags)
+        };
+        if rewrite == CT_REWRITE_SRC {
+            rewrite_src(ctx, f, addr, port)?;
+            return Ok(Some(if flags & CT_FLAG_SNAT != 0 {
+                Counter::Snat
+            } else {
+                Counter::RevDnat
+            }));
+        }
+    }
+    if network_flags(f.src_addr) & NETWORK_MASQUERADE == 0 {
+        return Ok(None);
+    }
+    let Some(config) = CONFIG.get(0) else {
         return Ok(None);
     };
-    let (addr, port) = unsafe {
-        if (*entry).direction != CT_DIR_REPLY {
-            return Ok(None);
+    let host = config.host_addr;
+    if host == [0; 4] {
+        return Ok(None);
+    }
+    let port = allocate_snat(&key, host, config.snat_port_min, config.snat_port_max, now)?;
+    rewrite_src(ctx, f, host, port)?;
+    Ok(Some(Counter::Snat))
+}
+
+/// Claims a source port on `host` for a new masqueraded flow and records
+/// both directions. The original port is kept when free; otherwise random
+/// ports in [min, max] are tried. A port is free when no reply key on it
+/// exists for this peer and no published port uses it.
+#[inline(always)]
+fn allocate_snat(
+    original: &CtKey,
+    host: [u8; 4],
+    min: u16,
+    max: u16,
+    now: u64,
+) -> Result<[u8; 2], Counter> {
+    let span = u32::from(max.saturating_sub(min)) + 1;
+    let tries = if max > min { SNAT_TRIES } else { 1 };
+    for i in 0..tries {
+        let port = if i == 0 {
+            original.src_port
+        } else {
+            let r = unsafe { bpf_get_prandom_u32() } % span;
+            (min + r as u16).to_be_bytes()
+        };
+        let published = PortKey {
+            addr: host,
+            port,
+            proto: original.proto,
+            _pad: 0,
+        };
+        if PORTS.get_ptr(&published).is_some() {
+            continue;
         }
-        (*entry).last_seen_ns = bpf_ktime_get_ns();
-        ((*entry).addr, (*entry).port)
-    };
-    let offs = offsets(f);
-    set_port(ctx, &offs, f.l4_offset, f.src_port, port).map_err(|_| Counter::RewriteFailed)?;
-    set_ipv4_addr(ctx, &offs, f.l3_offset + IPV4_SRC, f.src_addr, addr)
-        .map_err(|_| Counter::RewriteFailed)?;
-    Ok(Some(Counter::RevDnat))
+        let reply_key = CtKey {
+            src_addr: original.dst_addr,
+            dst_addr: host,
+            src_port: original.dst_port,
+            dst_port: port,
+            proto: original.proto,
+            _pad: [0; 3],
+        };
+        let reply = entry(
+            original.src_addr,
+            original.src_port,
+            CT_REWRITE_DST,
+            CT_FLAG_SNAT,
+            now,
+        );
+        if NAT_CT
+            .insert(&reply_key, reply, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            continue; // taken (or the table refuses): try another
+        }
+        let forward = entry(host, port, CT_REWRITE_SRC, CT_FLAG_SNAT, now);
+        if NAT_CT.insert(original, forward, 0).is_err() {
+            let _ = NAT_CT.remove(&reply_key);
+            return Err(Counter::CtFull);
+        }
+        return Ok(port);
+    }
+    Err(Counter::SnatExhausted)
 }

@@ -13,6 +13,7 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -22,6 +23,10 @@ pub const IPV4_SRC: usize = 12;
 pub const IPV4_DST: usize = 16;
 pub const TCP_CSUM: usize = 16;
 pub const UDP_CSUM: usize = 6;
+pub const ICMP_CSUM: usize = 2;
+pub const ICMP_ECHO_ID: usize = 4;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 /// Returns a pointer to a `T` at `offset` in the linear packet data, or
 /// `None` when the packet is too short.
@@ -112,30 +117,35 @@ fn parse_ipv6(ctx: &TcContext, l3_offset: usize) -> Result<Frame, Counter> {
     })
 }
 
-/// The addresses and ports of an IPv4 TCP/UDP packet, raw (network order).
+/// The addresses and ports of an IPv4 TCP, UDP or ICMP echo packet, raw
+/// (network order), and where they sit in the packet.
 #[derive(Clone, Copy)]
 pub struct Ipv4Flow {
     pub l3_offset: usize,
-    pub l4_offset: usize,
     pub proto: u8,
     pub src_addr: [u8; 4],
     pub dst_addr: [u8; 4],
+    /// For ICMP echo: the id in a request, 0 in a reply.
     pub src_port: [u8; 2],
+    /// For ICMP echo: 0 in a request, the id in a reply.
     pub dst_port: [u8; 2],
-    /// TCP flags byte (0 for UDP).
+    pub src_port_offset: usize,
+    pub dst_port_offset: usize,
+    pub l4_csum_offset: usize,
+    /// TCP flags byte (0 for UDP and ICMP).
     pub tcp_flags: u8,
 }
 
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
-/// Reads the flow of an IPv4 TCP or UDP packet that carries its L4 header.
-/// `Ok(None)`: not a packet NAT applies to (other protocol, IPv6, later
-/// fragment). `Err`: the L4 header is cut short.
+/// Reads the flow of an IPv4 TCP/UDP/ICMP-echo packet that carries its L4
+/// header. `Ok(None)`: not a packet NAT applies to (other protocol, other
+/// ICMP type, IPv6, later fragment). `Err`: the L4 header is cut short.
 #[inline(always)]
 pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Counter> {
     let Ip::V4 {
-        l4_offset,
+        l4_offset: l4,
         proto,
         later_fragment: false,
     } = frame.ip
@@ -144,29 +154,52 @@ pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Cou
     };
     let l4_len = match proto {
         IPPROTO_TCP => 20,
-        IPPROTO_UDP => 8,
+        IPPROTO_UDP | IPPROTO_ICMP => 8,
         _ => return Ok(None),
     };
-    if ctx.data() + l4_offset + l4_len > ctx.data_end() {
+    if ctx.data() + l4 + l4_len > ctx.data_end() {
         return Err(Counter::Truncated);
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, frame.l3_offset).ok_or(Counter::Truncated)?;
-    let ports: *const [u8; 4] = ptr_at(ctx, l4_offset).ok_or(Counter::Truncated)?;
-    let (src_addr, dst_addr, p) = unsafe { ((*ip).src_addr, (*ip).dst_addr, *ports) };
-    let tcp_flags = if proto == IPPROTO_TCP {
-        let flags: *const u8 = ptr_at(ctx, l4_offset + 13).ok_or(Counter::Truncated)?;
-        unsafe { *flags }
-    } else {
-        0
-    };
-    Ok(Some(Ipv4Flow {
+    let head: *const [u8; 8] = ptr_at(ctx, l4).ok_or(Counter::Truncated)?;
+    let (src_addr, dst_addr, h) = unsafe { ((*ip).src_addr, (*ip).dst_addr, *head) };
+    let mut flow = Ipv4Flow {
         l3_offset: frame.l3_offset,
-        l4_offset,
         proto,
         src_addr,
         dst_addr,
-        src_port: [p[0], p[1]],
-        dst_port: [p[2], p[3]],
-        tcp_flags,
-    }))
+        src_port: [h[0], h[1]],
+        dst_port: [h[2], h[3]],
+        src_port_offset: l4,
+        dst_port_offset: l4 + 2,
+        l4_csum_offset: l4 + UDP_CSUM,
+        tcp_flags: 0,
+    };
+    match proto {
+        IPPROTO_TCP => {
+            let flags: *const u8 = ptr_at(ctx, l4 + 13).ok_or(Counter::Truncated)?;
+            flow.tcp_flags = unsafe { *flags };
+            flow.l4_csum_offset = l4 + TCP_CSUM;
+        }
+        IPPROTO_ICMP => {
+            let id = [h[4], h[5]];
+            flow.l4_csum_offset = l4 + ICMP_CSUM;
+            flow.src_port_offset = l4 + ICMP_ECHO_ID;
+            flow.dst_port_offset = l4 + ICMP_ECHO_ID;
+            match (h[0], h[1]) {
+                (ICMP_ECHO_REQUEST, 0) => {
+                    flow.src_port = id;
+                    flow.dst_port = [0, 0];
+                }
+                (ICMP_ECHO_REPLY, 0) => {
+                    flow.src_port = [0, 0];
+                    flow.dst_port = id;
+                }
+                // Errors and other types: not a flow of their own.
+                _ => return Ok(None),
+            }
+        }
+        _ => {}
+    }
+    Ok(Some(flow))
 }

@@ -12,7 +12,7 @@ use netd_common::{Counter, Hook};
 
 use crate::{
     counters::count,
-    nat::{dnat_ingress, rev_dnat_egress},
+    nat,
     parsing::{ipv4_flow, parse_frame, Frame, Ip, Ipv4Flow},
 };
 
@@ -61,7 +61,7 @@ fn unmatched(frame: &Frame) -> Counter {
     }
 }
 
-/// Parses, then hands IPv4 TCP/UDP flows to `act`.
+/// Parses, then hands IPv4 TCP/UDP/ICMP-echo flows to `act`.
 #[inline(always)]
 fn with_flow(
     ctx: &TcContext,
@@ -84,13 +84,13 @@ fn with_flow(
 
 #[classifier]
 pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, dnat_ingress);
+    let outcome = with_flow(&ctx, nat::ingress);
     finish(&ctx, Hook::UplinkIngress, outcome)
 }
 
 #[classifier]
 pub fn netd_uplink_egress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, rev_dnat_egress);
+    let outcome = with_flow(&ctx, nat::egress);
     finish(&ctx, Hook::UplinkEgress, outcome)
 }
 

@@ -33,6 +33,11 @@ pub enum Command {
         /// Log every datapath decision through aya-log (slow).
         #[arg(long)]
         debug_datapath: bool,
+        /// Source ports a masqueraded flow gets when its own is taken. The
+        /// default stays clear of Linux's ephemeral range (32768-60999) so
+        /// the host's own connections do not collide with them.
+        #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+        snat_ports: (u16, u16),
     },
     /// Show attachments, map fill levels and packet counters (works while
     /// the daemon is down: it reads the pinned objects).
@@ -54,6 +59,19 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+/// Parses "MIN-MAX" (1 <= MIN <= MAX <= 65535).
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
+    let min: u16 = a.parse().map_err(|_| format!("bad port {a:?}"))?;
+    let max: u16 = b.parse().map_err(|_| format!("bad port {b:?}"))?;
+    if min == 0 || min > max {
+        return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
 }
 
 /// Runs the CLI; returns the process exit code. Errors are one line on
@@ -87,6 +105,7 @@ fn dispatch(command: Command) -> Result<()> {
             uplink,
             pin_dir,
             debug_datapath,
+            snat_ports,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -97,6 +116,7 @@ fn dispatch(command: Command) -> Result<()> {
                 uplink,
                 pin_dir,
                 debug_datapath,
+                snat_ports,
             }))
         }
         Command::Status { json, pin_dir } => {
@@ -209,6 +229,10 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
         assert!(Cli::try_parse_from(["netd", "run", "--bogus"]).is_err());
+        assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
+        assert!(parse_port_range("9-1").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("x").is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use netd_common::Hook;
+use netd_common::{Hook, NatConfig};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -34,21 +34,47 @@ fn affects_datapath(e: &DockerEvent) -> bool {
     )
 }
 
-/// One reconcile pass: Docker's published ports, expanded over the uplink's
-/// addresses, written to netd_ports (only the difference).
-async fn reconcile_ports(docker: &bollard::Docker, dp: &mut Dataplane, uplink: &str) -> Result<()> {
+/// One reconcile pass: from a full list of Docker's containers and
+/// networks and the uplink's addresses, bring every map to the desired
+/// state, writing only the difference.
+async fn reconcile_all(
+    docker: &bollard::Docker,
+    dp: &mut Dataplane,
+    uplink: &str,
+    snat_ports: (u16, u16),
+) -> Result<()> {
     let started = std::time::Instant::now();
-    let publishes = docker::published_ports(docker).await?;
     let host_addrs = netlink::ipv4_addresses(uplink).await?;
+    let config = NatConfig {
+        host_addr: host_addrs.first().map_or([0; 4], |a| a.octets()),
+        snat_port_min: snat_ports.0,
+        snat_port_max: snat_ports.1,
+    };
+    if dp.config()? != config {
+        dp.set_config(config)?;
+        tracing::info!(
+            "masquerading as {:?}, fallback source ports {}-{}",
+            host_addrs.first(),
+            snat_ports.0,
+            snat_ports.1
+        );
+    }
+    let networks = docker::bridge_networks(docker).await?;
+    let net_applied = reconcile::networks(dp, &state::desired_networks(&networks))?;
+    let publishes = docker::published_ports(docker).await?;
     let desired = state::desired_ports(&publishes, &host_addrs);
     let applied = reconcile::ports(dp, &desired)?;
-    if applied != reconcile::Applied::default() {
+    if applied != reconcile::Applied::default() || net_applied != reconcile::Applied::default() {
         tracing::info!(
-            "published ports: +{} ~{} -{} ({} total) in {:?}",
+            "published ports: +{} ~{} -{} ({} total); networks: +{} ~{} -{} ({} total); in {:?}",
             applied.added,
             applied.changed,
             applied.removed,
             desired.len(),
+            net_applied.added,
+            net_applied.changed,
+            net_applied.removed,
+            networks.len(),
             started.elapsed()
         );
     }
@@ -61,6 +87,8 @@ pub struct RunOptions {
     pub uplink: Option<String>,
     pub pin_dir: PathBuf,
     pub debug_datapath: bool,
+    /// Source ports for masqueraded flows whose own port is taken.
+    pub snat_ports: (u16, u16),
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -120,7 +148,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     }
                 }
                 if needed {
-                    if let Err(e) = reconcile_ports(&docker, &mut dp, &uplink).await {
+                    if let Err(e) = reconcile_all(&docker, &mut dp, &uplink, opts.snat_ports).await {
                         // The watcher resyncs once Docker is back.
                         tracing::warn!("reconcile failed: {e:#}");
                     }

@@ -10,7 +10,7 @@ use bollard::{
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
-use crate::state::{parse_host_ip, parse_port_spec, HostBinding, Publish};
+use crate::state::{parse_host_ip, parse_port_spec, parse_subnet, HostBinding, Network, Publish};
 
 /// Default Docker endpoint when neither --docker-host nor DOCKER_HOST is set.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -192,4 +192,41 @@ fn publishes_of(id: &str, inspect: &ContainerInspectResponse) -> Vec<Publish> {
         }
     }
     out
+}
+
+/// Docker's bridge networks. Networks of other drivers (macvlan, ipvlan,
+/// overlay, host, null) are left alone.
+pub async fn bridge_networks(docker: &Docker) -> Result<Vec<Network>> {
+    let networks = docker
+        .list_networks::<String>(None)
+        .await
+        .context("listing networks")?;
+    Ok(networks
+        .into_iter()
+        .filter(|n| n.driver.as_deref() == Some("bridge"))
+        .map(|n| {
+            let options = n.options.unwrap_or_default();
+            let name = n.name.unwrap_or_default();
+            // On the default bridge this option is dockerd's --ip-masq flag,
+            // which must be off when netd runs (netd does the masquerade);
+            // on user-defined networks it is the operator's per-network choice.
+            let masquerade = name == "bridge"
+                || options
+                    .get("com.docker.network.bridge.enable_ip_masquerade")
+                    .is_none_or(|v| v != "false");
+            Network {
+                id: n.id.unwrap_or_default(),
+                name,
+                subnets: n
+                    .ipam
+                    .and_then(|i| i.config)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| c.subnet.as_deref().and_then(parse_subnet))
+                    .collect(),
+                masquerade,
+                internal: n.internal.unwrap_or(false),
+            }
+        })
+        .collect())
 }

@@ -37,3 +37,34 @@ pub fn ports(dp: &mut Dataplane, desired: &HashMap<PortKey, PortTarget>) -> Resu
     }
     Ok(applied)
 }
+
+/// Brings `netd_networks` to `desired` (subnet → flags).
+pub fn networks(
+    dp: &mut Dataplane,
+    desired: &HashMap<(std::net::Ipv4Addr, u8), u32>,
+) -> Result<Applied> {
+    let current: HashMap<(std::net::Ipv4Addr, u8), u32> = dp
+        .networks()?
+        .into_iter()
+        .map(|(addr, prefix, flags)| ((addr, prefix), flags))
+        .collect();
+    let mut applied = Applied::default();
+    for (&(addr, prefix), &flags) in desired {
+        match current.get(&(addr, prefix)) {
+            Some(f) if *f == flags => {}
+            found => {
+                dp.set_network(addr, prefix, flags)?;
+                if found.is_some() {
+                    applied.changed += 1;
+                } else {
+                    applied.added += 1;
+                }
+            }
+        }
+    }
+    for &(addr, prefix) in current.keys().filter(|k| !desired.contains_key(k)) {
+        dp.remove_network(addr, prefix)?;
+        applied.removed += 1;
+    }
+    Ok(applied)
+}

@@ -137,3 +137,72 @@ mod tests {
         assert_eq!(x.values().next().unwrap().addr, [198, 19, 1, 2]);
     }
 }
+
+/// A Docker network of a driver netd serves (bridge).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    /// IPv4 subnets (address, prefix length).
+    pub subnets: Vec<(Ipv4Addr, u8)>,
+    /// com.docker.network.bridge.enable_ip_masquerade (default true).
+    pub masquerade: bool,
+    /// Internal networks have no outside connectivity at all.
+    pub internal: bool,
+}
+
+/// Parses "198.19.1.0/24" (IPv6 subnets yield `None`).
+pub fn parse_subnet(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (addr, prefix) = s.split_once('/')?;
+    let prefix: u8 = prefix.parse().ok()?;
+    (prefix <= 32).then_some(())?;
+    Some((addr.parse().ok()?, prefix))
+}
+
+/// What `netd_networks` must hold: subnet → NETWORK_* flags.
+pub fn desired_networks(networks: &[Network]) -> HashMap<(Ipv4Addr, u8), u32> {
+    let mut out = HashMap::new();
+    for n in networks {
+        let mut flags = 0;
+        if n.masquerade && !n.internal {
+            flags |= netd_common::nat::NETWORK_MASQUERADE;
+        }
+        for subnet in &n.subnets {
+            *out.entry(*subnet).or_insert(0) |= flags;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[test]
+    fn subnets_parse_and_flags_follow_options() {
+        assert_eq!(
+            parse_subnet("198.19.1.0/24"),
+            Some((Ipv4Addr::new(198, 19, 1, 0), 24))
+        );
+        assert_eq!(parse_subnet("fd00::/64"), None);
+        assert_eq!(parse_subnet("198.19.1.0/33"), None);
+        let net = |name: &str, third: u8, masquerade: bool, internal: bool| Network {
+            id: name.into(),
+            name: name.into(),
+            subnets: vec![(Ipv4Addr::new(198, 19, third, 0), 24)],
+            masquerade,
+            internal,
+        };
+        let d = desired_networks(&[
+            net("a", 1, true, false),
+            net("b", 2, false, false),
+            net("c", 3, true, true),
+        ]);
+        assert_eq!(
+            d[&(Ipv4Addr::new(198, 19, 1, 0), 24)],
+            netd_common::nat::NETWORK_MASQUERADE
+        );
+        assert_eq!(d[&(Ipv4Addr::new(198, 19, 2, 0), 24)], 0);
+        assert_eq!(d[&(Ipv4Addr::new(198, 19, 3, 0), 24)], 0);
+    }
+}

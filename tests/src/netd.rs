@@ -20,6 +20,7 @@ pub fn netd_binary() -> Result<PathBuf> {
     for dir in exe.ancestors().skip(1).take(3) {
         let candidate = dir.join("netd");
         if candidate.is_file() {
+            check_fresh(&candidate)?;
             return Ok(candidate);
         }
     }
@@ -27,6 +28,42 @@ pub fn netd_binary() -> Result<PathBuf> {
         "netd binary not found next to {}: build it first (`cargo build -p netd`) or set NETD_BIN",
         exe.display()
     )
+}
+
+/// Refuses a netd binary older than the sources it is built from: `cargo
+/// test` alone does not rebuild another package's binary, and testing a
+/// stale daemon gives misleading results.
+fn check_fresh(binary: &Path) -> Result<()> {
+    let built = std::fs::metadata(binary)?.modified()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    let mut stack: Vec<PathBuf> = ["netd/src", "netd-ebpf/src", "netd-common/src"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > built)
+            {
+                bail!(
+                    "{} is older than {}: run `cargo build -p netd` first (`cargo xtask test` does)",
+                    binary.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 pub struct Netd {

@@ -157,8 +157,61 @@ impl Host {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Serves HTTP on port 80 from this host (not a container): `/` says
+    /// hello, `/cgi-bin/peer` answers the client's address as it arrived.
+    pub fn serve_http(&self) -> Result<Background> {
+        let root = self.state_dir.join("www");
+        let cgi = root.join("cgi-bin");
+        std::fs::create_dir_all(&cgi)?;
+        std::fs::write(root.join("index.html"), "hello from the LAN\n")?;
+        let script = cgi.join("peer");
+        std::fs::write(
+            &script,
+            "#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\necho \"$REMOTE_ADDR\"\n",
+        )?;
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&script)?.permissions(),
+            0o755,
+        );
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let child = self
+            .ns
+            .command("busybox")
+            .args(["httpd", "-f", "-p", "80", "-h"])
+            .arg(&root)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let bg = Background { child: Some(child) };
+        // Ready when it answers on its own address.
+        for _ in 0..100 {
+            if self
+                .http_get_within(&format!("http://{}/", self.ip), 2)
+                .is_ok()
+            {
+                return Ok(bg);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        anyhow::bail!("busybox httpd did not come up in {}", self.ns.name())
+    }
+
     /// Runs a busybox applet in this host's namespace.
     pub fn busybox(&self, args: &[&str]) -> Result<std::process::Output> {
         self.ns.run("busybox", args)
+    }
+}
+
+/// A process started in a namespace; ended (SIGTERM, then SIGKILL) on drop.
+pub struct Background {
+    child: Option<std::process::Child>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            crate::process::terminate(child, std::time::Duration::from_secs(5));
+        }
     }
 }

@@ -2,7 +2,7 @@
 use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions};
-use netd_common::{nat::CT_DIR_REPLY, Counter, Hook, PortKey, PortTarget};
+use netd_common::{nat::CT_REWRITE_SRC, Counter, Hook, PortKey, PortTarget};
 use netd_tests::{packet::*, privileged};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
@@ -67,7 +67,7 @@ fn tcp_published_port_is_translated_both_ways_with_valid_checksums() {
     // Both directions of the flow are recorded.
     let flows = dp.nat_flows().unwrap();
     assert_eq!(flows.len(), 2, "{flows:?}");
-    assert!(flows.iter().any(|(k, e)| e.direction == CT_DIR_REPLY
+    assert!(flows.iter().any(|(k, e)| e.rewrite == CT_REWRITE_SRC
         && k.src_addr == CONTAINER.octets()
         && e.addr == HOST.octets()
         && e.port == 8080u16.to_be_bytes()));

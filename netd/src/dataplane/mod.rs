@@ -18,7 +18,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap as BpfHashMap, MapData, PerCpuArray,
+    },
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -29,7 +32,7 @@ use aya::{
 use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{self, LAYOUT_VERSION, META_MAGIC},
-    Counter, CounterValue, CtEntry, CtKey, Hook, Meta, PortKey, PortTarget,
+    Counter, CounterValue, CtEntry, CtKey, Hook, Meta, NatConfig, PortKey, PortTarget,
 };
 
 pub use inspect::{
@@ -252,6 +255,64 @@ impl Dataplane {
     /// Every published port in the map.
     pub fn ports(&mut self) -> Result<Vec<(PortKey, PortTarget)>> {
         Ok(self.ports_map()?.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Writes the datapath settings (masquerade address, SNAT port range).
+    pub fn set_config(&mut self, config: NatConfig) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(maps::CONFIG)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::CONFIG))?;
+        let mut array: Array<&mut MapData, NatConfig> = Array::try_from(map)?;
+        array.set(0, config, 0)?;
+        Ok(())
+    }
+
+    /// The datapath settings in force.
+    pub fn config(&self) -> Result<NatConfig> {
+        let map = self
+            .ebpf
+            .map(maps::CONFIG)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::CONFIG))?;
+        let array: Array<&MapData, NatConfig> = Array::try_from(map)?;
+        Ok(array.get(&0, 0)?)
+    }
+
+    fn networks_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>> {
+        let map = self
+            .ebpf
+            .map_mut(maps::NETWORKS)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::NETWORKS))?;
+        Ok(LpmTrie::try_from(map)?)
+    }
+
+    /// Sets the `NETWORK_*` flags of a container subnet.
+    pub fn set_network(&mut self, addr: std::net::Ipv4Addr, prefix: u8, flags: u32) -> Result<()> {
+        self.networks_map()?
+            .insert(&LpmKey::new(u32::from(prefix), addr.octets()), flags, 0)
+            .context("writing netd_networks (full? raise its size)")
+    }
+
+    pub fn remove_network(&mut self, addr: std::net::Ipv4Addr, prefix: u8) -> Result<()> {
+        match self
+            .networks_map()?
+            .remove(&LpmKey::new(u32::from(prefix), addr.octets()))
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every container subnet in the map: (address, prefix, flags).
+    pub fn networks(&mut self) -> Result<Vec<(std::net::Ipv4Addr, u8, u32)>> {
+        let trie = self.networks_map()?;
+        let mut out = Vec::new();
+        for key in trie.keys() {
+            let key = key?;
+            let flags = trie.get(&key, 0)?;
+            out.push((key.data().into(), key.prefix_len() as u8, flags));
+        }
+        Ok(out)
     }
 
     /// Every entry of the NAT connection table.

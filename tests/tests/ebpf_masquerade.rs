@@ -1,0 +1,235 @@
+//! Masquerade (SNAT of container traffic leaving by the uplink) run in the
+//! kernel on crafted frames.
+use std::net::Ipv4Addr;
+
+use netd::dataplane::{Dataplane, LoadOptions};
+use netd_common::{nat::NETWORK_MASQUERADE, Counter, Hook, NatConfig, PortKey, PortTarget};
+use netd_tests::{packet::*, privileged};
+
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
+const C1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+const C2: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 3);
+const PASS: i32 = -1;
+const SHOT: i32 = 2;
+
+fn setup(port_min: u16, port_max: u16) -> Dataplane {
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    dp.set_config(NatConfig {
+        host_addr: HOST.octets(),
+        snat_port_min: port_min,
+        snat_port_max: port_max,
+    })
+    .unwrap();
+    dp.set_network(Ipv4Addr::new(198, 19, 1, 0), 24, NETWORK_MASQUERADE)
+        .unwrap();
+    dp
+}
+
+fn count(dp: &Dataplane, hook: Hook, counter: Counter) -> u64 {
+    dp.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(h, c, _)| *h == hook && *c == counter)
+        .unwrap()
+        .2
+        .packets
+}
+
+/// (src, dst, sport, dport) of an Ethernet + IPv4 + TCP/UDP frame; for
+/// ICMP the echo id stands in both port places.
+fn tuple(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let ip = &f[14..];
+    let l4 = &ip[usize::from(ip[0] & 0xf) * 4..];
+    let (sp, dp) = if ip[9] == PROTO_ICMP {
+        let id = u16::from_be_bytes([l4[4], l4[5]]);
+        (id, id)
+    } else {
+        (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        )
+    };
+    (
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        sp,
+        dp,
+    )
+}
+
+#[test]
+fn container_tcp_is_masqueraded_keeping_its_port_and_replies_come_back() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(32768, 65535);
+    let syn = tcp4_frame((C1, 40000), (SERVER, 80), TCP_SYN, b"");
+    let out = dp.test_run(Hook::UplinkEgress, &syn, 1).unwrap();
+    assert_eq!(out.action, PASS);
+    assert_eq!(
+        tuple(&out.frame),
+        (HOST, SERVER, 40000, 80),
+        "original port kept"
+    );
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    assert_eq!(count(&dp, Hook::UplinkEgress, Counter::Snat), 1);
+
+    let synack = tcp4_frame((SERVER, 80), (HOST, 40000), TCP_SYN | TCP_ACK, b"");
+    let out = dp.test_run(Hook::UplinkIngress, &synack, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (SERVER, C1, 80, 40000));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    assert_eq!(count(&dp, Hook::UplinkIngress, Counter::RevSnat), 1);
+
+    // Later packets of the flow reuse the entry.
+    let data = tcp4_frame((C1, 40000), (SERVER, 80), TCP_ACK | TCP_PSH, b"payload");
+    let out = dp.test_run(Hook::UplinkEgress, &data, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (HOST, SERVER, 40000, 80));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    assert_eq!(dp.nat_flows().unwrap().len(), 2);
+}
+
+#[test]
+fn colliding_source_ports_get_distinct_host_ports() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(32768, 65535);
+    let a = dp
+        .test_run(
+            Hook::UplinkEgress,
+            &udp4_frame((C1, 5000), (SERVER, 53), b"a"),
+            1,
+        )
+        .unwrap();
+    let b = dp
+        .test_run(
+            Hook::UplinkEgress,
+            &udp4_frame((C2, 5000), (SERVER, 53), b"b"),
+            1,
+        )
+        .unwrap();
+    let (pa, pb) = (tuple(&a.frame).2, tuple(&b.frame).2);
+    assert_eq!(pa, 5000);
+    assert_ne!(pb, 5000, "second flow must not reuse the taken port");
+    assert!((32768..=65535).contains(&pb));
+    assert_eq!(verify_ipv4_frame(&b.frame), Ok(()));
+    // Each reply finds its own container.
+    let ra = dp
+        .test_run(
+            Hook::UplinkIngress,
+            &udp4_frame((SERVER, 53), (HOST, pa), b"ra"),
+            1,
+        )
+        .unwrap();
+    let rb = dp
+        .test_run(
+            Hook::UplinkIngress,
+            &udp4_frame((SERVER, 53), (HOST, pb), b"rb"),
+            1,
+        )
+        .unwrap();
+    assert_eq!(tuple(&ra.frame), (SERVER, C1, 53, 5000));
+    assert_eq!(tuple(&rb.frame), (SERVER, C2, 53, 5000));
+    assert_eq!(verify_ipv4_frame(&rb.frame), Ok(()));
+}
+
+#[test]
+fn a_published_host_port_is_never_used_for_masquerade() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(32768, 65535);
+    dp.set_port(
+        PortKey {
+            addr: HOST.octets(),
+            port: 8080u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: C2.octets(),
+            port: 80u16.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    let out = dp
+        .test_run(
+            Hook::UplinkEgress,
+            &tcp4_frame((C1, 8080), (SERVER, 80), TCP_SYN, b""),
+            1,
+        )
+        .unwrap();
+    assert_ne!(tuple(&out.frame).2, 8080);
+    assert_eq!(tuple(&out.frame).0, HOST);
+}
+
+#[test]
+fn ping_from_a_container_is_masqueraded() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(32768, 65535);
+    let req = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(C1, SERVER, PROTO_ICMP, &icmp_echo(8, 0x1234, 1, b"ping")),
+    );
+    let out = dp.test_run(Hook::UplinkEgress, &req, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (HOST, SERVER, 0x1234, 0x1234));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    let rep = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(SERVER, HOST, PROTO_ICMP, &icmp_echo(0, 0x1234, 1, b"ping")),
+    );
+    let out = dp.test_run(Hook::UplinkIngress, &rep, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (SERVER, C1, 0x1234, 0x1234));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+}
+
+#[test]
+fn traffic_from_outside_container_subnets_is_not_masqueraded() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(32768, 65535);
+    for f in [
+        tcp4_frame((HOST, 40000), (SERVER, 80), TCP_SYN, b""),
+        tcp4_frame(
+            (Ipv4Addr::new(198, 19, 2, 2), 40000),
+            (SERVER, 80),
+            TCP_SYN,
+            b"",
+        ),
+    ] {
+        let out = dp.test_run(Hook::UplinkEgress, &f, 1).unwrap();
+        assert_eq!(out.frame, f);
+    }
+    assert_eq!(dp.nat_flows().unwrap().len(), 0);
+}
+
+#[test]
+fn exhausted_ports_refuse_new_flows_and_keep_existing_ones() {
+    if !privileged() {
+        return;
+    }
+    // A one-port range: only the original port can ever be used.
+    let mut dp = setup(40000, 40000);
+    let first = tcp4_frame((C1, 40000), (SERVER, 80), TCP_SYN, b"");
+    assert_eq!(
+        dp.test_run(Hook::UplinkEgress, &first, 1).unwrap().action,
+        PASS
+    );
+    let second = tcp4_frame((C2, 40000), (SERVER, 80), TCP_SYN, b"");
+    let out = dp.test_run(Hook::UplinkEgress, &second, 1).unwrap();
+    assert_eq!(out.action, SHOT);
+    assert_eq!(count(&dp, Hook::UplinkEgress, Counter::SnatExhausted), 1);
+    let again = tcp4_frame((C1, 40000), (SERVER, 80), TCP_ACK, b"more");
+    let out = dp.test_run(Hook::UplinkEgress, &again, 1).unwrap();
+    assert_eq!(out.action, PASS);
+    assert_eq!(tuple(&out.frame).0, HOST);
+}
