@@ -41,11 +41,17 @@ pub struct CtKey {
 /// What a connection-table entry rewrites in packets matching its key.
 pub const CT_REWRITE_DST: u8 = 0;
 pub const CT_REWRITE_SRC: u8 = 1;
+/// Leave the packet as it is: a flow routed to a container from outside
+/// without NAT. Recorded (as Linux conntrack does) so that the container's
+/// replies are not masqueraded.
+pub const CT_REWRITE_NONE: u8 = 2;
 
 /// The flow was created for a published port (DNAT).
 pub const CT_FLAG_DNAT: u8 = 1 << 0;
 /// The flow was created by masquerade (SNAT).
 pub const CT_FLAG_SNAT: u8 = 1 << 1;
+/// The flow was routed to a container without translation.
+pub const CT_FLAG_ROUTED: u8 = 1 << 2;
 
 /// A NATed flow. Each flow has two entries, one per direction, keyed by the
 /// 5-tuple packets carry in that direction; each says which address and

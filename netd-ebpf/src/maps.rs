@@ -36,8 +36,8 @@ pub static CONFIG: Array<NatConfig, 1> = Array::new();
 #[btf_map(name = "netd_networks")]
 pub static NETWORKS: LpmTrie<[u8; 4], u32, { NETWORKS_MAX as usize }> = LpmTrie::new();
 
-/// The flags of the container subnet holding `addr` (0: none).
+/// The flags of the container subnet holding `addr`, if any holds it.
 #[inline(always)]
-pub fn network_flags(addr: [u8; 4]) -> u32 {
-    NETWORKS.get(&Key::new(32, addr)).copied().unwrap_or(0)
+pub fn network_flags(addr: [u8; 4]) -> Option<u32> {
+    NETWORKS.get(&Key::new(32, addr)).copied()
 }

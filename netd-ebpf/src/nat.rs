@@ -9,7 +9,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::{
-    nat::{CT_FLAG_DNAT, CT_FLAG_SNAT, CT_REWRITE_DST, CT_REWRITE_SRC, NETWORK_MASQUERADE},
+    nat::{
+        CT_FLAG_DNAT, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_REWRITE_DST, CT_REWRITE_NONE,
+        CT_REWRITE_SRC, NETWORK_MASQUERADE,
+    },
     Counter, CtEntry, CtKey, PortKey,
 };
 
@@ -103,6 +106,9 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
                     Counter::Dnat
                 }));
             }
+            if rewrite == CT_REWRITE_NONE {
+                return Ok(None);
+            }
         }
     }
     let port_key = PortKey {
@@ -112,6 +118,11 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
         _pad: 0,
     };
     let Some(target) = PORTS.get_ptr(&port_key) else {
+        // Routed straight to a container: remember the flow so its replies
+        // leave untranslated.
+        if network_flags(f.dst_addr).is_some() {
+            record_routed_flow(&key, now)?;
+        }
         return Ok(None);
     };
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
@@ -155,6 +166,26 @@ fn record_dnat_flow(
     Ok(())
 }
 
+/// Both directions of a flow routed to a container without translation.
+#[inline(always)]
+fn record_routed_flow(original: &CtKey, now: u64) -> Result<(), Counter> {
+    let reply_key = CtKey {
+        src_addr: original.dst_addr,
+        dst_addr: original.src_addr,
+        src_port: original.dst_port,
+        dst_port: original.src_port,
+        proto: original.proto,
+        _pad: [0; 3],
+    };
+    let keep = entry([0; 4], [0; 2], CT_REWRITE_NONE, CT_FLAG_ROUTED, now);
+    NAT_CT
+        .insert(original, keep, 0)
+        .map_err(|_| Counter::CtFull)?;
+    NAT_CT
+        .insert(&reply_key, keep, 0)
+        .map_err(|_| Counter::CtFull)
+}
+
 /// Traffic leaving by the uplink: replies of published-port flows and
 /// packets of masqueraded flows get their source rewritten; the first
 /// packet of a container's outbound flow creates the masquerade.
@@ -175,8 +206,11 @@ pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter>
                 Counter::RevDnat
             }));
         }
+        if rewrite == CT_REWRITE_NONE {
+            return Ok(None);
+        }
     }
-    if network_flags(f.src_addr) & NETWORK_MASQUERADE == 0 {
+    if network_flags(f.src_addr).unwrap_or(0) & NETWORK_MASQUERADE == 0 {
         return Ok(None);
     }
     let Some(config) = CONFIG.get(0) else {

@@ -233,3 +233,28 @@ fn exhausted_ports_refuse_new_flows_and_keep_existing_ones() {
     assert_eq!(out.action, PASS);
     assert_eq!(tuple(&out.frame).0, HOST);
 }
+
+#[test]
+fn replies_to_connections_routed_in_from_outside_are_not_masqueraded() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(32768, 65535);
+    // An outside client with a route to the container subnet connects in.
+    let syn = tcp4_frame((SERVER, 50000), (C1, 80), TCP_SYN, b"");
+    let out = dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap();
+    assert_eq!(out.frame, syn);
+    let synack = tcp4_frame((C1, 80), (SERVER, 50000), TCP_SYN | TCP_ACK, b"");
+    let out = dp.test_run(Hook::UplinkEgress, &synack, 1).unwrap();
+    assert_eq!(
+        out.frame, synack,
+        "a reply to a routed connection was masqueraded"
+    );
+    assert_eq!(count(&dp, Hook::UplinkEgress, Counter::Snat), 0);
+    // The container's own new connections still are.
+    let own = tcp4_frame((C1, 41000), (SERVER, 80), TCP_SYN, b"");
+    assert_eq!(
+        tuple(&dp.test_run(Hook::UplinkEgress, &own, 1).unwrap().frame).0,
+        HOST
+    );
+}
