@@ -125,6 +125,16 @@ impl Counter {
         matches!(self, Counter::Pass | Counter::Drop)
     }
 
+    /// "verdict", "action" (a rewrite netd did) or "reason" (why a packet
+    /// was left alone or dropped).
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Counter::Pass | Counter::Drop => "verdict",
+            Counter::Dnat | Counter::RevDnat | Counter::Snat | Counter::RevSnat => "action",
+            _ => "reason",
+        }
+    }
+
     /// Index of this counter for `hook` in the counters array.
     pub const fn index(self, hook: Hook) -> u32 {
         hook as u32 * Self::COUNT + self as u32

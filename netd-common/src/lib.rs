@@ -11,4 +11,4 @@ pub mod nat;
 
 pub use counters::{Counter, CounterValue, Hook};
 pub use maps::Meta;
-pub use nat::{CtEntry, CtKey, NatConfig, PortKey, PortTarget};
+pub use nat::{CtEntry, CtKey, CtTimeouts, NatConfig, PortKey, PortTarget};

@@ -52,6 +52,75 @@ pub const CT_FLAG_DNAT: u8 = 1 << 0;
 pub const CT_FLAG_SNAT: u8 = 1 << 1;
 /// The flow was routed to a container without translation.
 pub const CT_FLAG_ROUTED: u8 = 1 << 2;
+/// TCP: a segment with ACK passed in this entry's direction (the handshake
+/// got past the SYN).
+pub const CT_FLAG_TCP_ACKED: u8 = 1 << 3;
+/// TCP: a FIN or RST passed in this entry's direction.
+pub const CT_FLAG_TCP_CLOSING: u8 = 1 << 4;
+
+/// How long an idle flow lives, by state (seconds). Defaults follow Cilium
+/// (see shared/design.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub tcp_syn: u64,
+    pub tcp_established: u64,
+    pub tcp_closing: u64,
+    pub other: u64,
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn: 60,
+            tcp_established: 8000,
+            tcp_closing: 10,
+            other: 60,
+        }
+    }
+}
+
+impl CtTimeouts {
+    /// Timeout of a flow whose two entries carry `flags` (OR-ed together).
+    pub fn for_flow(&self, proto: u8, flags: u8) -> u64 {
+        if proto != 6 {
+            self.other
+        } else if flags & CT_FLAG_TCP_CLOSING != 0 {
+            self.tcp_closing
+        } else if flags & CT_FLAG_TCP_ACKED != 0 {
+            self.tcp_established
+        } else {
+            self.tcp_syn
+        }
+    }
+}
+
+impl CtKey {
+    /// The key of the other direction of the flow `self` → `entry` belongs
+    /// to: the packet as rewritten, seen from the other end.
+    pub fn reverse_of(&self, entry: &CtEntry) -> CtKey {
+        let (mut src, mut dst, mut sport, mut dport) =
+            (self.src_addr, self.dst_addr, self.src_port, self.dst_port);
+        match entry.rewrite {
+            CT_REWRITE_DST => {
+                dst = entry.addr;
+                dport = entry.port;
+            }
+            CT_REWRITE_SRC => {
+                src = entry.addr;
+                sport = entry.port;
+            }
+            _ => {}
+        }
+        CtKey {
+            src_addr: dst,
+            dst_addr: src,
+            src_port: dport,
+            dst_port: sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// A NATed flow. Each flow has two entries, one per direction, keyed by the
 /// 5-tuple packets carry in that direction; each says which address and

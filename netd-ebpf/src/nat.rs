@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use netd_common::{
     nat::{
-        CT_FLAG_DNAT, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_REWRITE_DST, CT_REWRITE_NONE,
-        CT_REWRITE_SRC, NETWORK_MASQUERADE,
+        CT_FLAG_DNAT, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_FLAG_TCP_ACKED, CT_FLAG_TCP_CLOSING,
+        CT_REWRITE_DST, CT_REWRITE_NONE, CT_REWRITE_SRC, NETWORK_MASQUERADE,
     },
     Counter, CtEntry, CtKey, PortKey,
 };
@@ -19,7 +19,10 @@ use netd_common::{
 use crate::{
     checksum::{set_ipv4_addr, set_port, L4Offsets},
     maps::{network_flags, CONFIG, NAT_CT, PORTS},
-    parsing::{Ipv4Flow, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK, TCP_FLAG_SYN},
+    parsing::{
+        Ipv4Flow, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
+        TCP_FLAG_SYN,
+    },
 };
 
 /// Source ports tried for a new masqueraded flow: the original, then
@@ -44,6 +47,34 @@ fn offsets(f: &Ipv4Flow) -> L4Offsets {
         ip_csum: f.l3_offset + IPV4_CSUM,
         l4_csum: f.l4_csum_offset,
         proto: f.proto,
+    }
+}
+
+/// The CT_FLAG_TCP_* state bits a packet with these TCP flags sets (0 for
+/// non-TCP packets, whose `tcp_flags` is 0).
+#[inline(always)]
+fn tcp_state(tcp_flags: u8) -> u8 {
+    let mut state = 0;
+    if tcp_flags & TCP_FLAG_ACK != 0 {
+        state |= CT_FLAG_TCP_ACKED;
+    }
+    if tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+        state |= CT_FLAG_TCP_CLOSING;
+    }
+    state
+}
+
+/// Refreshes a hit entry: last-seen time and TCP state; returns its
+/// rewrite (addr, port, rewrite, flags).
+#[inline(always)]
+fn touch(e: *mut CtEntry, f: &Ipv4Flow, now: u64) -> ([u8; 4], [u8; 2], u8, u8) {
+    unsafe {
+        (*e).last_seen_ns = now;
+        let state = tcp_state(f.tcp_flags);
+        if (*e).flags & state != state {
+            (*e).flags |= state;
+        }
+        ((*e).addr, (*e).port, (*e).rewrite, (*e).flags)
     }
 }
 
@@ -94,10 +125,7 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if !new_connection {
         if let Some(e) = NAT_CT.get_ptr_mut(&key) {
-            let (addr, port, rewrite, flags) = unsafe {
-                (*e).last_seen_ns = now;
-                ((*e).addr, (*e).port, (*e).rewrite, (*e).flags)
-            };
+            let (addr, port, rewrite, flags) = touch(e, f, now);
             if rewrite == CT_REWRITE_DST {
                 rewrite_dst(ctx, f, addr, port)?;
                 return Ok(Some(if flags & CT_FLAG_SNAT != 0 {
@@ -121,12 +149,12 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
         // Routed straight to a container: remember the flow so its replies
         // leave untranslated.
         if network_flags(f.dst_addr).is_some() {
-            record_routed_flow(&key, now)?;
+            record_routed_flow(&key, now, tcp_state(f.tcp_flags))?;
         }
         return Ok(None);
     };
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
-    record_dnat_flow(&key, addr, port, now)?;
+    record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags))?;
     rewrite_dst(ctx, f, addr, port)?;
     Ok(Some(Counter::Dnat))
 }
@@ -139,6 +167,7 @@ fn record_dnat_flow(
     addr: [u8; 4],
     port: [u8; 2],
     now: u64,
+    state: u8,
 ) -> Result<(), Counter> {
     let reply_key = CtKey {
         src_addr: addr,
@@ -148,7 +177,7 @@ fn record_dnat_flow(
         proto: original.proto,
         _pad: [0; 3],
     };
-    let forward = entry(addr, port, CT_REWRITE_DST, CT_FLAG_DNAT, now);
+    let forward = entry(addr, port, CT_REWRITE_DST, CT_FLAG_DNAT | state, now);
     let reply = entry(
         original.dst_addr,
         original.dst_port,
@@ -168,7 +197,7 @@ fn record_dnat_flow(
 
 /// Both directions of a flow routed to a container without translation.
 #[inline(always)]
-fn record_routed_flow(original: &CtKey, now: u64) -> Result<(), Counter> {
+fn record_routed_flow(original: &CtKey, now: u64, state: u8) -> Result<(), Counter> {
     let reply_key = CtKey {
         src_addr: original.dst_addr,
         dst_addr: original.src_addr,
@@ -194,10 +223,7 @@ pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter>
     let now = unsafe { bpf_ktime_get_ns() };
     let key = key_of(f);
     if let Some(e) = NAT_CT.get_ptr_mut(&key) {
-        let (addr, port, rewrite, flags) = unsafe {
-            (*e).last_seen_ns = now;
-            ((*e).addr, (*e).port, (*e).rewrite, (*e).flags)
-        };
+        let (addr, port, rewrite, flags) = touch(e, f, now);
         if rewrite == CT_REWRITE_SRC {
             rewrite_src(ctx, f, addr, port)?;
             return Ok(Some(if flags & CT_FLAG_SNAT != 0 {
@@ -220,7 +246,14 @@ pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter>
     if host == [0; 4] {
         return Ok(None);
     }
-    let port = allocate_snat(&key, host, config.snat_port_min, config.snat_port_max, now)?;
+    let state = tcp_state(f.tcp_flags);
+    let port = allocate_snat(
+        &key,
+        host,
+        (config.snat_port_min, config.snat_port_max),
+        now,
+        state,
+    )?;
     rewrite_src(ctx, f, host, port)?;
     Ok(Some(Counter::Snat))
 }
@@ -233,9 +266,9 @@ pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter>
 fn allocate_snat(
     original: &CtKey,
     host: [u8; 4],
-    min: u16,
-    max: u16,
+    (min, max): (u16, u16),
     now: u64,
+    state: u8,
 ) -> Result<[u8; 2], Counter> {
     let span = u32::from(max.saturating_sub(min)) + 1;
     let tries = if max > min { SNAT_TRIES } else { 1 };
@@ -276,7 +309,7 @@ fn allocate_snat(
         {
             continue; // taken (or the table refuses): try another
         }
-        let forward = entry(host, port, CT_REWRITE_SRC, CT_FLAG_SNAT, now);
+        let forward = entry(host, port, CT_REWRITE_SRC, CT_FLAG_SNAT | state, now);
         if NAT_CT.insert(original, forward, 0).is_err() {
             let _ = NAT_CT.remove(&reply_key);
             return Err(Counter::CtFull);

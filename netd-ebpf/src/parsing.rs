@@ -136,7 +136,9 @@ pub struct Ipv4Flow {
     pub tcp_flags: u8,
 }
 
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Reads the flow of an IPv4 TCP/UDP/ICMP-echo packet that carries its L4

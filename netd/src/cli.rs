@@ -38,6 +38,22 @@ pub enum Command {
         /// the host's own connections do not collide with them.
         #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
         snat_ports: (u16, u16),
+        /// Capacity of the NAT flow table (two entries per flow). Applies
+        /// when the table is created; a pinned table keeps its size.
+        #[arg(long, default_value_t = netd_common::maps::NAT_CT_MAX)]
+        ct_size: u32,
+        /// Idle timeout of established TCP flows, seconds.
+        #[arg(long, default_value_t = 8000)]
+        ct_timeout_tcp: u64,
+        /// Idle timeout of TCP flows that never got past SYN, seconds.
+        #[arg(long, default_value_t = 60)]
+        ct_timeout_tcp_syn: u64,
+        /// Idle timeout of TCP flows after FIN or RST, seconds.
+        #[arg(long, default_value_t = 10)]
+        ct_timeout_tcp_closing: u64,
+        /// Idle timeout of UDP and ICMP flows, seconds.
+        #[arg(long, default_value_t = 60)]
+        ct_timeout_other: u64,
     },
     /// Show attachments, map fill levels and packet counters (works while
     /// the daemon is down: it reads the pinned objects).
@@ -49,6 +65,13 @@ pub enum Command {
     },
     /// Published ports as the datapath holds them (reads the pinned map).
     Ports {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// The NAT flow table: one line per direction of each flow.
+    Ct {
         #[arg(long)]
         json: bool,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -106,6 +129,11 @@ fn dispatch(command: Command) -> Result<()> {
             pin_dir,
             debug_datapath,
             snat_ports,
+            ct_size,
+            ct_timeout_tcp,
+            ct_timeout_tcp_syn,
+            ct_timeout_tcp_closing,
+            ct_timeout_other,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -117,6 +145,13 @@ fn dispatch(command: Command) -> Result<()> {
                 pin_dir,
                 debug_datapath,
                 snat_ports,
+                ct_size,
+                ct_timeouts: netd_common::CtTimeouts {
+                    tcp_syn: ct_timeout_tcp_syn,
+                    tcp_established: ct_timeout_tcp,
+                    tcp_closing: ct_timeout_tcp_closing,
+                    other: ct_timeout_other,
+                },
             }))
         }
         Command::Status { json, pin_dir } => {
@@ -143,6 +178,30 @@ fn dispatch(command: Command) -> Result<()> {
                         format!("{}:{}", p.host_addr, p.host_port),
                         p.container_addr,
                         p.container_port
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Ct { json, pin_dir } => {
+            dataplane::require_privileges()?;
+            let flows = dataplane::read_ct(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+            } else {
+                println!(
+                    "{:<5} {:<6} {:<22} {:<22} {:<26} {:<12} IDLE",
+                    "PROTO", "KIND", "SRC", "DST", "REWRITE", "STATE"
+                );
+                for f in &flows {
+                    let rewrite = if f.to.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        format!("{} -> {}", f.rewrite, f.to)
+                    };
+                    println!(
+                        "{:<5} {:<6} {:<22} {:<22} {:<26} {:<12} {}s",
+                        f.proto, f.kind, f.src, f.dst, rewrite, f.state, f.idle_secs
                     );
                 }
             }
@@ -204,7 +263,11 @@ pub fn render_status(s: &dataplane::Status) -> String {
                 c.name,
                 c.packets,
                 c.bytes,
-                if c.verdict { "" } else { "   (reason)" }
+                if c.kind == "verdict" {
+                    String::new()
+                } else {
+                    format!("   ({})", c.kind)
+                }
             );
         }
     }
@@ -254,7 +317,7 @@ mod tests {
                 hook: "uplink-ingress",
                 counters: vec![dataplane::NamedCounter {
                     name: "no-match",
-                    verdict: false,
+                    kind: "reason",
                     packets: 42,
                     bytes: 4200,
                 }],

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use netd_common::{Hook, NatConfig};
+use netd_common::{CtTimeouts, Hook, NatConfig};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -89,7 +89,12 @@ pub struct RunOptions {
     pub debug_datapath: bool,
     /// Source ports for masqueraded flows whose own port is taken.
     pub snat_ports: (u16, u16),
+    pub ct_size: u32,
+    pub ct_timeouts: CtTimeouts,
 }
+
+/// How often idle NAT flows are expired.
+const CT_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub async fn run(opts: RunOptions) -> Result<()> {
     dataplane::require_privileges()?;
@@ -106,6 +111,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         &opts.pin_dir,
         &LoadOptions {
             debug_datapath: opts.debug_datapath,
+            ct_size: Some(opts.ct_size),
         },
     )?;
     for hook in [Hook::UplinkIngress, Hook::UplinkEgress] {
@@ -122,9 +128,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let watcher = tokio::spawn(docker::watch_events(opts.docker_host.clone(), tx));
 
     let mut log_tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let mut gc_tick = tokio::time::interval(CT_GC_INTERVAL);
     loop {
         tokio::select! {
             _ = log_tick.tick(), if opts.debug_datapath => dp.flush_logs(),
+            _ = gc_tick.tick() => {
+                match dp.gc_nat_flows(dataplane::monotonic_now_ns(), &opts.ct_timeouts) {
+                    Ok(r) if r.removed > 0 => {
+                        tracing::debug!("conntrack gc: {} of {} entries expired", r.removed, r.scanned)
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("conntrack gc: {e:#}"),
+                }
+            }
             _ = sigterm.recv() => { tracing::info!("SIGTERM"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT"); break; }
             update = rx.recv() => {

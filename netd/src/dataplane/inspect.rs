@@ -58,7 +58,8 @@ pub struct HookCounters {
 #[derive(Debug, Serialize)]
 pub struct NamedCounter {
     pub name: &'static str,
-    pub verdict: bool,
+    /// "verdict", "action" or "reason".
+    pub kind: &'static str,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -82,7 +83,9 @@ pub fn read_status(pin_dir: &Path) -> Result<Status> {
         let info = data.info()?;
         let map_type = info.map_type()?;
         let entries = match map_type {
-            aya::maps::MapType::Hash | aya::maps::MapType::LruHash => count_keys(&data)?,
+            aya::maps::MapType::Hash
+            | aya::maps::MapType::LruHash
+            | aya::maps::MapType::LpmTrie => count_keys(&data)?,
             _ => info.max_entries(), // arrays are always full
         };
         map_status.push(MapStatus {
@@ -192,7 +195,7 @@ fn group_counters(totals: &[(Hook, Counter, CounterValue)]) -> Vec<HookCounters>
                 .filter(|(h, _, v)| *h == hook && v.packets != 0)
                 .map(|(_, c, v)| NamedCounter {
                     name: c.name(),
-                    verdict: c.is_verdict(),
+                    kind: c.kind(),
                     packets: v.packets,
                     bytes: v.bytes,
                 })
@@ -283,5 +286,80 @@ pub fn read_ports(pin_dir: &Path) -> Result<Vec<PortStatus>> {
         });
     }
     out.sort();
+    Ok(out)
+}
+
+/// One direction of a NATed flow as the datapath holds it.
+#[derive(Debug, Serialize)]
+pub struct FlowStatus {
+    pub proto: &'static str,
+    pub src: String,
+    pub dst: String,
+    /// "dst", "src" or "none": which side this direction's packets get.
+    pub rewrite: &'static str,
+    /// The address:port put in place (empty for "none").
+    pub to: String,
+    /// "dnat" (published port), "snat" (masquerade) or "routed".
+    pub kind: &'static str,
+    /// TCP: "syn", "established" or "closing"; other protocols: "-".
+    pub state: &'static str,
+    pub idle_secs: u64,
+}
+
+/// The NAT flow table pinned under `pin_dir`.
+pub fn read_ct(pin_dir: &Path) -> Result<Vec<FlowStatus>> {
+    use netd_common::nat::*;
+    let pins = PinDir::existing(pin_dir)?;
+    pins.check_layout()?;
+    let path = pins.map(maps::NAT_CT);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let ct: aya::maps::HashMap<MapData, CtKey, CtEntry> =
+        aya::maps::HashMap::try_from(Map::LruHashMap(data))?;
+    let now = super::monotonic_now_ns();
+    let endpoint = |addr: [u8; 4], port: [u8; 2]| {
+        format!(
+            "{}:{}",
+            std::net::Ipv4Addr::from(addr),
+            u16::from_be_bytes(port)
+        )
+    };
+    let mut out = Vec::new();
+    for item in ct.iter() {
+        let (k, e) = item?;
+        out.push(FlowStatus {
+            proto: proto_name(k.proto),
+            src: endpoint(k.src_addr, k.src_port),
+            dst: endpoint(k.dst_addr, k.dst_port),
+            rewrite: match e.rewrite {
+                CT_REWRITE_DST => "dst",
+                CT_REWRITE_SRC => "src",
+                _ => "none",
+            },
+            to: if e.rewrite == CT_REWRITE_NONE {
+                String::new()
+            } else {
+                endpoint(e.addr, e.port)
+            },
+            kind: if e.flags & CT_FLAG_SNAT != 0 {
+                "snat"
+            } else if e.flags & CT_FLAG_DNAT != 0 {
+                "dnat"
+            } else {
+                "routed"
+            },
+            state: if k.proto != 6 {
+                "-"
+            } else if e.flags & CT_FLAG_TCP_CLOSING != 0 {
+                "closing"
+            } else if e.flags & CT_FLAG_TCP_ACKED != 0 {
+                "established"
+            } else {
+                "syn"
+            },
+            idle_secs: now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
+        });
+    }
+    out.sort_by(|a, b| (a.kind, &a.src, &a.dst).cmp(&(b.kind, &b.src, &b.dst)));
     Ok(out)
 }

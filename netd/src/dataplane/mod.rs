@@ -8,6 +8,7 @@
 //! reuses the pinned maps and swaps its freshly loaded programs into the
 //! pinned links atomically (BPF_LINK_UPDATE), so forwarding never stops.
 
+mod conntrack;
 mod inspect;
 mod pins;
 
@@ -35,9 +36,10 @@ use netd_common::{
     Counter, CounterValue, CtEntry, CtKey, Hook, Meta, NatConfig, PortKey, PortTarget,
 };
 
+pub use conntrack::{monotonic_now_ns, GcReport};
 pub use inspect::{
-    read_ports, read_status, uninstall, AttachmentStatus, HookCounters, MapStatus, NamedCounter,
-    PortStatus, Status, UninstallReport,
+    read_ct, read_ports, read_status, uninstall, AttachmentStatus, FlowStatus, HookCounters,
+    MapStatus, NamedCounter, PortStatus, Status, UninstallReport,
 };
 pub use pins::{interface_index, PinDir};
 
@@ -60,6 +62,8 @@ pub fn program_for(hook: Hook) -> (&'static str, TcAttachType) {
 pub struct LoadOptions {
     /// Log every packet decision through aya-log (slow; for debugging).
     pub debug_datapath: bool,
+    /// Capacity of the NAT flow table when it is created (None: default).
+    pub ct_size: Option<u32>,
 }
 
 /// Loaded programs and maps, pinned under a pin dir or (for tests) unpinned.
@@ -111,6 +115,9 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         for (name, path) in map_pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(size) = opts.ct_size {
+            loader.map_max_entries(maps::NAT_CT, size);
         }
         let mut ebpf = loader
             .override_global("NETD_DEBUG", &debug, true)
@@ -323,6 +330,20 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::NAT_CT))?;
         let ct: BpfHashMap<&MapData, CtKey, CtEntry> = BpfHashMap::try_from(map)?;
         Ok(ct.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Expires idle NAT flows (see [`conntrack::gc`]).
+    pub fn gc_nat_flows(
+        &mut self,
+        now_ns: u64,
+        timeouts: &netd_common::CtTimeouts,
+    ) -> Result<GcReport> {
+        let map = self
+            .ebpf
+            .map_mut(maps::NAT_CT)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::NAT_CT))?;
+        let mut ct: BpfHashMap<&mut MapData, CtKey, CtEntry> = BpfHashMap::try_from(map)?;
+        conntrack::gc(&mut ct, now_ns, timeouts)
     }
 
     /// Forwards pending datapath log records (with `debug_datapath`).

@@ -63,7 +63,7 @@ fn main() {
 
 fn demo(hold: bool) -> Result<()> {
     let netd = netd_binary()?;
-    step("Emulated LAN 198.18.1.0/24: a Docker host (.1) and an outside client (.100)")?;
+    step("Emulated LAN 198.18.1.0/24: a Docker host (.1), an outside client (.100) and server (.200)")?;
     let bench = Bench::new()?;
     let lan = bench.lan(1)?;
     let mut host = Host::docker(
@@ -76,14 +76,10 @@ fn demo(hold: bool) -> Result<()> {
     )
     .context("starting the emulated Docker host")?;
     let client = Host::plain(&bench, &lan, "client", 100)?;
-    client.route([198, 19, 1], host.ip)?;
-    println!("dockerd runs with --iptables=false --ip-masq=false --userland-proxy=false");
-
-    step("A container serving HTTP on the host's bridge 198.19.1.0/24")?;
-    host.dockerd()
-        .run("web", &[], &["httpd", "-f", "-p", "80", "-h", "/var/www"])?;
-    let web = host.dockerd().container_ip("web")?;
-    println!("container web at {web}");
+    let server = Host::plain(&bench, &lan, "server", 200)?;
+    let _httpd = server.serve_http()?;
+    println!("dockerd runs with --iptables=false --ip-masq=false --userland-proxy=false:");
+    println!("no NAT rules, no docker-proxy; the LAN has no route to 198.19.1.0/24");
 
     step(&format!(
         "netd run --uplink eth0 (the real daemon, {})",
@@ -91,18 +87,47 @@ fn demo(hold: bool) -> Result<()> {
     ))?;
     host.start_netd(&bench)?;
     let pin = host.netd().pin_dir().display().to_string();
-    show(&host.netd().cli(&["status", "--pin-dir", &pin])?);
+
+    step("docker run -p 8080:80 web (busybox httpd)")?;
+    host.dockerd().run(
+        "web",
+        &["-p", "8080:80"],
+        &["httpd", "-f", "-p", "80", "-h", "/var/www"],
+    )?;
+    let web = host.dockerd().container_ip("web")?;
+    println!("container web at {web}");
+    std::thread::sleep(Duration::from_millis(300));
+    show(&host.netd().cli(&["ports", "--pin-dir", &pin])?);
 
     step(&format!(
-        "The outside client fetches http://{web}/ five times"
+        "Published port: the client fetches http://{}:8080/ three times",
+        host.ip
     ))?;
-    for _ in 0..5 {
+    for _ in 0..3 {
         print!(
             "client got: {}",
-            client.http_get(&format!("http://{web}/"))?
+            client.http_get(&format!("http://{}:8080/", host.ip))?
         );
     }
-    step("netd status: the packets went through netd's programs on eth0")?;
+
+    step("Masquerade: the container asks the outside server who is calling")?;
+    let peer = host.dockerd().docker(&[
+        "exec",
+        "web",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://{}/cgi-bin/peer", server.ip),
+    ])?;
+    // busybox httpd listens dual-stack: IPv4 peers read "[::ffff:a.b.c.d]".
+    let peer = peer
+        .trim()
+        .trim_start_matches("[::ffff:")
+        .trim_end_matches(']');
+    println!("server saw the caller as {peer} (the host's address)");
+
+    step("netd status: what the programs on eth0 did")?;
     show(&host.netd().cli(&["status", "--pin-dir", &pin])?);
 
     if hold {

@@ -1,0 +1,187 @@
+//! Flow state kept by the datapath and expiry by the daemon's GC.
+use std::net::Ipv4Addr;
+
+use netd::dataplane::{monotonic_now_ns, Dataplane, LoadOptions};
+use netd_common::{nat::*, CtTimeouts, Hook, NatConfig, PortKey, PortTarget};
+use netd_tests::{packet::*, privileged};
+
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
+const C1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+const SEC: u64 = 1_000_000_000;
+
+fn setup() -> Dataplane {
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    dp.set_config(NatConfig {
+        host_addr: HOST.octets(),
+        snat_port_min: 61000,
+        snat_port_max: 65535,
+    })
+    .unwrap();
+    dp.set_network(Ipv4Addr::new(198, 19, 1, 0), 24, NETWORK_MASQUERADE)
+        .unwrap();
+    dp.set_port(
+        PortKey {
+            addr: HOST.octets(),
+            port: 8080u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: C1.octets(),
+            port: 80u16.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    dp
+}
+
+fn run(dp: &mut Dataplane, hook: Hook, frame: Vec<u8>) {
+    assert_eq!(dp.test_run(hook, &frame, 1).unwrap().action, -1);
+}
+
+/// The OR of the flags of every entry whose key has source port `sport`
+/// or destination port `sport` (both directions of one test flow).
+fn flow_flags(dp: &Dataplane, port: u16) -> u8 {
+    dp.nat_flows()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.src_port == port.to_be_bytes() || k.dst_port == port.to_be_bytes())
+        .fold(0, |acc, (_, e)| acc | e.flags)
+}
+
+#[test]
+fn tcp_state_is_tracked_and_idle_flows_expire_by_state() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    let start = monotonic_now_ns();
+    // 1: a published-port connection stuck at SYN.
+    run(
+        &mut dp,
+        Hook::UplinkIngress,
+        tcp4_frame((PEER, 50001), (HOST, 8080), TCP_SYN, b""),
+    );
+    // 2: an established one (handshake completed).
+    run(
+        &mut dp,
+        Hook::UplinkIngress,
+        tcp4_frame((PEER, 50002), (HOST, 8080), TCP_SYN, b""),
+    );
+    run(
+        &mut dp,
+        Hook::UplinkEgress,
+        tcp4_frame((C1, 80), (PEER, 50002), TCP_SYN | TCP_ACK, b""),
+    );
+    run(
+        &mut dp,
+        Hook::UplinkIngress,
+        tcp4_frame((PEER, 50002), (HOST, 8080), TCP_ACK, b""),
+    );
+    // 3: a closed one (FIN seen).
+    run(
+        &mut dp,
+        Hook::UplinkIngress,
+        tcp4_frame((PEER, 50003), (HOST, 8080), TCP_SYN, b""),
+    );
+    run(
+        &mut dp,
+        Hook::UplinkEgress,
+        tcp4_frame((C1, 80), (PEER, 50003), TCP_SYN | TCP_ACK, b""),
+    );
+    run(
+        &mut dp,
+        Hook::UplinkIngress,
+        tcp4_frame((PEER, 50003), (HOST, 8080), TCP_FIN | TCP_ACK, b""),
+    );
+    // 4: a masqueraded UDP flow.
+    run(
+        &mut dp,
+        Hook::UplinkEgress,
+        udp4_frame((C1, 50004), (PEER, 53), b"q"),
+    );
+
+    assert_eq!(
+        flow_flags(&dp, 50001) & (CT_FLAG_TCP_ACKED | CT_FLAG_TCP_CLOSING),
+        0
+    );
+    assert_ne!(flow_flags(&dp, 50002) & CT_FLAG_TCP_ACKED, 0);
+    assert_eq!(flow_flags(&dp, 50002) & CT_FLAG_TCP_CLOSING, 0);
+    assert_ne!(flow_flags(&dp, 50003) & CT_FLAG_TCP_CLOSING, 0);
+    assert_ne!(flow_flags(&dp, 50004) & CT_FLAG_SNAT, 0);
+    assert_eq!(dp.nat_flows().unwrap().len(), 8);
+
+    let t = CtTimeouts::default();
+    // Nothing is idle yet.
+    assert_eq!(dp.gc_nat_flows(start + SEC, &t).unwrap().removed, 0);
+    // After the closing timeout: only the closed flow (both directions).
+    assert_eq!(
+        dp.gc_nat_flows(start + (t.tcp_closing + 2) * SEC, &t)
+            .unwrap()
+            .removed,
+        2
+    );
+    assert_eq!(flow_flags(&dp, 50003), 0);
+    // After the SYN / non-TCP timeout: the SYN-only and the UDP flow.
+    assert_eq!(
+        dp.gc_nat_flows(start + (t.other + 2) * SEC, &t)
+            .unwrap()
+            .removed,
+        4
+    );
+    assert_ne!(
+        flow_flags(&dp, 50002),
+        0,
+        "an established flow outlives the short timeouts"
+    );
+    // After the established timeout: everything.
+    assert_eq!(
+        dp.gc_nat_flows(start + (t.tcp_established + 2) * SEC, &t)
+            .unwrap()
+            .removed,
+        2
+    );
+    assert!(dp.nat_flows().unwrap().is_empty());
+}
+
+#[test]
+fn reverse_keys_pair_every_entry_with_its_other_direction() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    run(
+        &mut dp,
+        Hook::UplinkIngress,
+        tcp4_frame((PEER, 50010), (HOST, 8080), TCP_SYN, b""),
+    );
+    run(
+        &mut dp,
+        Hook::UplinkEgress,
+        udp4_frame((C1, 50011), (PEER, 53), b"q"),
+    );
+    let req = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(C1, PEER, PROTO_ICMP, &icmp_echo(8, 77, 1, b"")),
+    );
+    run(&mut dp, Hook::UplinkEgress, req);
+    run(
+        &mut dp,
+        Hook::UplinkIngress,
+        tcp4_frame((PEER, 50012), (C1, 80), TCP_SYN, b""),
+    );
+    let flows = dp.nat_flows().unwrap();
+    assert_eq!(flows.len(), 8);
+    for (k, e) in &flows {
+        let pair = k.reverse_of(e);
+        let (_, pe) = flows
+            .iter()
+            .find(|(pk, _)| *pk == pair)
+            .unwrap_or_else(|| panic!("no pair for {k:?}"));
+        assert_eq!(pair.reverse_of(pe), *k, "pairing is symmetric");
+    }
+}
