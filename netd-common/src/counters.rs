@@ -15,6 +15,9 @@ pub enum Hook {
     UplinkEgress = 1,
     /// TC ingress on a container's host-side veth: traffic leaving a container.
     ContainerEgress = 2,
+    /// cgroup socket hooks: host processes connecting to published ports.
+    /// Counts connect/sendmsg calls, not packets (bytes stay 0).
+    HostSockets = 3,
 }
 
 impl Hook {
@@ -30,6 +33,7 @@ impl Hook {
             Hook::UplinkIngress => "uplink-ingress",
             Hook::UplinkEgress => "uplink-egress",
             Hook::ContainerEgress => "container-egress",
+            Hook::HostSockets => "host-sockets",
         }
     }
 }

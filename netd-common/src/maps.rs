@@ -16,18 +16,23 @@ pub const CONFIG: &str = "netd_config";
 /// `NETWORK_*` flags.
 pub const NETWORKS: &str = "netd_networks";
 
+/// LRU hash of [`crate::nat::SockRevKey`] → [`crate::nat::SockRevValue`]:
+/// reverse translation for host-local UDP.
+pub const SOCK_REV: &str = "netd_sock_rev";
+
 /// Default capacities (overridable at load time).
 pub const PORTS_MAX: u32 = 65_536;
 pub const NAT_CT_MAX: u32 = 262_144;
 pub const NETWORKS_MAX: u32 = 1024;
+pub const SOCK_REV_MAX: u32 = 65_536;
 
 /// Every map netd pins, in the order `netd status` lists them.
-pub const ALL: &[&str] = &[META, COUNTERS, CONFIG, NETWORKS, PORTS, NAT_CT];
+pub const ALL: &[&str] = &[META, COUNTERS, CONFIG, NETWORKS, PORTS, NAT_CT, SOCK_REV];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A
 /// daemon refuses to adopt a pin dir stamped with another version instead of
 /// misreading its maps.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// "netd" in ASCII: tells a netd meta map from anything else pinned there.
 pub const META_MAGIC: u32 = 0x6e65_7464;
 

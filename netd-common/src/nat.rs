@@ -148,6 +148,32 @@ pub struct NatConfig {
     /// Range for source ports when the original one is taken (host order).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Cookie of the network namespace this netd serves (SO_NETNS_COOKIE).
+    /// The socket hooks are attached to a cgroup shared with other
+    /// namespaces; they act only on sockets of this one. 0: off.
+    pub netns_cookie: u64,
+}
+
+/// A host socket's translated destination, so that replies read by
+/// recvmsg() show the address the application sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// bpf_get_socket_cookie() of the socket.
+    pub cookie: u64,
+    /// The container address and port the socket really talks to.
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// The published address and port the application used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
 }
 
 /// Value flag in `netd_networks`: sources in this subnet are masqueraded.
@@ -160,4 +186,6 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::NatConfig {}
+    unsafe impl aya::Pod for super::SockRevKey {}
+    unsafe impl aya::Pod for super::SockRevValue {}
 }

@@ -20,6 +20,8 @@ mod nat;
 mod parsing;
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod sock;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

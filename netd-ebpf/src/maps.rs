@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use netd_common::{
     counters::COUNTER_SLOTS,
-    maps::{NAT_CT_MAX, NETWORKS_MAX, PORTS_MAX},
+    maps::{NAT_CT_MAX, NETWORKS_MAX, PORTS_MAX, SOCK_REV_MAX},
+    nat::{SockRevKey, SockRevValue},
     CounterValue, CtEntry, CtKey, Meta, NatConfig, PortKey, PortTarget,
 };
 
@@ -27,6 +28,11 @@ pub static PORTS: HashMap<PortKey, PortTarget, { PORTS_MAX as usize }> = HashMap
 /// silently.
 #[btf_map(name = "netd_nat_ct")]
 pub static NAT_CT: LruHashMap<CtKey, CtEntry, { NAT_CT_MAX as usize }> = LruHashMap::new();
+
+/// Reverse translation for host-local UDP sockets.
+#[btf_map(name = "netd_sock_rev")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX as usize }> =
+    LruHashMap::new();
 
 /// Datapath settings (slot 0); written by the daemon.
 #[btf_map(name = "netd_config")]

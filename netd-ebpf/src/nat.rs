@@ -206,12 +206,13 @@ fn record_routed_flow(original: &CtKey, now: u64, state: u8) -> Result<(), Count
         proto: original.proto,
         _pad: [0; 3],
     };
-    let keep = entry([0; 4], [0; 2], CT_REWRITE_NONE, CT_FLAG_ROUTED, now);
+    let forward = entry([0; 4], [0; 2], CT_REWRITE_NONE, CT_FLAG_ROUTED | state, now);
+    let reply = entry([0; 4], [0; 2], CT_REWRITE_NONE, CT_FLAG_ROUTED, now);
     NAT_CT
-        .insert(original, keep, 0)
+        .insert(original, forward, 0)
         .map_err(|_| Counter::CtFull)?;
     NAT_CT
-        .insert(&reply_key, keep, 0)
+        .insert(&reply_key, reply, 0)
         .map_err(|_| Counter::CtFull)
 }
 

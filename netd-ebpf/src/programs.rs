@@ -3,8 +3,8 @@
 //! TC action.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
     Global,
 };
 use aya_log_ebpf::debug;
@@ -14,6 +14,7 @@ use crate::{
     counters::count,
     nat,
     parsing::{ipv4_flow, parse_frame, Frame, Ip, Ipv4Flow},
+    sock,
 };
 
 /// "Not ours", or rewritten and ready for the kernel to route: with TCX this
@@ -98,4 +99,30 @@ pub fn netd_uplink_egress(ctx: TcContext) -> i32 {
 pub fn netd_container_egress(ctx: TcContext) -> i32 {
     let outcome = with_flow(&ctx, |_, _| Ok(None));
     finish(&ctx, Hook::ContainerEgress, outcome)
+}
+
+/// Socket hooks always allow the call (1); they only rewrite its address.
+const SOCK_ALLOW: i32 = 1;
+
+#[inline(always)]
+fn count_sock(counter: Option<Counter>) -> i32 {
+    if let Some(c) = counter {
+        count(Hook::HostSockets, c, 0);
+    }
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn netd_host_connect4(ctx: SockAddrContext) -> i32 {
+    count_sock(sock::translate_destination(&ctx))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn netd_host_sendmsg4(ctx: SockAddrContext) -> i32 {
+    count_sock(sock::translate_destination(&ctx))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn netd_host_recvmsg4(ctx: SockAddrContext) -> i32 {
+    count_sock(sock::restore_source(&ctx))
 }

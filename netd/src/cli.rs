@@ -54,6 +54,12 @@ pub enum Command {
         /// Idle timeout of UDP and ICMP flows, seconds.
         #[arg(long, default_value_t = 60)]
         ct_timeout_other: u64,
+        /// cgroup v2 directory whose processes reach published ports on
+        /// the host's own addresses and 127.0.0.1 (socket hooks; only
+        /// sockets in netd's network namespace are affected). Defaults to
+        /// the root of the cgroup2 mount.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
     /// Show attachments, map fill levels and packet counters (works while
     /// the daemon is down: it reads the pinned objects).
@@ -134,6 +140,7 @@ fn dispatch(command: Command) -> Result<()> {
             ct_timeout_tcp_syn,
             ct_timeout_tcp_closing,
             ct_timeout_other,
+            cgroup,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -152,6 +159,7 @@ fn dispatch(command: Command) -> Result<()> {
                     tcp_closing: ct_timeout_tcp_closing,
                     other: ct_timeout_other,
                 },
+                cgroup,
             }))
         }
         Command::Status { json, pin_dir } => {

@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use netd_common::{CtTimeouts, Hook, NatConfig};
+use netd_common::{CtTimeouts, NatConfig};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
 
 use crate::{
-    dataplane::{self, Dataplane, LoadOptions},
+    dataplane::{self, Attachment, Dataplane, LoadOptions},
     docker::{self, DockerEvent, SourceUpdate},
     netlink, reconcile, state,
 };
@@ -42,6 +42,7 @@ async fn reconcile_all(
     dp: &mut Dataplane,
     uplink: &str,
     snat_ports: (u16, u16),
+    netns_cookie: u64,
 ) -> Result<()> {
     let started = std::time::Instant::now();
     let host_addrs = netlink::ipv4_addresses(uplink).await?;
@@ -49,6 +50,7 @@ async fn reconcile_all(
         host_addr: host_addrs.first().map_or([0; 4], |a| a.octets()),
         snat_port_min: snat_ports.0,
         snat_port_max: snat_ports.1,
+        netns_cookie,
     };
     if dp.config()? != config {
         dp.set_config(config)?;
@@ -91,6 +93,42 @@ pub struct RunOptions {
     pub snat_ports: (u16, u16),
     pub ct_size: u32,
     pub ct_timeouts: CtTimeouts,
+    /// cgroup v2 directory the socket hooks attach to (host-local access);
+    /// None: the root of the cgroup2 mount.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Where cgroup2 is mounted (hybrid hosts mount it at /sys/fs/cgroup/unified).
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(point))
+    })
+}
+
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE): the
+/// socket hooks act only on sockets of this namespace.
+fn own_netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("opening a probe socket")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64 buffer of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
 }
 
 /// How often idle NAT flows are expired.
@@ -106,6 +144,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Local checks first, so a bad pin dir is reported before Docker is tried.
     dataplane::PinDir::check(&opts.pin_dir)?;
     let docker = docker::connect(&opts.docker_host).await?;
+    let netns_cookie = own_netns_cookie()?;
 
     let mut dp = Dataplane::open(
         &opts.pin_dir,
@@ -114,8 +153,23 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             ct_size: Some(opts.ct_size),
         },
     )?;
-    for hook in [Hook::UplinkIngress, Hook::UplinkEgress] {
-        dp.attach(hook, &uplink)?;
+    for att in [Attachment::UplinkIngress, Attachment::UplinkEgress] {
+        dp.attach(att, &uplink)?;
+    }
+    match opts.cgroup.clone().or_else(cgroup2_mount) {
+        Some(cgroup) => {
+            let cgroup = cgroup.display().to_string();
+            for att in [
+                Attachment::HostConnect4,
+                Attachment::HostSendmsg4,
+                Attachment::HostRecvmsg4,
+            ] {
+                dp.attach(att, &cgroup)?;
+            }
+        }
+        None => tracing::warn!(
+            "no cgroup2 mount: host processes cannot reach published ports on the host's own addresses (mount cgroup2 or pass --cgroup)"
+        ),
     }
     tracing::info!(
         "datapath attached to uplink {uplink}; objects pinned under {}",
@@ -164,7 +218,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     }
                 }
                 if needed {
-                    if let Err(e) = reconcile_all(&docker, &mut dp, &uplink, opts.snat_ports).await {
+                    if let Err(e) = reconcile_all(&docker, &mut dp, &uplink, opts.snat_ports, netns_cookie).await {
                         // The watcher resyncs once Docker is back.
                         tracing::warn!("reconcile failed: {e:#}");
                     }

@@ -54,7 +54,8 @@ pub fn parse_host_ip(ip: &str) -> HostBinding {
 }
 
 /// What `netd_ports` must hold: "every address" publishes expanded over the
-/// host's addresses. When two containers claim the same key (Docker
+/// host's addresses and 127.0.0.1 (host processes reach them on loopback
+/// through the socket hooks, as docker-proxy would give them). When two containers claim the same key (Docker
 /// prevents it; a race could not), the first by container id wins, so the
 /// result does not depend on listing order.
 pub fn desired_ports(
@@ -67,7 +68,11 @@ pub fn desired_ports(
     for p in sorted {
         let addrs: Vec<Ipv4Addr> = match p.host_ip {
             Some(ip) => vec![ip],
-            None => host_addrs.to_vec(),
+            None => host_addrs
+                .iter()
+                .copied()
+                .chain([Ipv4Addr::LOCALHOST])
+                .collect(),
         };
         for addr in addrs {
             let key = PortKey {
@@ -120,7 +125,8 @@ mod tests {
     fn any_address_expands_and_specific_address_does_not() {
         let hosts = [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2)];
         let all = desired_ports(&[publish("a", None, 8080)], &hosts);
-        assert_eq!(all.len(), 2);
+        assert_eq!(all.len(), 3, "two host addresses and loopback");
+        assert!(all.keys().any(|k| k.addr == [127, 0, 0, 1]));
         let one = desired_ports(&[publish("a", Some(hosts[1]), 8080)], &hosts);
         assert_eq!(one.len(), 1);
         assert!(one.keys().all(|k| k.addr == hosts[1].octets()));

@@ -16,6 +16,7 @@ fn setup() -> Dataplane {
         host_addr: HOST.octets(),
         snat_port_min: 61000,
         snat_port_max: 65535,
+        netns_cookie: 0,
     })
     .unwrap();
     dp.set_network(Ipv4Addr::new(198, 19, 1, 0), 24, NETWORK_MASQUERADE)

@@ -65,11 +65,29 @@ fn published_port_follows_the_container_lifecycle() {
         .http_get_within(&url, 2)
         .is_ok()));
     assert_eq!(client.http_get(&url).unwrap(), "hello from netd-test\n");
+    // Published on every address: the host's and loopback.
     let p = ports(&mut host);
-    assert_eq!(p.len(), 1, "{p:?}");
-    assert_eq!(p[0]["host_port"], 8080);
-    assert_eq!(p[0]["container_addr"], web_ip);
-    assert_eq!(p[0]["container_port"], 80);
+    assert_eq!(p.len(), 2, "{p:?}");
+    let addrs: Vec<_> = p
+        .iter()
+        .map(|e| e["host_addr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(addrs.contains(&host.ip.to_string()) && addrs.contains(&"127.0.0.1".to_owned()));
+    assert!(p.iter().all(|e| e["host_port"] == 8080
+        && e["container_addr"] == web_ip.as_str()
+        && e["container_port"] == 80));
+
+    // Host-local access: processes on the host itself, on loopback and on
+    // the host address (socket hooks; no packet crosses the uplink)…
+    let local = |url: &str| host.http_get_within(url, 5);
+    assert_eq!(
+        local("http://127.0.0.1:8080/").unwrap(),
+        "hello from netd-test\n"
+    );
+    assert_eq!(local(&url).unwrap(), "hello from netd-test\n");
+    // … scoped to this host's namespace: another namespace's loopback is
+    // its own.
+    assert!(client.http_get_within("http://127.0.0.1:8080/", 2).is_err());
 
     // No NAT rule and no docker-proxy did it.
     let nat = host
@@ -118,7 +136,7 @@ fn published_port_follows_the_container_lifecycle() {
     host.netd().stop();
     assert_eq!(client.http_get(&url).unwrap(), "hello from netd-test\n");
     host.netd().restart().unwrap();
-    assert_eq!(ports(&mut host).len(), 2);
+    assert_eq!(ports(&mut host).len(), 3);
 
     // docker restart: the port follows the container (its IP may change).
     host.dockerd()

@@ -14,8 +14,9 @@ use netd_common::{maps, Counter, CounterValue, Hook, PortKey, PortTarget};
 use serde::Serialize;
 
 use super::{
+    attach::{AttachKind, Attachment},
     pins::{detach_pinned_link, interface_index},
-    program_for, sum_counters, PinDir,
+    sum_counters, PinDir,
 };
 
 #[derive(Debug, Serialize)]
@@ -71,8 +72,8 @@ pub fn read_status(pin_dir: &Path) -> Result<Status> {
     let meta = pins.read_meta()?;
 
     let mut attachments = Vec::new();
-    for (hook, ifname, path) in pins.links()? {
-        attachments.push(attachment_status(hook, ifname, &path)?);
+    for (att, target, path) in pins.links()? {
+        attachments.push(attachment_status(att, target, &path)?);
     }
 
     let mut map_status = Vec::new();
@@ -146,19 +147,22 @@ fn count_keys(data: &MapData) -> Result<u32> {
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
-fn attachment_status(hook: Hook, ifname: String, path: &Path) -> Result<AttachmentStatus> {
+fn attachment_status(att: Attachment, target: String, path: &Path) -> Result<AttachmentStatus> {
     let link = FdLink::from(
         PinnedLink::from_pin(path).with_context(|| format!("opening {}", path.display()))?,
     );
     let info = link.info()?;
     let program_id = info.program_id();
-    let (expected, attach_type) = program_for(hook);
-    let attached = if interface_index(&ifname).is_err() {
-        false // the interface is gone; the link outlived it
-    } else {
-        let (_, progs) = SchedClassifier::query_tcx(&ifname, attach_type)
-            .with_context(|| format!("querying TCX programs on {ifname}"))?;
-        progs.iter().any(|p| p.id() == program_id)
+    let expected = att.program();
+    let attached = match att.kind() {
+        // The interface is gone: the link outlived it.
+        AttachKind::Tc(_) if interface_index(&target).is_err() => false,
+        AttachKind::Tc(direction) => {
+            let (_, progs) = SchedClassifier::query_tcx(&target, direction)
+                .with_context(|| format!("querying TCX programs on {target}"))?;
+            progs.iter().any(|p| p.id() == program_id)
+        }
+        AttachKind::Cgroup => Path::new(&target).is_dir(),
     };
     // The kernel keeps 15 characters of a program name: show ours in full
     // when the kernel's is a prefix of it, and the kernel's otherwise.
@@ -172,11 +176,12 @@ fn attachment_status(hook: Hook, ifname: String, path: &Path) -> Result<Attachme
         None => "(gone)".to_owned(),
     };
     Ok(AttachmentStatus {
-        hook: hook.name(),
-        interface: ifname,
-        direction: match attach_type {
-            aya::programs::TcAttachType::Ingress => "ingress",
-            _ => "egress",
+        hook: att.name(),
+        interface: target,
+        direction: match att.kind() {
+            AttachKind::Tc(aya::programs::TcAttachType::Ingress) => "ingress",
+            AttachKind::Tc(_) => "egress",
+            AttachKind::Cgroup => "cgroup",
         },
         program,
         program_id,

@@ -3,19 +3,18 @@
 //!
 //! Objects live under a pin dir in bpffs:
 //!   `<pin-dir>/<map name>`             every map (netd_common::maps::ALL)
-//!   `<pin-dir>/links/<hook>@<ifname>`  one TCX link per attachment
+//!   `<pin-dir>/links/<attachment>@<target>`  one link per attachment (TCX
+//!                                            on interfaces, cgroup links)
 //! Pinned links keep programs attached when the daemon exits; a new daemon
 //! reuses the pinned maps and swaps its freshly loaded programs into the
 //! pinned links atomically (BPF_LINK_UPDATE), so forwarding never stops.
 
+mod attach;
 mod conntrack;
 mod inspect;
 mod pins;
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -23,11 +22,7 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
         Array, HashMap as BpfHashMap, MapData, PerCpuArray,
     },
-    programs::{
-        links::{FdLink, LinkOrder, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-        SchedClassifier, TcAttachType, TestRun, TestRunOptions,
-    },
+    programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf, EbpfLoader,
 };
 use netd_common::{
@@ -36,6 +31,7 @@ use netd_common::{
     Counter, CounterValue, CtEntry, CtKey, Hook, Meta, NatConfig, PortKey, PortTarget,
 };
 
+pub use attach::{AttachKind, Attachment};
 pub use conntrack::{monotonic_now_ns, GcReport};
 pub use inspect::{
     read_ct, read_ports, read_status, uninstall, AttachmentStatus, FlowStatus, HookCounters,
@@ -45,17 +41,6 @@ pub use pins::{interface_index, PinDir};
 
 /// The compiled eBPF object (built by build.rs from netd-ebpf).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd"));
-
-/// The program serving `hook` and the TC direction it attaches to.
-pub fn program_for(hook: Hook) -> (&'static str, TcAttachType) {
-    match hook {
-        Hook::UplinkIngress => ("netd_uplink_ingress", TcAttachType::Ingress),
-        Hook::UplinkEgress => ("netd_uplink_egress", TcAttachType::Egress),
-        // Ingress on the host side of a container's veth sees what the
-        // container sends.
-        Hook::ContainerEgress => ("netd_container_egress", TcAttachType::Ingress),
-    }
-}
 
 /// Options for loading the programs.
 #[derive(Clone, Debug, Default)]
@@ -70,8 +55,6 @@ pub struct LoadOptions {
 pub struct Dataplane {
     ebpf: Ebpf,
     pins: Option<PinDir>,
-    /// Links this process attached or adopted, by (hook, interface).
-    links: HashMap<(u32, String), FdLink>,
     /// Set with `debug_datapath`: drains aya-log records into `log`/tracing.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -134,81 +117,39 @@ impl Dataplane {
         } else {
             None
         };
-        for hook in Hook::ALL {
-            let (name, _) = program_for(hook);
-            let prog: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
-            if let Err(e) = prog.load() {
-                // The verifier log is long; keep the error to one line.
-                tracing::debug!("loading {name}: {e:?}");
-                bail!("the kernel rejected program {name} (NETD_LOG=debug shows the verifier log)");
-            }
-        }
-        Ok(Self {
-            ebpf,
-            pins,
-            links: HashMap::new(),
-            logger,
-        })
+        attach::load_programs(&mut ebpf)?;
+        Ok(Self { ebpf, pins, logger })
     }
 
-    /// Attaches the program for `hook` to `ifname` with a pinned TCX link. A
-    /// live link pinned by an earlier daemon is taken over by swapping in
-    /// this daemon's program atomically; a stale one (its interface was
-    /// deleted) is replaced.
-    pub fn attach(&mut self, hook: Hook, ifname: &str) -> Result<()> {
+    /// Attaches `att` to `target` (an interface, or a cgroup v2 directory)
+    /// with a pinned link; a live link pinned by an earlier daemon is taken
+    /// over atomically.
+    pub fn attach(&mut self, att: Attachment, target: &str) -> Result<()> {
         let pins = self
             .pins
             .as_ref()
             .ok_or_else(|| anyhow!("attach needs a pin dir"))?;
-        interface_index(ifname)?;
-        let (name, attach_type) = program_for(hook);
-        let pin_path = pins.link(hook, ifname);
-        let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
-
-        let adopted = match adopt_pinned_link(&pin_path, ifname, attach_type)? {
-            Some(old) => {
-                let id = prog
-                    .attach_to_link(old)
-                    .with_context(|| format!("replacing {name} on {ifname}"))?;
-                Some(FdLink::try_from(prog.take_link(id)?)?)
-            }
-            None => None,
-        };
-        let link = match adopted {
-            Some(link) => link,
-            None => {
-                let id = prog
-                    .attach_with_options(
-                        ifname,
-                        attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .with_context(|| format!("attaching {name} to {ifname}"))?;
-                let link = FdLink::try_from(prog.take_link(id)?)?;
-                // The pin keeps the program attached after this process exits.
-                FdLink::from(
-                    link.pin(&pin_path)
-                        .with_context(|| format!("pinning link at {}", pin_path.display()))?,
-                )
-            }
-        };
-        self.links.insert((hook as u32, ifname.to_owned()), link);
-        Ok(())
+        attach::attach(&mut self.ebpf, pins, att, target)
     }
 
-    /// Detaches `hook` from `ifname` and removes its pin. Missing is fine.
-    pub fn detach(&mut self, hook: Hook, ifname: &str) -> Result<()> {
-        self.links.remove(&(hook as u32, ifname.to_owned()));
+    /// Detaches `att` from `target` and removes its pin. Missing is fine.
+    pub fn detach(&mut self, att: Attachment, target: &str) -> Result<()> {
         if let Some(pins) = &self.pins {
-            pins::detach_pinned_link(&pins.link(hook, ifname))?;
+            pins::detach_pinned_link(&pins.link(att, target))?;
         }
         Ok(())
     }
 
     /// Runs the program for `hook` once (or `repeat` times) on `frame`.
     pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunOutput> {
-        let (name, _) = program_for(hook);
-        let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
+        let name = Attachment::for_hook(hook)
+            .ok_or_else(|| anyhow!("{} has no packet program to test-run", hook.name()))?
+            .program();
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
+            .try_into()?;
         // Room for programs that grow the frame (encapsulation).
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
@@ -372,41 +313,6 @@ fn stamp_layout(ebpf: &mut Ebpf) -> Result<()> {
         0,
     )?;
     Ok(())
-}
-
-fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
-        .try_into()
-        .with_context(|| format!("program {name} is not a TC classifier"))
-}
-
-/// Opens the link pinned at `path` if it is still attached to `ifname`. A
-/// link whose interface vanished is unpinned and `None` returned.
-fn adopt_pinned_link(
-    path: &Path,
-    ifname: &str,
-    attach_type: TcAttachType,
-) -> Result<Option<SchedClassifierLink>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let pinned = PinnedLink::from_pin(path)
-        .with_context(|| format!("opening pinned link {}", path.display()))?;
-    let link = FdLink::from(pinned);
-    let prog_id = link.info()?.program_id();
-    // The interface exists (checked by the caller), so a failing query is a
-    // real error: never treat a live link as stale on a guess.
-    let (_, progs) = SchedClassifier::query_tcx(ifname, attach_type)
-        .with_context(|| format!("querying TCX programs on {ifname}"))?;
-    let live = progs.iter().any(|p| p.id() == prog_id);
-    if !live {
-        drop(link);
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale link pin {}", path.display()))?;
-        return Ok(None);
-    }
-    Ok(Some(SchedClassifierLink::try_from(link)?))
 }
 
 fn sum_counters<T: std::borrow::Borrow<MapData>>(

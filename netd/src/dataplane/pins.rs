@@ -13,8 +13,10 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData};
 use netd_common::{
     maps::{self, LAYOUT_VERSION, META_MAGIC},
-    Hook, Meta,
+    Meta,
 };
+
+use super::attach::{decode_target, encode_target, Attachment};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -88,12 +90,13 @@ impl PinDir {
         self.root.join(LINKS_DIR)
     }
 
-    pub fn link(&self, hook: Hook, ifname: &str) -> PathBuf {
-        self.links_dir().join(format!("{}@{ifname}", hook.name()))
+    pub fn link(&self, att: Attachment, target: &str) -> PathBuf {
+        self.links_dir()
+            .join(format!("{}@{}", att.name(), encode_target(target)))
     }
 
-    /// Every pinned link: (hook, interface, pin path).
-    pub fn links(&self) -> Result<Vec<(Hook, String, PathBuf)>> {
+    /// Every pinned link: (attachment, target, pin path).
+    pub fn links(&self) -> Result<Vec<(Attachment, String, PathBuf)>> {
         let mut out = Vec::new();
         let dir = self.links_dir();
         let entries = match fs::read_dir(&dir) {
@@ -104,11 +107,8 @@ impl PinDir {
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let parsed = name.split_once('@').and_then(|(hook, ifname)| {
-                Hook::ALL
-                    .into_iter()
-                    .find(|h| h.name() == hook)
-                    .map(|h| (h, ifname.to_owned()))
+            let parsed = name.split_once('@').and_then(|(att, target)| {
+                Attachment::from_name(att).map(|a| (a, decode_target(target)))
             });
             match parsed {
                 Some((hook, ifname)) => out.push((hook, ifname, entry.path())),
@@ -256,7 +256,27 @@ pub fn detach_pinned_link(path: &Path) -> Result<()> {
 // aya 0.14 has no public wrapper for BPF_LINK_DETACH, nor a way to get the fd
 // out of an FdLink, so these two commands are issued directly.
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// BPF_LINK_UPDATE: swaps the program of a link in place (atomic).
+pub(super) fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<()> {
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    sys_bpf(BPF_LINK_UPDATE, &attr)?;
+    Ok(())
+}
 
 pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a fully initialised prefix of union bpf_attr for `cmd`,
@@ -276,7 +296,7 @@ pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c
     }
 }
 
-fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
+pub(super) fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
     #[repr(C)]
     struct ObjGetAttr {
         pathname: u64,
