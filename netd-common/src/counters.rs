@@ -82,10 +82,14 @@ pub enum Counter {
     RevSnat = 13,
     /// No free source port for a new masqueraded flow: refused.
     SnatExhausted = 14,
+    /// A container sent with a source MAC or IP that is not its own.
+    Spoofed = 15,
+    /// A container addressed another Docker network's container.
+    Isolated = 16,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -102,6 +106,8 @@ impl Counter {
         Counter::Snat,
         Counter::RevSnat,
         Counter::SnatExhausted,
+        Counter::Spoofed,
+        Counter::Isolated,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -121,6 +127,8 @@ impl Counter {
             Counter::Snat => "snat",
             Counter::RevSnat => "rev-snat",
             Counter::SnatExhausted => "snat-exhausted",
+            Counter::Spoofed => "spoofed",
+            Counter::Isolated => "isolated",
         }
     }
 

@@ -8,7 +8,9 @@
 pub mod counters;
 pub mod maps;
 pub mod nat;
+pub mod network;
 
 pub use counters::{Counter, CounterValue, Hook};
 pub use maps::Meta;
 pub use nat::{CtEntry, CtKey, CtTimeouts, NatConfig, PortKey, PortTarget};
+pub use network::{Endpoint, NetworkInfo};

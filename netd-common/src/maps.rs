@@ -13,8 +13,10 @@ pub const NAT_CT: &str = "netd_nat_ct";
 /// One-slot array holding [`crate::nat::NatConfig`].
 pub const CONFIG: &str = "netd_config";
 /// LPM trie of container subnets (key: prefix length + IPv4 address) →
-/// `NETWORK_*` flags.
+/// [`crate::NetworkInfo`].
 pub const NETWORKS: &str = "netd_networks";
+/// Hash of host-side veth ifindex → [`crate::Endpoint`].
+pub const ENDPOINTS: &str = "netd_endpoints";
 
 /// LRU hash of [`crate::nat::SockRevKey`] → [`crate::nat::SockRevValue`]:
 /// reverse translation for host-local UDP.
@@ -25,14 +27,17 @@ pub const PORTS_MAX: u32 = 65_536;
 pub const NAT_CT_MAX: u32 = 262_144;
 pub const NETWORKS_MAX: u32 = 1024;
 pub const SOCK_REV_MAX: u32 = 65_536;
+pub const ENDPOINTS_MAX: u32 = 16_384;
 
 /// Every map netd pins, in the order `netd status` lists them.
-pub const ALL: &[&str] = &[META, COUNTERS, CONFIG, NETWORKS, PORTS, NAT_CT, SOCK_REV];
+pub const ALL: &[&str] = &[
+    META, COUNTERS, CONFIG, NETWORKS, ENDPOINTS, PORTS, NAT_CT, SOCK_REV,
+];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A
 /// daemon refuses to adopt a pin dir stamped with another version instead of
 /// misreading its maps.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// "netd" in ASCII: tells a netd meta map from anything else pinned there.
 pub const META_MAGIC: u32 = 0x6e65_7464;
 

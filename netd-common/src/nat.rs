@@ -176,9 +176,6 @@ pub struct SockRevValue {
     pub _pad: [u8; 2],
 }
 
-/// Value flag in `netd_networks`: sources in this subnet are masqueraded.
-pub const NETWORK_MASQUERADE: u32 = 1;
-
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::PortKey {}

@@ -11,6 +11,8 @@
 #[cfg(target_arch = "bpf")]
 mod checksum;
 #[cfg(target_arch = "bpf")]
+mod container;
+#[cfg(target_arch = "bpf")]
 mod counters;
 #[cfg(target_arch = "bpf")]
 mod maps;

@@ -6,9 +6,9 @@ use aya_ebpf::{
 };
 use netd_common::{
     counters::COUNTER_SLOTS,
-    maps::{NAT_CT_MAX, NETWORKS_MAX, PORTS_MAX, SOCK_REV_MAX},
+    maps::{ENDPOINTS_MAX, NAT_CT_MAX, NETWORKS_MAX, PORTS_MAX, SOCK_REV_MAX},
     nat::{SockRevKey, SockRevValue},
-    CounterValue, CtEntry, CtKey, Meta, NatConfig, PortKey, PortTarget,
+    CounterValue, CtEntry, CtKey, Endpoint, Meta, NatConfig, NetworkInfo, PortKey, PortTarget,
 };
 
 #[btf_map(name = "netd_counters")]
@@ -38,12 +38,16 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX as usiz
 #[btf_map(name = "netd_config")]
 pub static CONFIG: Array<NatConfig, 1> = Array::new();
 
-/// Container subnets and their `NETWORK_*` flags; written by the daemon.
+/// Container subnets and their networks; written by the daemon.
 #[btf_map(name = "netd_networks")]
-pub static NETWORKS: LpmTrie<[u8; 4], u32, { NETWORKS_MAX as usize }> = LpmTrie::new();
+pub static NETWORKS: LpmTrie<[u8; 4], NetworkInfo, { NETWORKS_MAX as usize }> = LpmTrie::new();
 
-/// The flags of the container subnet holding `addr`, if any holds it.
+/// Container endpoints by host-side veth ifindex; written by the daemon.
+#[btf_map(name = "netd_endpoints")]
+pub static ENDPOINTS: HashMap<u32, Endpoint, { ENDPOINTS_MAX as usize }> = HashMap::new();
+
+/// The container network whose subnet holds `addr`, if any.
 #[inline(always)]
-pub fn network_flags(addr: [u8; 4]) -> Option<u32> {
+pub fn network_of(addr: [u8; 4]) -> Option<NetworkInfo> {
     NETWORKS.get(&Key::new(32, addr)).copied()
 }

@@ -11,14 +11,15 @@ use aya_ebpf::{
 use netd_common::{
     nat::{
         CT_FLAG_DNAT, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_FLAG_TCP_ACKED, CT_FLAG_TCP_CLOSING,
-        CT_REWRITE_DST, CT_REWRITE_NONE, CT_REWRITE_SRC, NETWORK_MASQUERADE,
+        CT_REWRITE_DST, CT_REWRITE_NONE, CT_REWRITE_SRC,
     },
+    network::NETWORK_MASQUERADE,
     Counter, CtEntry, CtKey, PortKey,
 };
 
 use crate::{
     checksum::{set_ipv4_addr, set_port, L4Offsets},
-    maps::{network_flags, CONFIG, NAT_CT, PORTS},
+    maps::{network_of, CONFIG, NAT_CT, PORTS},
     parsing::{
         Ipv4Flow, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
         TCP_FLAG_SYN,
@@ -148,7 +149,7 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
     let Some(target) = PORTS.get_ptr(&port_key) else {
         // Routed straight to a container: remember the flow so its replies
         // leave untranslated.
-        if network_flags(f.dst_addr).is_some() {
+        if network_of(f.dst_addr).is_some() {
             record_routed_flow(&key, now, tcp_state(f.tcp_flags))?;
         }
         return Ok(None);
@@ -237,7 +238,7 @@ pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter>
             return Ok(None);
         }
     }
-    if network_flags(f.src_addr).unwrap_or(0) & NETWORK_MASQUERADE == 0 {
+    if network_of(f.src_addr).map_or(0, |n| n.flags) & NETWORK_MASQUERADE == 0 {
         return Ok(None);
     }
     let Some(config) = CONFIG.get(0) else {
@@ -318,4 +319,45 @@ fn allocate_snat(
         return Ok(port);
     }
     Err(Counter::SnatExhausted)
+}
+
+/// Traffic a container sends (TC ingress on its host-side veth): hairpin
+/// access to the host's published ports, and the reverse rewrite of replies
+/// that go straight back to a container over the bridge (replies to outside
+/// clients are rewritten on the uplink instead: rewritten here they would
+/// carry a host address into the host's routing and be dropped as martians).
+#[inline(always)]
+pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = key_of(f);
+    let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    if let Some(e) = NAT_CT.get_ptr_mut(&key) {
+        let (addr, port, rewrite, flags) = touch(e, f, now);
+        if flags & CT_FLAG_DNAT != 0 {
+            if rewrite == CT_REWRITE_DST && !new_connection {
+                rewrite_dst(ctx, f, addr, port)?;
+                return Ok(Some(Counter::Dnat));
+            }
+            if rewrite == CT_REWRITE_SRC {
+                if network_of(f.dst_addr).is_none() {
+                    return Ok(None);
+                }
+                rewrite_src(ctx, f, addr, port)?;
+                return Ok(Some(Counter::RevDnat));
+            }
+        }
+    }
+    let port_key = PortKey {
+        addr: f.dst_addr,
+        port: f.dst_port,
+        proto: f.proto,
+        _pad: 0,
+    };
+    let Some(target) = PORTS.get_ptr(&port_key) else {
+        return Ok(None);
+    };
+    let (addr, port) = unsafe { ((*target).addr, (*target).port) };
+    record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags))?;
+    rewrite_dst(ctx, f, addr, port)?;
+    Ok(Some(Counter::Dnat))
 }

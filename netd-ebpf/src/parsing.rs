@@ -9,6 +9,7 @@ use network_types::{
 };
 
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
@@ -204,4 +205,16 @@ pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Cou
         _ => {}
     }
     Ok(Some(flow))
+}
+
+/// Why a parsed frame that no rule applies to is passed.
+#[inline(always)]
+pub fn unmatched(frame: &Frame) -> Counter {
+    match frame.ip {
+        Ip::V4 {
+            later_fragment: true,
+            ..
+        } => Counter::Fragment,
+        _ => Counter::NoMatch,
+    }
 }

@@ -11,9 +11,10 @@ use aya_log_ebpf::debug;
 use netd_common::{Counter, Hook};
 
 use crate::{
+    container,
     counters::count,
     nat,
-    parsing::{ipv4_flow, parse_frame, Frame, Ip, Ipv4Flow},
+    parsing::{ipv4_flow, parse_frame, unmatched, Ipv4Flow},
     sock,
 };
 
@@ -48,18 +49,6 @@ fn finish(ctx: &TcContext, hook: Hook, outcome: Outcome) -> i32 {
     count(hook, detail, len);
     count(hook, verdict, len);
     action
-}
-
-/// Why a parsed frame that no rule applies to is passed.
-#[inline(always)]
-fn unmatched(frame: &Frame) -> Counter {
-    match frame.ip {
-        Ip::V4 {
-            later_fragment: true,
-            ..
-        } => Counter::Fragment,
-        _ => Counter::NoMatch,
-    }
 }
 
 /// Parses, then hands IPv4 TCP/UDP/ICMP-echo flows to `act`.
@@ -97,7 +86,10 @@ pub fn netd_uplink_egress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn netd_container_egress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, |_, _| Ok(None));
+    let outcome = match container::egress(&ctx) {
+        Ok(counter) => Outcome::Pass(counter),
+        Err(reason) => Outcome::Drop(reason),
+    };
     finish(&ctx, Hook::ContainerEgress, outcome)
 }
 

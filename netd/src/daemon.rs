@@ -1,6 +1,6 @@
 //! `netd run`: load and attach the dataplane, follow Docker, exit cleanly on
 //! SIGTERM/SIGINT leaving the datapath pinned and forwarding.
-use std::path::PathBuf;
+use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use netd_common::{CtTimeouts, NatConfig};
@@ -63,24 +63,49 @@ async fn reconcile_all(
     }
     let networks = docker::bridge_networks(docker).await?;
     let net_applied = reconcile::networks(dp, &state::desired_networks(&networks))?;
-    let publishes = docker::published_ports(docker).await?;
-    let desired = state::desired_ports(&publishes, &host_addrs);
+    let containers = docker::containers(docker, &networks).await?;
+    let mut endpoints = HashMap::new();
+    for spec in &containers.endpoints {
+        match host_veth(spec) {
+            Ok((ifindex, ifname)) => {
+                endpoints.insert(ifindex, (ifname, state::endpoint_value(spec)));
+            }
+            // Gone meanwhile, or its namespace not ready: the next event retries.
+            Err(e) => tracing::warn!("endpoint of {}: {e:#}", short(&spec.container)),
+        }
+    }
+    let ep_applied = reconcile::endpoints(dp, &endpoints)?;
+    let desired = state::desired_ports(&containers.publishes, &host_addrs);
     let applied = reconcile::ports(dp, &desired)?;
-    if applied != reconcile::Applied::default() || net_applied != reconcile::Applied::default() {
+    let nothing = reconcile::Applied::default();
+    if applied != nothing || net_applied != nothing || ep_applied != nothing {
         tracing::info!(
-            "published ports: +{} ~{} -{} ({} total); networks: +{} ~{} -{} ({} total); in {:?}",
-            applied.added,
-            applied.changed,
-            applied.removed,
-            desired.len(),
-            net_applied.added,
-            net_applied.changed,
-            net_applied.removed,
-            networks.len(),
+            "ports {}; networks {}; endpoints {}; in {:?}",
+            summary(&applied, desired.len()),
+            summary(&net_applied, networks.len()),
+            summary(&ep_applied, endpoints.len()),
             started.elapsed()
         );
     }
     Ok(())
+}
+
+fn summary(a: &reconcile::Applied, total: usize) -> String {
+    format!("+{} ~{} -{} ({total})", a.added, a.changed, a.removed)
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// The host-side veth (ifindex, name) of a container endpoint.
+fn host_veth(spec: &state::EndpointSpec) -> Result<(u32, String)> {
+    let ifindex = netlink::host_side_of_veth(&spec.sandbox_key, spec.mac)?;
+    let ifname = nix::net::if_::if_indextoname(ifindex)
+        .with_context(|| format!("no interface with index {ifindex}"))?
+        .to_string_lossy()
+        .into_owned();
+    Ok((ifindex, ifname))
 }
 
 #[derive(Clone, Debug)]
@@ -156,6 +181,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     for att in [Attachment::UplinkIngress, Attachment::UplinkEgress] {
         dp.attach(att, &uplink)?;
     }
+    // Container veths attached by an earlier daemon: swap in this daemon's
+    // program now (a veth gone meanwhile loses its pin); reconciling with
+    // Docker then adds and removes the rest.
+    for veth in dp.attached_targets(Attachment::ContainerEgress)? {
+        if dataplane::interface_index(&veth).is_ok() {
+            dp.attach(Attachment::ContainerEgress, &veth)?;
+        } else {
+            dp.detach(Attachment::ContainerEgress, &veth)?;
+        }
+    }
     match opts.cgroup.clone().or_else(cgroup2_mount) {
         Some(cgroup) => {
             let cgroup = cgroup.display().to_string();
@@ -183,6 +218,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let mut log_tick = tokio::time::interval(std::time::Duration::from_millis(200));
     let mut gc_tick = tokio::time::interval(CT_GC_INTERVAL);
+    let mut in_sync = false;
     loop {
         tokio::select! {
             _ = log_tick.tick(), if opts.debug_datapath => dp.flush_logs(),
@@ -218,9 +254,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     }
                 }
                 if needed {
-                    if let Err(e) = reconcile_all(&docker, &mut dp, &uplink, opts.snat_ports, netns_cookie).await {
+                    match reconcile_all(&docker, &mut dp, &uplink, opts.snat_ports, netns_cookie).await {
+                        Ok(()) if !in_sync => {
+                            in_sync = true;
+                            tracing::info!("in sync with Docker");
+                        }
+                        Ok(()) => {}
                         // The watcher resyncs once Docker is back.
-                        tracing::warn!("reconcile failed: {e:#}");
+                        Err(e) => tracing::warn!("reconcile failed: {e:#}"),
                     }
                 }
             }

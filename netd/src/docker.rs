@@ -10,7 +10,10 @@ use bollard::{
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
-use crate::state::{parse_host_ip, parse_port_spec, parse_subnet, HostBinding, Network, Publish};
+use crate::state::{
+    parse_host_ip, parse_mac, parse_port_spec, parse_subnet, EndpointSpec, HostBinding, Network,
+    Publish,
+};
 
 /// Default Docker endpoint when neither --docker-host nor DOCKER_HOST is set.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -125,10 +128,17 @@ pub async fn watch_events(host: String, tx: mpsc::Sender<SourceUpdate>) {
     }
 }
 
-/// Every published port of every running container, from a full list and
-/// inspect. Containers without an IPv4 address of their own (host, none and
-/// container:<id> network modes) publish nothing netd serves.
-pub async fn published_ports(docker: &Docker) -> Result<Vec<Publish>> {
+/// What the running containers ask of the datapath.
+#[derive(Debug, Default)]
+pub struct Containers {
+    pub publishes: Vec<Publish>,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// Every running container's published ports and bridge endpoints, from a
+/// full list and one inspect each. Containers without an IPv4 address of
+/// their own (host, none and container:<id> network modes) have neither.
+pub async fn containers(docker: &Docker, bridge_networks: &[Network]) -> Result<Containers> {
     let containers = docker
         .list_containers(Some(ListContainersOptions::<String> {
             all: false,
@@ -136,7 +146,7 @@ pub async fn published_ports(docker: &Docker) -> Result<Vec<Publish>> {
         }))
         .await
         .context("listing containers")?;
-    let mut out = Vec::new();
+    let mut out = Containers::default();
     for summary in containers {
         let Some(id) = summary.id else { continue };
         let inspect = match docker.inspect_container(&id, None).await {
@@ -147,9 +157,43 @@ pub async fn published_ports(docker: &Docker) -> Result<Vec<Publish>> {
                 continue;
             }
         };
-        out.extend(publishes_of(&id, &inspect));
+        out.publishes.extend(publishes_of(&id, &inspect));
+        out.endpoints
+            .extend(endpoints_of(&id, &inspect, bridge_networks));
     }
     Ok(out)
+}
+
+/// The container's endpoints on bridge networks netd serves.
+fn endpoints_of(
+    id: &str,
+    inspect: &ContainerInspectResponse,
+    bridge_networks: &[Network],
+) -> Vec<EndpointSpec> {
+    let Some(settings) = &inspect.network_settings else {
+        return Vec::new();
+    };
+    let Some(sandbox_key) = settings.sandbox_key.clone().filter(|k| !k.is_empty()) else {
+        return Vec::new();
+    };
+    settings
+        .networks
+        .iter()
+        .flatten()
+        .filter_map(|(_, ep)| {
+            let network = ep.network_id.clone()?;
+            if !bridge_networks.iter().any(|n| n.id == network) {
+                return None; // macvlan, ipvlan, overlay…: not ours
+            }
+            Some(EndpointSpec {
+                container: id.to_owned(),
+                network,
+                addr: ep.ip_address.as_deref()?.parse().ok()?,
+                mac: parse_mac(ep.mac_address.as_deref()?)?,
+                sandbox_key: sandbox_key.clone(),
+            })
+        })
+        .collect()
 }
 
 fn publishes_of(id: &str, inspect: &ContainerInspectResponse) -> Vec<Publish> {

@@ -70,3 +70,44 @@ pub async fn ipv4_addresses(ifname: &str) -> Result<Vec<std::net::Ipv4Addr>> {
         })
         .collect())
 }
+
+/// The ifindex, in this namespace, of the host side of the veth whose other
+/// end is the interface with `mac` in the network namespace at
+/// `sandbox_key` (a container's). Looks inside that namespace from a
+/// scratch thread, so the daemon itself never leaves its own.
+pub fn host_side_of_veth(sandbox_key: &str, mac: [u8; 6]) -> Result<u32> {
+    let ns = std::fs::File::open(sandbox_key)
+        .with_context(|| format!("opening container namespace {sandbox_key}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<u32> {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering the container namespace")?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let (conn, handle, _) = rtnetlink::new_connection()?;
+                tokio::spawn(conn);
+                let mut links = handle.link().get().execute();
+                while let Some(link) = links.try_next().await? {
+                    let has_mac = link
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, LinkAttribute::Address(m) if m.as_slice() == mac));
+                    if !has_mac {
+                        continue;
+                    }
+                    if let Some(peer) = link.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::Link(i) => Some(*i),
+                        _ => None,
+                    }) {
+                        return Ok(peer);
+                    }
+                }
+                Err(anyhow!("no veth with MAC {mac:02x?} in {sandbox_key}"))
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow!("namespace thread panicked")))
+    })
+}

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use netd_common::{PortKey, PortTarget};
+use netd_common::{Endpoint, NetworkInfo, PortKey, PortTarget};
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Attachment, Dataplane};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -38,12 +38,12 @@ pub fn ports(dp: &mut Dataplane, desired: &HashMap<PortKey, PortTarget>) -> Resu
     Ok(applied)
 }
 
-/// Brings `netd_networks` to `desired` (subnet → flags).
+/// Brings `netd_networks` to `desired` (subnet → network).
 pub fn networks(
     dp: &mut Dataplane,
-    desired: &HashMap<(std::net::Ipv4Addr, u8), u32>,
+    desired: &HashMap<(std::net::Ipv4Addr, u8), NetworkInfo>,
 ) -> Result<Applied> {
-    let current: HashMap<(std::net::Ipv4Addr, u8), u32> = dp
+    let current: HashMap<(std::net::Ipv4Addr, u8), NetworkInfo> = dp
         .networks()?
         .into_iter()
         .map(|(addr, prefix, flags)| ((addr, prefix), flags))
@@ -64,6 +64,47 @@ pub fn networks(
     }
     for &(addr, prefix) in current.keys().filter(|k| !desired.contains_key(k)) {
         dp.remove_network(addr, prefix)?;
+        applied.removed += 1;
+    }
+    Ok(applied)
+}
+
+/// Brings `netd_endpoints` and the container-egress attachments to
+/// `desired` (host-side veth ifindex → (veth name, endpoint)). The map entry
+/// is written before the program is attached, so the program never sees an
+/// endpoint's traffic without knowing the endpoint.
+pub fn endpoints(
+    dp: &mut Dataplane,
+    desired: &HashMap<u32, (String, Endpoint)>,
+) -> Result<Applied> {
+    let current: HashMap<u32, Endpoint> = dp.endpoints()?.into_iter().collect();
+    let mut applied = Applied::default();
+    for (ifindex, (_, endpoint)) in desired {
+        match current.get(ifindex) {
+            Some(e) if e == endpoint => {}
+            found => {
+                dp.set_endpoint(*ifindex, *endpoint)?;
+                if found.is_some() {
+                    applied.changed += 1;
+                } else {
+                    applied.added += 1;
+                }
+            }
+        }
+    }
+    let attached: Vec<String> = dp.attached_targets(Attachment::ContainerEgress)?;
+    for (ifname, _) in desired.values() {
+        if !attached.contains(ifname) {
+            dp.attach(Attachment::ContainerEgress, ifname)?;
+        }
+    }
+    for ifname in &attached {
+        if !desired.values().any(|(name, _)| name == ifname) {
+            dp.detach(Attachment::ContainerEgress, ifname)?;
+        }
+    }
+    for ifindex in current.keys().filter(|i| !desired.contains_key(i)) {
+        dp.remove_endpoint(*ifindex)?;
         applied.removed += 1;
     }
     Ok(applied)

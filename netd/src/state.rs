@@ -3,7 +3,10 @@
 //! without a kernel or a Docker daemon.
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use netd_common::{PortKey, PortTarget};
+use netd_common::{
+    network::{network_id, NETWORK_MASQUERADE},
+    Endpoint, NetworkInfo, PortKey, PortTarget,
+};
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -165,19 +168,54 @@ pub fn parse_subnet(s: &str) -> Option<(Ipv4Addr, u8)> {
     Some((addr.parse().ok()?, prefix))
 }
 
-/// What `netd_networks` must hold: subnet → NETWORK_* flags.
-pub fn desired_networks(networks: &[Network]) -> HashMap<(Ipv4Addr, u8), u32> {
+/// What `netd_networks` must hold: subnet → network info.
+pub fn desired_networks(networks: &[Network]) -> HashMap<(Ipv4Addr, u8), NetworkInfo> {
     let mut out = HashMap::new();
     for n in networks {
         let mut flags = 0;
         if n.masquerade && !n.internal {
-            flags |= netd_common::nat::NETWORK_MASQUERADE;
+            flags |= NETWORK_MASQUERADE;
         }
+        let info = NetworkInfo {
+            flags,
+            id: network_id(&n.id),
+        };
         for subnet in &n.subnets {
-            *out.entry(*subnet).or_insert(0) |= flags;
+            out.entry(*subnet).or_insert(info);
         }
     }
     out
+}
+
+/// A container's attachment to a bridge network, as Docker reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub container: String,
+    pub network: String,
+    pub addr: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The container's network namespace (inspect's SandboxKey).
+    pub sandbox_key: String,
+}
+
+/// Parses "02:42:c6:13:01:02".
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// The endpoints map entry of `spec`.
+pub fn endpoint_value(spec: &EndpointSpec) -> Endpoint {
+    Endpoint {
+        addr: spec.addr.octets(),
+        mac: spec.mac,
+        _pad: [0; 2],
+        network: network_id(&spec.network),
+    }
 }
 
 #[cfg(test)]
@@ -193,7 +231,7 @@ mod network_tests {
         assert_eq!(parse_subnet("fd00::/64"), None);
         assert_eq!(parse_subnet("198.19.1.0/33"), None);
         let net = |name: &str, third: u8, masquerade: bool, internal: bool| Network {
-            id: name.into(),
+            id: format!("{third:08x}"),
             name: name.into(),
             subnets: vec![(Ipv4Addr::new(198, 19, third, 0), 24)],
             masquerade,
@@ -204,11 +242,21 @@ mod network_tests {
             net("b", 2, false, false),
             net("c", 3, true, true),
         ]);
+        let at = |third: u8| d[&(Ipv4Addr::new(198, 19, third, 0), 24)];
+        assert_eq!(at(1).flags, NETWORK_MASQUERADE);
+        assert_eq!(at(2).flags, 0);
+        assert_eq!(at(3).flags, 0, "internal networks never masquerade");
+        assert_eq!((at(1).id, at(2).id), (1, 2));
+    }
+
+    #[test]
+    fn macs_parse() {
         assert_eq!(
-            d[&(Ipv4Addr::new(198, 19, 1, 0), 24)],
-            netd_common::nat::NETWORK_MASQUERADE
+            parse_mac("02:42:c6:13:01:02"),
+            Some([2, 0x42, 0xc6, 0x13, 1, 2])
         );
-        assert_eq!(d[&(Ipv4Addr::new(198, 19, 2, 0), 24)], 0);
-        assert_eq!(d[&(Ipv4Addr::new(198, 19, 3, 0), 24)], 0);
+        assert_eq!(parse_mac("02:42:c6:13:01"), None);
+        assert_eq!(parse_mac("02:42:c6:13:01:02:03"), None);
+        assert_eq!(parse_mac("zz:42:c6:13:01:02"), None);
     }
 }

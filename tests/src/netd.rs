@@ -129,13 +129,13 @@ impl Netd {
         self.wait_ready(log_start)
     }
 
-    /// Ready = this run's log says it follows Docker (after attaching).
+    /// Ready = this run's log says it reconciled with Docker once.
     fn wait_ready(&mut self, log_start: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
             let log = log.get(log_start..).unwrap_or_default().to_owned();
-            if log.contains("Docker event stream up") {
+            if log.contains("in sync with Docker") {
                 return Ok(());
             }
             if let Some(status) = self

@@ -25,7 +25,13 @@ fn daemon_attaches_survives_restart_and_uninstalls() {
     host.start_netd(&bench).unwrap();
     let status = host.netd().status().unwrap();
     let attachments = status["attachments"].as_array().unwrap();
-    assert_eq!(attachments.len(), 5, "{status:#}");
+    // Uplink ingress + egress, three socket hooks, the container's veth.
+    assert_eq!(attachments.len(), 6, "{status:#}");
+    let on_veth = attachments
+        .iter()
+        .filter(|a| a["hook"] == "container-egress")
+        .count();
+    assert_eq!(on_veth, 1, "{status:#}");
     assert!(
         attachments.iter().all(|a| a["attached"] == true),
         "{status:#}"

@@ -2,7 +2,10 @@
 use std::net::Ipv4Addr;
 
 use netd::dataplane::{monotonic_now_ns, Dataplane, LoadOptions};
-use netd_common::{nat::*, CtTimeouts, Hook, NatConfig, PortKey, PortTarget};
+use netd_common::{
+    nat::*, network::NETWORK_MASQUERADE, CtTimeouts, Hook, NatConfig, NetworkInfo, PortKey,
+    PortTarget,
+};
 use netd_tests::{packet::*, privileged};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -19,8 +22,15 @@ fn setup() -> Dataplane {
         netns_cookie: 0,
     })
     .unwrap();
-    dp.set_network(Ipv4Addr::new(198, 19, 1, 0), 24, NETWORK_MASQUERADE)
-        .unwrap();
+    dp.set_network(
+        Ipv4Addr::new(198, 19, 1, 0),
+        24,
+        NetworkInfo {
+            flags: NETWORK_MASQUERADE,
+            id: 1,
+        },
+    )
+    .unwrap();
     dp.set_port(
         PortKey {
             addr: HOST.octets(),

@@ -3,7 +3,9 @@
 use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions};
-use netd_common::{nat::NETWORK_MASQUERADE, Counter, Hook, NatConfig, PortKey, PortTarget};
+use netd_common::{
+    network::NETWORK_MASQUERADE, Counter, Hook, NatConfig, NetworkInfo, PortKey, PortTarget,
+};
 use netd_tests::{packet::*, privileged};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -22,8 +24,15 @@ fn setup(port_min: u16, port_max: u16) -> Dataplane {
         netns_cookie: 0,
     })
     .unwrap();
-    dp.set_network(Ipv4Addr::new(198, 19, 1, 0), 24, NETWORK_MASQUERADE)
-        .unwrap();
+    dp.set_network(
+        Ipv4Addr::new(198, 19, 1, 0),
+        24,
+        NetworkInfo {
+            flags: NETWORK_MASQUERADE,
+            id: 1,
+        },
+    )
+    .unwrap();
     dp
 }
 

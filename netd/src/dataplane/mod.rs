@@ -28,7 +28,8 @@ use aya::{
 use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{self, LAYOUT_VERSION, META_MAGIC},
-    Counter, CounterValue, CtEntry, CtKey, Hook, Meta, NatConfig, PortKey, PortTarget,
+    Counter, CounterValue, CtEntry, CtKey, Endpoint, Hook, Meta, NatConfig, NetworkInfo, PortKey,
+    PortTarget,
 };
 
 pub use attach::{AttachKind, Attachment};
@@ -226,7 +227,7 @@ impl Dataplane {
         Ok(array.get(&0, 0)?)
     }
 
-    fn networks_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>> {
+    fn networks_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], NetworkInfo>> {
         let map = self
             .ebpf
             .map_mut(maps::NETWORKS)
@@ -234,10 +235,15 @@ impl Dataplane {
         Ok(LpmTrie::try_from(map)?)
     }
 
-    /// Sets the `NETWORK_*` flags of a container subnet.
-    pub fn set_network(&mut self, addr: std::net::Ipv4Addr, prefix: u8, flags: u32) -> Result<()> {
+    /// Sets the network of a container subnet.
+    pub fn set_network(
+        &mut self,
+        addr: std::net::Ipv4Addr,
+        prefix: u8,
+        info: NetworkInfo,
+    ) -> Result<()> {
         self.networks_map()?
-            .insert(&LpmKey::new(u32::from(prefix), addr.octets()), flags, 0)
+            .insert(&LpmKey::new(u32::from(prefix), addr.octets()), info, 0)
             .context("writing netd_networks (full? raise its size)")
     }
 
@@ -251,8 +257,8 @@ impl Dataplane {
         }
     }
 
-    /// Every container subnet in the map: (address, prefix, flags).
-    pub fn networks(&mut self) -> Result<Vec<(std::net::Ipv4Addr, u8, u32)>> {
+    /// Every container subnet in the map: (address, prefix, network).
+    pub fn networks(&mut self) -> Result<Vec<(std::net::Ipv4Addr, u8, NetworkInfo)>> {
         let trie = self.networks_map()?;
         let mut out = Vec::new();
         for key in trie.keys() {
@@ -261,6 +267,46 @@ impl Dataplane {
             out.push((key.data().into(), key.prefix_len() as u8, flags));
         }
         Ok(out)
+    }
+
+    fn endpoints_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, Endpoint>> {
+        let map = self
+            .ebpf
+            .map_mut(maps::ENDPOINTS)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::ENDPOINTS))?;
+        Ok(BpfHashMap::try_from(map)?)
+    }
+
+    /// Registers the container endpoint behind host-side veth `ifindex`.
+    pub fn set_endpoint(&mut self, ifindex: u32, endpoint: Endpoint) -> Result<()> {
+        self.endpoints_map()?
+            .insert(ifindex, endpoint, 0)
+            .context("writing netd_endpoints (full? raise its size)")
+    }
+
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        match self.endpoints_map()?.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every registered endpoint: (host-side veth ifindex, endpoint).
+    pub fn endpoints(&mut self) -> Result<Vec<(u32, Endpoint)>> {
+        Ok(self.endpoints_map()?.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// The targets `att` has pinned links on.
+    pub fn attached_targets(&self, att: Attachment) -> Result<Vec<String>> {
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        Ok(pins
+            .links()?
+            .into_iter()
+            .filter(|(a, _, _)| *a == att)
+            .map(|(_, target, _)| target)
+            .collect())
     }
 
     /// Every entry of the NAT connection table.

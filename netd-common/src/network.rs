@@ -1,0 +1,51 @@
+//! Docker networks and container endpoints as the datapath sees them.
+
+/// Value flag in `netd_networks`: sources in this subnet are masqueraded.
+pub const NETWORK_MASQUERADE: u32 = 1;
+
+/// Value of `netd_networks` (LPM trie keyed by subnet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetworkInfo {
+    /// NETWORK_* flags.
+    pub flags: u32,
+    /// A stable id of the Docker network (from its Docker id), shared by
+    /// all its subnets: containers may talk only within one network.
+    pub id: u32,
+}
+
+/// Value of `netd_endpoints`, keyed by the ifindex of the container's
+/// host-side veth: who may send from that interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: [u8; 4],
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// [`NetworkInfo::id`] of the endpoint's network.
+    pub network: u32,
+}
+
+/// The network id netd uses for a Docker network id (64 hex digits): its
+/// first 8 hex digits, so it survives daemon restarts without a registry.
+pub fn network_id(docker_id: &str) -> u32 {
+    docker_id
+        .get(..8)
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .unwrap_or(0)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::NetworkInfo {}
+    unsafe impl aya::Pod for super::Endpoint {}
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn network_ids_come_from_docker_ids() {
+        assert_eq!(super::network_id("0123abcd99"), 0x0123_abcd);
+        assert_eq!(super::network_id("xyz"), 0);
+    }
+}

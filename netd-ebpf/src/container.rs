@@ -1,0 +1,75 @@
+//! What a container may send (TC ingress on its host-side veth): only from
+//! its own MAC and IPv4 address (anti-spoofing, ARP included), and not to
+//! containers of other Docker networks (isolation, as Docker's
+//! DOCKER-ISOLATION rules give it). Then hairpin NAT.
+use aya_ebpf::programs::TcContext;
+use netd_common::{Counter, Endpoint};
+use network_types::eth::EthHdr;
+
+use crate::{
+    maps::{network_of, ENDPOINTS},
+    nat,
+    parsing::{ipv4_flow, parse_frame, ptr_at, unmatched, ETH_P_ARP, ETH_P_IP},
+};
+
+/// ARP for IPv4 over Ethernet: sender hardware address at 8, sender
+/// protocol address at 14.
+const ARP_SHA: usize = 8;
+const ARP_SPA: usize = 14;
+const ARP_LEN: usize = 28;
+
+/// `Ok(counter)`: pass (a reason or an action); `Err(reason)`: drop.
+#[inline(always)]
+pub fn egress(ctx: &TcContext) -> Result<Counter, Counter> {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(ep) = ENDPOINTS.get_ptr(&ifindex) else {
+        // Not (or not yet) a known endpoint: leave it to the kernel, saying
+        // what it is.
+        return Ok(match parse_frame(ctx) {
+            Ok(frame) => unmatched(&frame),
+            Err(reason) => reason,
+        });
+    };
+    let ep: Endpoint = unsafe { *ep };
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;
+    let (src_mac, ether_type) = unsafe { ((*eth).src_addr, u16::from_be((*eth).ether_type)) };
+    if src_mac != ep.mac {
+        return Err(Counter::Spoofed);
+    }
+    if ether_type == ETH_P_ARP {
+        return check_arp(ctx, &ep);
+    }
+    let frame = parse_frame(ctx)?;
+    if ether_type != ETH_P_IP {
+        // IPv6 and the rest: MAC checked above; addresses not yet.
+        return Ok(Counter::NoMatch);
+    }
+    let Some(flow) = ipv4_flow(ctx, &frame)? else {
+        return Ok(unmatched(&frame));
+    };
+    if flow.src_addr != ep.addr {
+        return Err(Counter::Spoofed);
+    }
+    if let Some(dst_net) = network_of(flow.dst_addr) {
+        if dst_net.id != ep.network {
+            return Err(Counter::Isolated);
+        }
+    }
+    Ok(nat::container_egress(ctx, &flow)?.unwrap_or(Counter::NoMatch))
+}
+
+#[inline(always)]
+fn check_arp(ctx: &TcContext, ep: &Endpoint) -> Result<Counter, Counter> {
+    let l3 = EthHdr::LEN;
+    if ctx.data() + l3 + ARP_LEN > ctx.data_end() {
+        return Err(Counter::Truncated);
+    }
+    let sha: *const [u8; 6] = ptr_at(ctx, l3 + ARP_SHA).ok_or(Counter::Truncated)?;
+    let spa: *const [u8; 4] = ptr_at(ctx, l3 + ARP_SPA).ok_or(Counter::Truncated)?;
+    let (sha, spa) = unsafe { (*sha, *spa) };
+    // 0.0.0.0 is an ARP probe (duplicate address detection): allowed.
+    if sha != ep.mac || (spa != ep.addr && spa != [0; 4]) {
+        return Err(Counter::Spoofed);
+    }
+    Ok(Counter::NotIp)
+}

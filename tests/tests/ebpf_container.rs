@@ -1,0 +1,231 @@
+//! What a container may send, run in the kernel on crafted frames: the
+//! test runner's device is loopback (ifindex 1), registered as the endpoint.
+use std::net::Ipv4Addr;
+
+use netd::dataplane::{Dataplane, LoadOptions};
+use netd_common::{
+    network::NETWORK_MASQUERADE, Counter, Endpoint, Hook, NetworkInfo, PortKey, PortTarget,
+};
+use netd_tests::{packet::*, privileged};
+
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
+const C1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+const C2: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 3);
+const OTHER_NET: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
+const TEST_RUN_IFINDEX: u32 = 1;
+const PASS: i32 = -1;
+const SHOT: i32 = 2;
+
+fn setup(me: Ipv4Addr) -> Dataplane {
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    dp.set_network(
+        Ipv4Addr::new(198, 19, 1, 0),
+        24,
+        NetworkInfo {
+            flags: NETWORK_MASQUERADE,
+            id: 1,
+        },
+    )
+    .unwrap();
+    dp.set_network(
+        Ipv4Addr::new(198, 19, 2, 0),
+        24,
+        NetworkInfo {
+            flags: NETWORK_MASQUERADE,
+            id: 2,
+        },
+    )
+    .unwrap();
+    be(&mut dp, me);
+    dp
+}
+
+/// Makes the test runner's device the veth of the container at `addr`.
+fn be(dp: &mut Dataplane, addr: Ipv4Addr) {
+    dp.set_endpoint(
+        TEST_RUN_IFINDEX,
+        Endpoint {
+            addr: addr.octets(),
+            mac: MAC_A,
+            _pad: [0; 2],
+            network: 1,
+        },
+    )
+    .unwrap();
+}
+
+fn count(dp: &Dataplane, counter: Counter) -> u64 {
+    dp.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(h, c, _)| *h == Hook::ContainerEgress && *c == counter)
+        .unwrap()
+        .2
+        .packets
+}
+
+fn tuple(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let ip = &f[14..];
+    let l4 = &ip[usize::from(ip[0] & 0xf) * 4..];
+    (
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        u16::from_be_bytes([l4[0], l4[1]]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+    )
+}
+
+fn arp(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&sender_mac);
+    a.extend_from_slice(&sender_ip.octets());
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target_ip.octets());
+    ethernet([0xff; 6], sender_mac, ETH_P_ARP, &a)
+}
+
+#[test]
+fn a_container_may_send_only_as_itself() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(C1);
+    let own = tcp4_frame((C1, 40000), (OUTSIDE, 80), TCP_SYN, b"");
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &own, 1).unwrap().action,
+        PASS
+    );
+
+    let forged_ip = tcp4_frame((C2, 40000), (OUTSIDE, 80), TCP_SYN, b"");
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &forged_ip, 1)
+            .unwrap()
+            .action,
+        SHOT
+    );
+    let mut forged_mac = own.clone();
+    forged_mac[6..12].copy_from_slice(&MAC_B);
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &forged_mac, 1)
+            .unwrap()
+            .action,
+        SHOT
+    );
+    assert_eq!(count(&dp, Counter::Spoofed), 2);
+
+    // ARP: only its own sender addresses (0.0.0.0 probes allowed).
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &arp(MAC_A, C1, C2), 1)
+            .unwrap()
+            .action,
+        PASS
+    );
+    assert_eq!(
+        dp.test_run(
+            Hook::ContainerEgress,
+            &arp(MAC_A, Ipv4Addr::UNSPECIFIED, C2),
+            1
+        )
+        .unwrap()
+        .action,
+        PASS
+    );
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &arp(MAC_A, C2, C1), 1)
+            .unwrap()
+            .action,
+        SHOT
+    );
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &arp(MAC_B, C1, C2), 1)
+            .unwrap()
+            .action,
+        SHOT
+    );
+    assert_eq!(count(&dp, Counter::Spoofed), 4);
+}
+
+#[test]
+fn containers_of_other_networks_are_unreachable() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(C1);
+    let same = tcp4_frame((C1, 40000), (C2, 80), TCP_SYN, b"");
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &same, 1).unwrap().action,
+        PASS
+    );
+    let other = tcp4_frame((C1, 40000), (OTHER_NET, 80), TCP_SYN, b"");
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &other, 1)
+            .unwrap()
+            .action,
+        SHOT
+    );
+    assert_eq!(count(&dp, Counter::Isolated), 1);
+}
+
+#[test]
+fn hairpin_to_a_published_port_is_translated_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(C1);
+    dp.set_port(
+        PortKey {
+            addr: HOST.octets(),
+            port: 8080u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: C2.octets(),
+            port: 80u16.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    // C1 → host:8080 becomes C1 → C2:80 on C1's veth.
+    let syn = tcp4_frame((C1, 40000), (HOST, 8080), TCP_SYN, b"");
+    let out = dp.test_run(Hook::ContainerEgress, &syn, 1).unwrap();
+    assert_eq!(out.action, PASS);
+    assert_eq!(tuple(&out.frame), (C1, C2, 40000, 80));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    // C2's reply to C1 goes straight over the bridge: rewritten on C2's veth.
+    be(&mut dp, C2);
+    let synack = tcp4_frame((C2, 80), (C1, 40000), TCP_SYN | TCP_ACK, b"");
+    let out = dp.test_run(Hook::ContainerEgress, &synack, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (HOST, C1, 8080, 40000));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+}
+
+#[test]
+fn replies_to_outside_clients_are_left_to_the_uplink() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(C2);
+    dp.set_port(
+        PortKey {
+            addr: HOST.octets(),
+            port: 8080u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: C2.octets(),
+            port: 80u16.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    let syn = tcp4_frame((OUTSIDE, 50000), (HOST, 8080), TCP_SYN, b"");
+    dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap();
+    let synack = tcp4_frame((C2, 80), (OUTSIDE, 50000), TCP_SYN | TCP_ACK, b"");
+    let out = dp.test_run(Hook::ContainerEgress, &synack, 1).unwrap();
+    assert_eq!(out.frame, synack, "rewritten before the host routed it");
+    let out = dp.test_run(Hook::UplinkEgress, &synack, 1).unwrap();
+    assert_eq!(tuple(&out.frame), (HOST, OUTSIDE, 8080, 50000));
+}
