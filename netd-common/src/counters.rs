@@ -18,6 +18,9 @@ pub enum Hook {
     /// cgroup socket hooks: host processes connecting to published ports.
     /// Counts connect/sendmsg calls, not packets (bytes stay 0).
     HostSockets = 3,
+    /// TC egress on a container's host-side veth: traffic about to enter a
+    /// container.
+    ContainerIngress = 4,
 }
 
 impl Hook {
@@ -34,6 +37,7 @@ impl Hook {
             Hook::UplinkEgress => "uplink-egress",
             Hook::ContainerEgress => "container-egress",
             Hook::HostSockets => "host-sockets",
+            Hook::ContainerIngress => "container-ingress",
         }
     }
 }

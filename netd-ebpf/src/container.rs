@@ -8,7 +8,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     maps::{network_of, ENDPOINTS},
-    nat,
+    nat::{self, ContainerNat},
     parsing::{ipv4_flow, parse_frame, ptr_at, unmatched, ETH_P_ARP, ETH_P_IP},
 };
 
@@ -50,12 +50,15 @@ pub fn egress(ctx: &TcContext) -> Result<Counter, Counter> {
     if flow.src_addr != ep.addr {
         return Err(Counter::Spoofed);
     }
-    if let Some(dst_net) = network_of(flow.dst_addr) {
-        if dst_net.id != ep.network {
-            return Err(Counter::Isolated);
-        }
+    match nat::container_egress(ctx, &flow)? {
+        // Published ports are reachable from every network.
+        ContainerNat::Rewritten(action) => Ok(action),
+        ContainerNat::Related => Ok(Counter::NoMatch),
+        ContainerNat::Unrelated => match network_of(flow.dst_addr) {
+            Some(dst_net) if dst_net.id != ep.network => Err(Counter::Isolated),
+            _ => Ok(Counter::NoMatch),
+        },
     }
-    Ok(nat::container_egress(ctx, &flow)?.unwrap_or(Counter::NoMatch))
 }
 
 #[inline(always)]

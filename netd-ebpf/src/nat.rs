@@ -321,13 +321,24 @@ fn allocate_snat(
     Err(Counter::SnatExhausted)
 }
 
+/// What NAT made of a packet a container sent.
+pub enum ContainerNat {
+    /// Rewritten (hairpin to a published port).
+    Rewritten(Counter),
+    /// Part of a NATed flow, rewritten elsewhere (a reply, rewritten on the
+    /// uplink or on the receiving container's veth).
+    Related,
+    /// Not a NATed flow.
+    Unrelated,
+}
+
 /// Traffic a container sends (TC ingress on its host-side veth): hairpin
-/// access to the host's published ports, and the reverse rewrite of replies
-/// that go straight back to a container over the bridge (replies to outside
-/// clients are rewritten on the uplink instead: rewritten here they would
-/// carry a host address into the host's routing and be dropped as martians).
+/// access to the host's published ports. Replies of published-port flows are
+/// left alone here: rewritten to a host address before the host routes them,
+/// they would be dropped as martians; the uplink or the receiving
+/// container's veth rewrites them.
 #[inline(always)]
-pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
+pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<ContainerNat, Counter> {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = key_of(f);
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
@@ -336,14 +347,10 @@ pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>
         if flags & CT_FLAG_DNAT != 0 {
             if rewrite == CT_REWRITE_DST && !new_connection {
                 rewrite_dst(ctx, f, addr, port)?;
-                return Ok(Some(Counter::Dnat));
+                return Ok(ContainerNat::Rewritten(Counter::Dnat));
             }
             if rewrite == CT_REWRITE_SRC {
-                if network_of(f.dst_addr).is_none() {
-                    return Ok(None);
-                }
-                rewrite_src(ctx, f, addr, port)?;
-                return Ok(Some(Counter::RevDnat));
+                return Ok(ContainerNat::Related);
             }
         }
     }
@@ -354,10 +361,28 @@ pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>
         _pad: 0,
     };
     let Some(target) = PORTS.get_ptr(&port_key) else {
-        return Ok(None);
+        return Ok(ContainerNat::Unrelated);
     };
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
     record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags))?;
     rewrite_dst(ctx, f, addr, port)?;
-    Ok(Some(Counter::Dnat))
+    Ok(ContainerNat::Rewritten(Counter::Dnat))
+}
+
+/// Traffic about to enter a container (TC egress on its host-side veth):
+/// replies of hairpin flows get the published address back as source.
+#[inline(always)]
+pub fn container_ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
+    let key = key_of(f);
+    let Some(e) = NAT_CT.get_ptr_mut(&key) else {
+        return Ok(None);
+    };
+    let (addr, port, rewrite, flags) = touch(e, f, unsafe { bpf_ktime_get_ns() });
+    // Only replies bound for a container (the hook can also see traffic the
+    // host itself sends into the bridge).
+    if rewrite != CT_REWRITE_SRC || flags & CT_FLAG_DNAT == 0 || network_of(f.dst_addr).is_none() {
+        return Ok(None);
+    }
+    rewrite_src(ctx, f, addr, port)?;
+    Ok(Some(Counter::RevDnat))
 }

@@ -93,6 +93,12 @@ pub fn netd_container_egress(ctx: TcContext) -> i32 {
     finish(&ctx, Hook::ContainerEgress, outcome)
 }
 
+#[classifier]
+pub fn netd_container_ingress(ctx: TcContext) -> i32 {
+    let outcome = with_flow(&ctx, nat::container_ingress);
+    finish(&ctx, Hook::ContainerIngress, outcome)
+}
+
 /// Socket hooks always allow the call (1); they only rewrite its address.
 const SOCK_ALLOW: i32 = 1;
 

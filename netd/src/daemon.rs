@@ -184,11 +184,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Container veths attached by an earlier daemon: swap in this daemon's
     // program now (a veth gone meanwhile loses its pin); reconciling with
     // Docker then adds and removes the rest.
-    for veth in dp.attached_targets(Attachment::ContainerEgress)? {
-        if dataplane::interface_index(&veth).is_ok() {
-            dp.attach(Attachment::ContainerEgress, &veth)?;
-        } else {
-            dp.detach(Attachment::ContainerEgress, &veth)?;
+    for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
+        for veth in dp.attached_targets(att)? {
+            if dataplane::interface_index(&veth).is_ok() {
+                dp.attach(att, &veth)?;
+            } else {
+                dp.detach(att, &veth)?;
+            }
         }
     }
     match opts.cgroup.clone().or_else(cgroup2_mount) {

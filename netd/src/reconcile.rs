@@ -92,15 +92,17 @@ pub fn endpoints(
             }
         }
     }
-    let attached: Vec<String> = dp.attached_targets(Attachment::ContainerEgress)?;
-    for (ifname, _) in desired.values() {
-        if !attached.contains(ifname) {
-            dp.attach(Attachment::ContainerEgress, ifname)?;
+    for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
+        let attached: Vec<String> = dp.attached_targets(att)?;
+        for (ifname, _) in desired.values() {
+            if !attached.contains(ifname) {
+                dp.attach(att, ifname)?;
+            }
         }
-    }
-    for ifname in &attached {
-        if !desired.values().any(|(name, _)| name == ifname) {
-            dp.detach(Attachment::ContainerEgress, ifname)?;
+        for ifname in &attached {
+            if !desired.values().any(|(name, _)| name == ifname) {
+                dp.detach(att, ifname)?;
+            }
         }
     }
     for ifindex in current.keys().filter(|i| !desired.contains_key(i)) {

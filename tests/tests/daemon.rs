@@ -25,13 +25,14 @@ fn daemon_attaches_survives_restart_and_uninstalls() {
     host.start_netd(&bench).unwrap();
     let status = host.netd().status().unwrap();
     let attachments = status["attachments"].as_array().unwrap();
-    // Uplink ingress + egress, three socket hooks, the container's veth.
-    assert_eq!(attachments.len(), 6, "{status:#}");
+    // Uplink ingress + egress, three socket hooks, both ways on the
+    // container's veth.
+    assert_eq!(attachments.len(), 7, "{status:#}");
     let on_veth = attachments
         .iter()
-        .filter(|a| a["hook"] == "container-egress")
+        .filter(|a| a["hook"] == "container-egress" || a["hook"] == "container-ingress")
         .count();
-    assert_eq!(on_veth, 1, "{status:#}");
+    assert_eq!(on_veth, 2, "{status:#}");
     assert!(
         attachments.iter().all(|a| a["attached"] == true),
         "{status:#}"

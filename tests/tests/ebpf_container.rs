@@ -147,6 +147,60 @@ fn a_container_may_send_only_as_itself() {
 }
 
 #[test]
+fn replies_across_networks_are_allowed_only_for_published_port_flows() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(C1);
+    dp.set_port(
+        PortKey {
+            addr: HOST.octets(),
+            port: 8080u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: OTHER_NET.octets(),
+            port: 80u16.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    // C1 (network 1) reaches a network-2 container through the published port.
+    let syn = tcp4_frame((C1, 40000), (HOST, 8080), TCP_SYN, b"");
+    assert_eq!(
+        tuple(&dp.test_run(Hook::ContainerEgress, &syn, 1).unwrap().frame).1,
+        OTHER_NET
+    );
+    // Its reply is part of that flow: allowed out of network 2.
+    dp.set_endpoint(
+        TEST_RUN_IFINDEX,
+        Endpoint {
+            addr: OTHER_NET.octets(),
+            mac: MAC_A,
+            _pad: [0; 2],
+            network: 2,
+        },
+    )
+    .unwrap();
+    let synack = tcp4_frame((OTHER_NET, 80), (C1, 40000), TCP_SYN | TCP_ACK, b"");
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &synack, 1)
+            .unwrap()
+            .action,
+        PASS
+    );
+    // A direct connection the other way is not.
+    let direct = tcp4_frame((OTHER_NET, 41000), (C1, 22), TCP_SYN, b"");
+    assert_eq!(
+        dp.test_run(Hook::ContainerEgress, &direct, 1)
+            .unwrap()
+            .action,
+        SHOT
+    );
+}
+
+#[test]
 fn containers_of_other_networks_are_unreachable() {
     if !privileged() {
         return;
@@ -193,10 +247,15 @@ fn hairpin_to_a_published_port_is_translated_both_ways() {
     assert_eq!(out.action, PASS);
     assert_eq!(tuple(&out.frame), (C1, C2, 40000, 80));
     assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
-    // C2's reply to C1 goes straight over the bridge: rewritten on C2's veth.
+    // C2's reply leaves C2 untouched (rewritten now, a routed reply would
+    // carry a host address into the host's routing) and is rewritten on its
+    // way into C1.
     be(&mut dp, C2);
     let synack = tcp4_frame((C2, 80), (C1, 40000), TCP_SYN | TCP_ACK, b"");
     let out = dp.test_run(Hook::ContainerEgress, &synack, 1).unwrap();
+    assert_eq!(out.action, PASS);
+    assert_eq!(out.frame, synack);
+    let out = dp.test_run(Hook::ContainerIngress, &synack, 1).unwrap();
     assert_eq!(tuple(&out.frame), (HOST, C1, 8080, 40000));
     assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
 }
@@ -226,6 +285,8 @@ fn replies_to_outside_clients_are_left_to_the_uplink() {
     let synack = tcp4_frame((C2, 80), (OUTSIDE, 50000), TCP_SYN | TCP_ACK, b"");
     let out = dp.test_run(Hook::ContainerEgress, &synack, 1).unwrap();
     assert_eq!(out.frame, synack, "rewritten before the host routed it");
+    let out = dp.test_run(Hook::ContainerIngress, &synack, 1).unwrap();
+    assert_eq!(out.frame, synack, "not a container-bound reply");
     let out = dp.test_run(Hook::UplinkEgress, &synack, 1).unwrap();
     assert_eq!(tuple(&out.frame), (HOST, OUTSIDE, 8080, 50000));
 }

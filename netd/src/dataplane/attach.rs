@@ -26,6 +26,8 @@ pub enum Attachment {
     UplinkEgress,
     /// TC ingress on a container's host-side veth (what the container sends).
     ContainerEgress,
+    /// TC egress on a container's host-side veth (what enters the container).
+    ContainerIngress,
     /// cgroup connect4: host processes connecting to published ports.
     HostConnect4,
     /// cgroup sendmsg4: the same for unconnected UDP.
@@ -42,10 +44,11 @@ pub enum AttachKind {
 }
 
 impl Attachment {
-    pub const ALL: [Attachment; 6] = [
+    pub const ALL: [Attachment; 7] = [
         Attachment::UplinkIngress,
         Attachment::UplinkEgress,
         Attachment::ContainerEgress,
+        Attachment::ContainerIngress,
         Attachment::HostConnect4,
         Attachment::HostSendmsg4,
         Attachment::HostRecvmsg4,
@@ -57,6 +60,7 @@ impl Attachment {
             Attachment::UplinkIngress => "uplink-ingress",
             Attachment::UplinkEgress => "uplink-egress",
             Attachment::ContainerEgress => "container-egress",
+            Attachment::ContainerIngress => "container-ingress",
             Attachment::HostConnect4 => "host-connect4",
             Attachment::HostSendmsg4 => "host-sendmsg4",
             Attachment::HostRecvmsg4 => "host-recvmsg4",
@@ -69,6 +73,7 @@ impl Attachment {
             Attachment::UplinkIngress => "netd_uplink_ingress",
             Attachment::UplinkEgress => "netd_uplink_egress",
             Attachment::ContainerEgress => "netd_container_egress",
+            Attachment::ContainerIngress => "netd_container_ingress",
             Attachment::HostConnect4 => "netd_host_connect4",
             Attachment::HostSendmsg4 => "netd_host_sendmsg4",
             Attachment::HostRecvmsg4 => "netd_host_recvmsg4",
@@ -80,7 +85,9 @@ impl Attachment {
             Attachment::UplinkIngress | Attachment::ContainerEgress => {
                 AttachKind::Tc(TcAttachType::Ingress)
             }
-            Attachment::UplinkEgress => AttachKind::Tc(TcAttachType::Egress),
+            Attachment::UplinkEgress | Attachment::ContainerIngress => {
+                AttachKind::Tc(TcAttachType::Egress)
+            }
             _ => AttachKind::Cgroup,
         }
     }
@@ -91,6 +98,7 @@ impl Attachment {
             Hook::UplinkIngress => Some(Attachment::UplinkIngress),
             Hook::UplinkEgress => Some(Attachment::UplinkEgress),
             Hook::ContainerEgress => Some(Attachment::ContainerEgress),
+            Hook::ContainerIngress => Some(Attachment::ContainerIngress),
             Hook::HostSockets => None,
         }
     }
