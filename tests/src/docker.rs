@@ -27,6 +27,8 @@ pub enum DockerMode {
 
 pub struct Dockerd {
     child: Option<Child>,
+    ns_path: PathBuf,
+    args: Vec<std::ffi::OsString>,
     dir: PathBuf,
     sock: PathBuf,
 }
@@ -35,49 +37,67 @@ impl Dockerd {
     pub fn start(ns: &NetNs, dir: &Path, bip: &str, mode: DockerMode) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let sock = dir.join("docker.sock");
-        let log = std::fs::File::create(dir.join("dockerd.log"))?;
-        let mut cmd = ns.command("dockerd");
-        cmd.arg("--data-root")
-            .arg(dir.join("data"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--pidfile")
-            .arg(dir.join("docker.pid"))
-            .arg("--bip")
-            .arg(bip)
-            .args(["--log-level", "warn"]);
-        match mode {
-            DockerMode::Netd => {
-                cmd.args([
-                    "--iptables=false",
-                    "--ip-masq=false",
-                    "--userland-proxy=false",
-                ]);
-            }
-            DockerMode::StockIptables => {
-                cmd.args(["--userland-proxy=false"]);
-            }
-            DockerMode::StockProxy => {
-                cmd.args(["--userland-proxy=true"]);
-            }
-        }
-        let child = cmd
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--data-root".into(),
+            dir.join("data").into(),
+            "--exec-root".into(),
+            dir.join("exec").into(),
+            "-H".into(),
+            format!("unix://{}", sock.display()).into(),
+            "--pidfile".into(),
+            dir.join("docker.pid").into(),
+            "--bip".into(),
+            bip.into(),
+            "--log-level".into(),
+            "warn".into(),
+        ];
+        let mode_args: &[&str] = match mode {
+            DockerMode::Netd => &[
+                "--iptables=false",
+                "--ip-masq=false",
+                "--userland-proxy=false",
+            ],
+            DockerMode::StockIptables => &["--userland-proxy=false"],
+            DockerMode::StockProxy => &["--userland-proxy=true"],
+        };
+        args.extend(mode_args.iter().map(Into::into));
+        let mut d = Self {
+            child: None,
+            ns_path: ns.path().into(),
+            args,
+            dir: dir.into(),
+            sock,
+        };
+        d.spawn()?;
+        d.import_test_image()?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("dockerd.log"))?;
+        let child = NetNs::open(&self.ns_path)?
+            .command("dockerd")
+            .args(&self.args)
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting dockerd (is docker.io installed? run `cargo xtask setup`)")?;
-        let mut d = Self {
-            child: Some(child),
-            dir: dir.into(),
-            sock,
-        };
-        d.wait_ready()?;
-        d.import_test_image()?;
-        Ok(d)
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Stops dockerd (its containers stop with it) and starts it again on
+    /// the same state.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(child) = self.child.take() {
+            crate::process::terminate_group(child, Duration::from_secs(20), true);
+        }
+        self.spawn()
     }
 
     fn wait_ready(&mut self) -> Result<()> {

@@ -171,9 +171,25 @@ impl Netd {
         }
     }
 
+    /// SIGKILL, as a crash would: no cleanup code of netd runs.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Starts the daemon again on the same pins.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
+        self.spawn()
+    }
+
+    /// Starts the daemon after [`Self::stop`] or [`Self::kill`].
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("netd is still running");
+        }
         self.spawn()
     }
 

@@ -203,6 +203,64 @@ impl Host {
     }
 }
 
+/// A line-oriented TCP session from a host (busybox nc), for checking that
+/// one connection survives what happens meanwhile.
+pub struct TcpSession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl TcpSession {
+    /// Sends `line` and waits up to `timeout` for the echoed line.
+    pub fn echo(&mut self, line: &str, timeout: std::time::Duration) -> Result<String> {
+        use std::io::Write as _;
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        self.lines
+            .recv_timeout(timeout)
+            .map_err(|_| anyhow::anyhow!("no echo of {line:?} within {timeout:?}"))
+    }
+}
+
+impl Drop for TcpSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Host {
+    /// Opens a TCP connection to `addr:port` from this host with busybox nc.
+    pub fn tcp_session(&self, addr: std::net::Ipv4Addr, port: u16) -> Result<TcpSession> {
+        use std::io::BufRead as _;
+        let mut child = self
+            .ns
+            .command("busybox")
+            .args(["nc", &addr.to_string(), &port.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(TcpSession {
+            child,
+            stdin,
+            lines,
+        })
+    }
+}
+
 /// A process started in a namespace; ended (SIGTERM, then SIGKILL) on drop.
 pub struct Background {
     child: Option<std::process::Child>,
