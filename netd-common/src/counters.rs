@@ -90,10 +90,12 @@ pub enum Counter {
     Spoofed = 15,
     /// A container addressed another Docker network's container.
     Isolated = 16,
+    /// An ICMP error about a NATed flow, translated (quoted header too).
+    IcmpErrorNat = 17,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -112,6 +114,7 @@ impl Counter {
         Counter::SnatExhausted,
         Counter::Spoofed,
         Counter::Isolated,
+        Counter::IcmpErrorNat,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -133,6 +136,7 @@ impl Counter {
             Counter::SnatExhausted => "snat-exhausted",
             Counter::Spoofed => "spoofed",
             Counter::Isolated => "isolated",
+            Counter::IcmpErrorNat => "icmp-error-nat",
         }
     }
 
@@ -146,7 +150,11 @@ impl Counter {
     pub const fn kind(self) -> &'static str {
         match self {
             Counter::Pass | Counter::Drop => "verdict",
-            Counter::Dnat | Counter::RevDnat | Counter::Snat | Counter::RevSnat => "action",
+            Counter::Dnat
+            | Counter::RevDnat
+            | Counter::Snat
+            | Counter::RevSnat
+            | Counter::IcmpErrorNat => "action",
             _ => "reason",
         }
     }

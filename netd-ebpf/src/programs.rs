@@ -13,6 +13,7 @@ use netd_common::{Counter, Hook};
 use crate::{
     container,
     counters::count,
+    icmp::{self, Side},
     nat,
     parsing::{ipv4_flow, parse_frame, unmatched, Ipv4Flow},
     sock,
@@ -51,10 +52,12 @@ fn finish(ctx: &TcContext, hook: Hook, outcome: Outcome) -> i32 {
     action
 }
 
-/// Parses, then hands IPv4 TCP/UDP/ICMP-echo flows to `act`.
+/// Parses, then hands IPv4 TCP/UDP/ICMP-echo flows to `act` and, on the
+/// uplink (`icmp_side`), ICMP errors to the error translation.
 #[inline(always)]
 fn with_flow(
     ctx: &TcContext,
+    icmp_side: Option<Side>,
     act: impl FnOnce(&TcContext, &Ipv4Flow) -> Result<Option<Counter>, Counter>,
 ) -> Outcome {
     let frame = match parse_frame(ctx) {
@@ -63,7 +66,11 @@ fn with_flow(
     };
     match ipv4_flow(ctx, &frame) {
         Err(reason) => Outcome::Pass(reason),
-        Ok(None) => Outcome::Pass(unmatched(&frame)),
+        Ok(None) => match icmp_side.map(|side| icmp::translate_error(ctx, &frame, side)) {
+            Some(Ok(Some(counter))) => Outcome::Pass(counter),
+            Some(Err(reason)) => Outcome::Drop(reason),
+            _ => Outcome::Pass(unmatched(&frame)),
+        },
         Ok(Some(flow)) => match act(ctx, &flow) {
             Ok(Some(action)) => Outcome::Pass(action),
             Ok(None) => Outcome::Pass(Counter::NoMatch),
@@ -74,13 +81,13 @@ fn with_flow(
 
 #[classifier]
 pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, nat::ingress);
+    let outcome = with_flow(&ctx, Some(Side::Ingress), nat::ingress);
     finish(&ctx, Hook::UplinkIngress, outcome)
 }
 
 #[classifier]
 pub fn netd_uplink_egress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, nat::egress);
+    let outcome = with_flow(&ctx, Some(Side::Egress), nat::egress);
     finish(&ctx, Hook::UplinkEgress, outcome)
 }
 
@@ -95,7 +102,7 @@ pub fn netd_container_egress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn netd_container_ingress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, nat::container_ingress);
+    let outcome = with_flow(&ctx, None, nat::container_ingress);
     finish(&ctx, Hook::ContainerIngress, outcome)
 }
 

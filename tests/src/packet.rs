@@ -181,6 +181,19 @@ pub fn icmp_echo(kind: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     s
 }
 
+/// An ICMPv4 error (`kind`/`code`, e.g. 3/4 "fragmentation needed" with
+/// `mtu`) quoting the IP header and first 8 L4 bytes of `offending`.
+pub fn icmp_error(kind: u8, code: u8, mtu: u16, offending: &[u8]) -> Vec<u8> {
+    let hlen = usize::from(offending[0] & 0x0f) * 4;
+    let quote = &offending[..(hlen + 8).min(offending.len())];
+    let mut s = vec![kind, code, 0, 0, 0, 0];
+    s.extend_from_slice(&mtu.to_be_bytes());
+    s.extend_from_slice(quote);
+    let c = checksum(&s);
+    s[2..4].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
 /// Ethernet + IPv4 + TCP in one call.
 pub fn tcp4_frame(
     src: (Ipv4Addr, u16),

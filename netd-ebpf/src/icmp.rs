@@ -1,0 +1,241 @@
+//! ICMP errors about NATed flows (destination unreachable — fragmentation
+//! needed included —, time exceeded, parameter problem). The error quotes
+//! the offending packet as it was on the wire; for it to reach the right
+//! host and mean something there, both the outer header and the quoted
+//! header are translated, as Linux's conntrack does. Without this, path MTU
+//! discovery through netd would break.
+use aya_ebpf::programs::TcContext;
+use netd_common::{
+    nat::{CT_REWRITE_DST, CT_REWRITE_SRC},
+    Counter, CtKey,
+};
+use network_types::ip::Ipv4Hdr;
+
+use crate::{
+    maps::NAT_CT,
+    parsing::{
+        ptr_at, Frame, Ip, ICMP_CSUM, ICMP_ECHO_ID, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC,
+    },
+};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMP_HEADER: usize = 8;
+
+/// Which side of the host the error crosses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Arriving on the uplink: about a packet the host sent out translated.
+    Ingress,
+    /// Leaving by the uplink: about a packet the host delivered translated.
+    Egress,
+}
+
+/// The quoted packet of an ICMP error.
+struct Quote {
+    l3: usize,
+    src: [u8; 4],
+    dst: [u8; 4],
+    /// As a flow key would hold them (ICMP echo: the id on one side).
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    src_port_offset: usize,
+    dst_port_offset: usize,
+    proto: u8,
+}
+
+/// Translates an ICMP error about a NATed flow. `Ok(None)`: not an ICMP
+/// error, or not about a NATed flow. `Ok(Some(c))`: passed, translated or
+/// (with a reason) left alone. `Err`: a rewrite failed half-way: drop.
+#[inline(always)]
+pub fn translate_error(
+    ctx: &TcContext,
+    frame: &Frame,
+    side: Side,
+) -> Result<Option<Counter>, Counter> {
+    let Ip::V4 {
+        l4_offset: l4,
+        proto: IPPROTO_ICMP,
+        later_fragment: false,
+    } = frame.ip
+    else {
+        return Ok(None);
+    };
+    let head: *const [u8; 2] = match ptr_at(ctx, l4) {
+        Some(p) => p,
+        None => return Ok(Some(Counter::Truncated)),
+    };
+    if !matches!(
+        unsafe { (*head)[0] },
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    ) {
+        return Ok(None);
+    }
+    let quote = match read_quote(ctx, l4 + ICMP_HEADER) {
+        Ok(Some(q)) => q,
+        Ok(None) => return Ok(None),
+        Err(reason) => return Ok(Some(reason)),
+    };
+    // The quoted packet went the other way: its reverse is the flow key.
+    let key = CtKey {
+        src_addr: quote.dst,
+        dst_addr: quote.src,
+        src_port: quote.dst_port,
+        dst_port: quote.src_port,
+        proto: quote.proto,
+        _pad: [0; 3],
+    };
+    let Some(entry) = NAT_CT.get_ptr(&key) else {
+        return Ok(None);
+    };
+    let (addr, port, rewrite) = unsafe { ((*entry).addr, (*entry).port, (*entry).rewrite) };
+    let icmp_csum = l4 + ICMP_CSUM;
+    let outer = frame.l3_offset;
+    match side {
+        Side::Ingress if rewrite == CT_REWRITE_DST => {
+            // To the host about (host → peer): to the container about
+            // (container → peer).
+            set_outer_addr(ctx, outer, IPV4_DST, quote.src, addr)?;
+            set_quoted_addr(ctx, icmp_csum, quote.l3, IPV4_SRC, quote.src, addr)?;
+            set_quoted_port(ctx, icmp_csum, quote.src_port_offset, quote.src_port, port)?;
+            Ok(Some(Counter::IcmpErrorNat))
+        }
+        Side::Egress if rewrite == CT_REWRITE_SRC => {
+            // From the container about (peer → container): from the host
+            // about (peer → host).
+            set_outer_addr(ctx, outer, IPV4_SRC, quote.dst, addr)?;
+            set_quoted_addr(ctx, icmp_csum, quote.l3, IPV4_DST, quote.dst, addr)?;
+            set_quoted_port(ctx, icmp_csum, quote.dst_port_offset, quote.dst_port, port)?;
+            Ok(Some(Counter::IcmpErrorNat))
+        }
+        _ => Ok(None),
+    }
+}
+
+#[inline(always)]
+fn read_quote(ctx: &TcContext, l3: usize) -> Result<Option<Quote>, Counter> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Counter::Truncated)?;
+    let (vihl, proto, src, dst) =
+        unsafe { ((*ip).vihl, (*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Counter::BadIpHeader);
+    }
+    let l4 = l3 + ihl;
+    // RFC 792 quotes at least 8 bytes of the L4 header: the ports, or the
+    // echo id.
+    let p: *const [u8; 8] = ptr_at(ctx, l4).ok_or(Counter::Truncated)?;
+    let p = unsafe { *p };
+    let mut q = Quote {
+        l3,
+        src,
+        dst,
+        src_port: [p[0], p[1]],
+        dst_port: [p[2], p[3]],
+        src_port_offset: l4,
+        dst_port_offset: l4 + 2,
+        proto,
+    };
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {}
+        IPPROTO_ICMP => {
+            let id = [p[4], p[5]];
+            q.src_port_offset = l4 + ICMP_ECHO_ID;
+            q.dst_port_offset = l4 + ICMP_ECHO_ID;
+            match p[0] {
+                ICMP_ECHO_REQUEST => {
+                    q.src_port = id;
+                    q.dst_port = [0, 0];
+                }
+                ICMP_ECHO_REPLY => {
+                    q.src_port = [0, 0];
+                    q.dst_port = id;
+                }
+                _ => return Ok(None),
+            }
+        }
+        _ => return Ok(None),
+    }
+    Ok(Some(q))
+}
+
+/// The outer header's address (only if it is the translated one: an error
+/// the host itself generated already carries the right address).
+#[inline(always)]
+fn set_outer_addr(
+    ctx: &TcContext,
+    l3: usize,
+    field: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), Counter> {
+    let cur: [u8; 4] = ctx.load(l3 + field).map_err(|_| Counter::RewriteFailed)?;
+    if cur != old {
+        return Ok(());
+    }
+    let (from, to) = (
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+    );
+    // ICMPv4 has no pseudo-header: only the IP header checksum moves.
+    ctx.l3_csum_replace(l3 + IPV4_CSUM, from, to, 4)
+        .and_then(|_| ctx.store(l3 + field, &new, 0))
+        .map_err(|_| Counter::RewriteFailed)
+}
+
+/// A quoted address: the quoted IP header checksum and the ICMP checksum
+/// (which covers the quote, that checksum field included) follow.
+#[inline(always)]
+fn set_quoted_addr(
+    ctx: &TcContext,
+    icmp_csum: usize,
+    l3: usize,
+    field: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), Counter> {
+    let (from, to) = (
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+    );
+    let csum_before: [u8; 2] = ctx
+        .load(l3 + IPV4_CSUM)
+        .map_err(|_| Counter::RewriteFailed)?;
+    ctx.l3_csum_replace(l3 + IPV4_CSUM, from, to, 4)
+        .map_err(|_| Counter::RewriteFailed)?;
+    let csum_after: [u8; 2] = ctx
+        .load(l3 + IPV4_CSUM)
+        .map_err(|_| Counter::RewriteFailed)?;
+    let (c0, c1) = (
+        u64::from(u16::from_ne_bytes(csum_before)),
+        u64::from(u16::from_ne_bytes(csum_after)),
+    );
+    ctx.l4_csum_replace(icmp_csum, c0, c1, 2)
+        .and_then(|_| ctx.l4_csum_replace(icmp_csum, from, to, 4))
+        .and_then(|_| ctx.store(l3 + field, &new, 0))
+        .map_err(|_| Counter::RewriteFailed)
+}
+
+/// A quoted port (or echo id). The quoted L4 checksum is left as it is: the
+/// quote is usually too short to hold all of it, and nobody verifies it.
+#[inline(always)]
+fn set_quoted_port(
+    ctx: &TcContext,
+    icmp_csum: usize,
+    offset: usize,
+    old: [u8; 2],
+    new: [u8; 2],
+) -> Result<(), Counter> {
+    if old == new {
+        return Ok(());
+    }
+    let (from, to) = (
+        u64::from(u16::from_ne_bytes(old)),
+        u64::from(u16::from_ne_bytes(new)),
+    );
+    ctx.l4_csum_replace(icmp_csum, from, to, 2)
+        .and_then(|_| ctx.store(offset, &new, 0))
+        .map_err(|_| Counter::RewriteFailed)
+}

@@ -1,0 +1,244 @@
+//! ICMP errors about NATed flows are translated, quoted header included,
+//! with every checksum right: path MTU discovery and traceroute work
+//! through netd.
+use std::net::Ipv4Addr;
+
+use netd::dataplane::{Dataplane, LoadOptions};
+use netd_common::{network::NETWORK_MASQUERADE, Hook, NatConfig, NetworkInfo, PortKey, PortTarget};
+use netd_tests::{packet::*, privileged};
+
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
+const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
+const C1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+
+fn setup() -> Dataplane {
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    dp.set_config(NatConfig {
+        host_addr: HOST.octets(),
+        snat_port_min: 61000,
+        snat_port_max: 65535,
+        netns_cookie: 0,
+    })
+    .unwrap();
+    dp.set_network(
+        Ipv4Addr::new(198, 19, 1, 0),
+        24,
+        NetworkInfo {
+            flags: NETWORK_MASQUERADE,
+            id: 1,
+        },
+    )
+    .unwrap();
+    dp
+}
+
+/// The IP packet inside an Ethernet frame.
+fn ip_of(frame: &[u8]) -> &[u8] {
+    &frame[14..]
+}
+
+/// (outer src, outer dst, quoted src, quoted dst, quoted sport, quoted dport)
+/// of an ICMP error frame; checks the quoted IP header checksum too.
+fn error_tuple(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, Ipv4Addr, Ipv4Addr, u16, u16) {
+    assert_eq!(
+        verify_ipv4_frame(frame),
+        Ok(()),
+        "outer IP or ICMP checksum"
+    );
+    let ip = ip_of(frame);
+    let icmp = &ip[usize::from(ip[0] & 0xf) * 4..];
+    let q = &icmp[8..];
+    let qh = usize::from(q[0] & 0xf) * 4;
+    assert_eq!(checksum(&q[..qh]), 0, "quoted IP header checksum");
+    let l4 = &q[qh..];
+    let a = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let (sp, dp) = if q[9] == PROTO_ICMP {
+        let id = u16::from_be_bytes([l4[4], l4[5]]);
+        (id, id)
+    } else {
+        (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        )
+    };
+    (
+        a(&ip[12..16]),
+        a(&ip[16..20]),
+        a(&q[12..16]),
+        a(&q[16..20]),
+        sp,
+        dp,
+    )
+}
+
+#[test]
+fn fragmentation_needed_for_a_masqueraded_flow_reaches_the_container() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    // C1 connects out; the SYN leaves as HOST:40000 (original port kept).
+    let syn = tcp4_frame((C1, 40000), (PEER, 443), TCP_SYN, b"");
+    let out = dp.test_run(Hook::UplinkEgress, &syn, 1).unwrap();
+    // A router on the way cannot forward a big segment of that flow.
+    let big = ipv4(
+        HOST,
+        PEER,
+        PROTO_TCP,
+        &tcp(Addrs::V4(HOST, PEER), 40000, 443, 1, 1, TCP_ACK, &[0; 64]),
+    );
+    let err = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(ROUTER, HOST, PROTO_ICMP, &icmp_error(3, 4, 1400, &big)),
+    );
+    assert_eq!(ip_of(&out.frame)[12..16], HOST.octets());
+    let out = dp.test_run(Hook::UplinkIngress, &err, 1).unwrap();
+    assert_eq!(out.action, -1);
+    assert_eq!(error_tuple(&out.frame), (ROUTER, C1, C1, PEER, 40000, 443));
+    // The MTU the router reported is untouched.
+    let ip = ip_of(&out.frame);
+    assert_eq!(&ip[20 + 6..20 + 8], &1400u16.to_be_bytes());
+}
+
+#[test]
+fn port_unreachable_from_a_published_container_leaves_as_the_host() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    dp.set_port(
+        PortKey {
+            addr: HOST.octets(),
+            port: 5353u16.to_be_bytes(),
+            proto: PROTO_UDP,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: C1.octets(),
+            port: 53u16.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    let q = udp4_frame((PEER, 33000), (HOST, 5353), b"query");
+    let delivered = dp.test_run(Hook::UplinkIngress, &q, 1).unwrap().frame;
+    // The container has nothing on port 53 and says so.
+    let err = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(
+            C1,
+            PEER,
+            PROTO_ICMP,
+            &icmp_error(3, 3, 0, ip_of(&delivered)),
+        ),
+    );
+    let out = dp.test_run(Hook::UplinkEgress, &err, 1).unwrap();
+    assert_eq!(
+        error_tuple(&out.frame),
+        (HOST, PEER, PEER, HOST, 33000, 5353)
+    );
+}
+
+#[test]
+fn time_exceeded_for_a_masqueraded_ping_reaches_the_container() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    let req = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(C1, PEER, PROTO_ICMP, &icmp_echo(8, 0x4242, 1, b"trace")),
+    );
+    let sent = dp.test_run(Hook::UplinkEgress, &req, 1).unwrap().frame;
+    let err = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(
+            ROUTER,
+            HOST,
+            PROTO_ICMP,
+            &icmp_error(11, 0, 0, ip_of(&sent)),
+        ),
+    );
+    let out = dp.test_run(Hook::UplinkIngress, &err, 1).unwrap();
+    assert_eq!(
+        error_tuple(&out.frame),
+        (ROUTER, C1, C1, PEER, 0x4242, 0x4242)
+    );
+}
+
+#[test]
+fn errors_about_unknown_flows_and_truncated_quotes_are_left_alone() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    let stranger = ipv4(
+        HOST,
+        PEER,
+        PROTO_TCP,
+        &tcp(Addrs::V4(HOST, PEER), 1234, 80, 1, 1, TCP_SYN, b""),
+    );
+    let err = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(ROUTER, HOST, PROTO_ICMP, &icmp_error(3, 1, 0, &stranger)),
+    );
+    assert_eq!(
+        dp.test_run(Hook::UplinkIngress, &err, 1).unwrap().frame,
+        err
+    );
+    // Quote cut inside the L4 header.
+    let mut short = icmp_error(3, 1, 0, &stranger);
+    short.truncate(8 + 20 + 4);
+    let err = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(ROUTER, HOST, PROTO_ICMP, &short),
+    );
+    assert_eq!(
+        dp.test_run(Hook::UplinkIngress, &err, 1).unwrap().frame,
+        err
+    );
+}
+
+#[test]
+fn translated_errors_are_counted() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    let syn = tcp4_frame((C1, 40001), (PEER, 443), TCP_SYN, b"");
+    let sent = dp.test_run(Hook::UplinkEgress, &syn, 1).unwrap().frame;
+    let err = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(
+            ROUTER,
+            HOST,
+            PROTO_ICMP,
+            &icmp_error(3, 4, 1400, ip_of(&sent)),
+        ),
+    );
+    dp.test_run(Hook::UplinkIngress, &err, 1).unwrap();
+    let n = dp
+        .counters()
+        .unwrap()
+        .into_iter()
+        .find(|(h, c, _)| *h == Hook::UplinkIngress && *c == netd_common::Counter::IcmpErrorNat)
+        .unwrap()
+        .2
+        .packets;
+    assert_eq!(n, 1);
+}
