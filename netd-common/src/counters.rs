@@ -24,11 +24,13 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 5;
     pub const ALL: [Hook; Self::COUNT as usize] = [
         Hook::UplinkIngress,
         Hook::UplinkEgress,
         Hook::ContainerEgress,
+        Hook::HostSockets,
+        Hook::ContainerIngress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -92,10 +94,14 @@ pub enum Counter {
     Isolated = 16,
     /// An ICMP error about a NATed flow, translated (quoted header too).
     IcmpErrorNat = 17,
+    /// From outside to a container address that is not published (its
+    /// network is reachable only through published ports), or to/from an
+    /// internal network.
+    NotPublished = 18,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -115,6 +121,7 @@ impl Counter {
         Counter::Spoofed,
         Counter::Isolated,
         Counter::IcmpErrorNat,
+        Counter::NotPublished,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -137,6 +144,7 @@ impl Counter {
             Counter::Spoofed => "spoofed",
             Counter::Isolated => "isolated",
             Counter::IcmpErrorNat => "icmp-error-nat",
+            Counter::NotPublished => "not-published",
         }
     }
 
@@ -182,6 +190,23 @@ unsafe impl aya::Pod for CounterValue {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fails to compile when a hook is added without updating this test, and
+    /// fails when `Hook::ALL` misses one.
+    #[test]
+    fn every_hook_is_listed() {
+        let position = |h: Hook| match h {
+            Hook::UplinkIngress
+            | Hook::UplinkEgress
+            | Hook::ContainerEgress
+            | Hook::HostSockets
+            | Hook::ContainerIngress => h as usize,
+        };
+        for (i, h) in Hook::ALL.iter().enumerate() {
+            assert_eq!(position(*h), i);
+        }
+        assert_eq!(Hook::ALL.len(), Hook::ContainerIngress as usize + 1);
+    }
 
     #[test]
     fn indices_are_dense_and_unique() {

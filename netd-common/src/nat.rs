@@ -55,8 +55,10 @@ pub const CT_FLAG_ROUTED: u8 = 1 << 2;
 /// TCP: a segment with ACK passed in this entry's direction (the handshake
 /// got past the SYN).
 pub const CT_FLAG_TCP_ACKED: u8 = 1 << 3;
-/// TCP: a FIN or RST passed in this entry's direction.
-pub const CT_FLAG_TCP_CLOSING: u8 = 1 << 4;
+/// TCP: a FIN passed in this entry's direction.
+pub const CT_FLAG_TCP_FIN: u8 = 1 << 4;
+/// TCP: an RST passed in this entry's direction.
+pub const CT_FLAG_TCP_RST: u8 = 1 << 5;
 
 /// How long an idle flow lives, by state (seconds). Defaults follow Cilium
 /// (see shared/design.md).
@@ -80,13 +82,16 @@ impl Default for CtTimeouts {
 }
 
 impl CtTimeouts {
-    /// Timeout of a flow whose two entries carry `flags` (OR-ed together).
-    pub fn for_flow(&self, proto: u8, flags: u8) -> u64 {
+    /// Timeout of a flow whose two directions' entries carry `a` and `b`.
+    /// TCP is closing after an RST either way or a FIN both ways (a
+    /// half-closed connection stays established), and established once both
+    /// directions carried an ACK (a SYN-ACK alone does not make it so).
+    pub fn for_flow(&self, proto: u8, a: u8, b: u8) -> u64 {
         if proto != 6 {
             self.other
-        } else if flags & CT_FLAG_TCP_CLOSING != 0 {
+        } else if (a | b) & CT_FLAG_TCP_RST != 0 || a & b & CT_FLAG_TCP_FIN != 0 {
             self.tcp_closing
-        } else if flags & CT_FLAG_TCP_ACKED != 0 {
+        } else if a & b & CT_FLAG_TCP_ACKED != 0 {
             self.tcp_established
         } else {
             self.tcp_syn

@@ -1,7 +1,14 @@
 //! Docker networks and container endpoints as the datapath sees them.
 
-/// Value flag in `netd_networks`: sources in this subnet are masqueraded.
+/// Value flag in `netd_networks`: sources in this subnet are masqueraded,
+/// and the subnet is reachable from outside only through published ports
+/// (Docker's default "nat" gateway mode).
 pub const NETWORK_MASQUERADE: u32 = 1;
+/// Internal network: no traffic to or from outside the host.
+pub const NETWORK_INTERNAL: u32 = 1 << 1;
+/// A /32 entry for an address of the host inside a container subnet (the
+/// bridge's gateway): reachable from every network, never isolated.
+pub const NETWORK_HOST_ADDR: u32 = 1 << 2;
 
 /// Value of `netd_networks` (LPM trie keyed by subnet).
 #[repr(C)]

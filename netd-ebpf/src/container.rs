@@ -3,8 +3,8 @@
 //! containers of other Docker networks (isolation, as Docker's
 //! DOCKER-ISOLATION rules give it). Then hairpin NAT.
 use aya_ebpf::programs::TcContext;
-use netd_common::{Counter, Endpoint};
-use network_types::eth::EthHdr;
+use netd_common::{network::NETWORK_HOST_ADDR, Counter, Endpoint};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     maps::{network_of, ENDPOINTS},
@@ -39,24 +39,39 @@ pub fn egress(ctx: &TcContext) -> Result<Counter, Counter> {
     if ether_type == ETH_P_ARP {
         return check_arp(ctx, &ep);
     }
-    let frame = parse_frame(ctx)?;
+    let frame = match parse_frame(ctx) {
+        Ok(frame) => frame,
+        // Other L2 protocols: the MAC was checked above.
+        Err(Counter::NotIp) => return Ok(Counter::NotIp),
+        // A frame whose source cannot be verified is not let through.
+        Err(reason) => return Err(reason),
+    };
     if ether_type != ETH_P_IP {
-        // IPv6 and the rest: MAC checked above; addresses not yet.
+        // IPv6: MAC checked above; addresses not yet (no IPv6 NAT either).
         return Ok(Counter::NoMatch);
     }
-    let Some(flow) = ipv4_flow(ctx, &frame)? else {
-        return Ok(unmatched(&frame));
-    };
-    if flow.src_addr != ep.addr {
+    // Every IPv4 packet, not only the flows NAT knows: fragments, ICMP
+    // errors, other protocols must come from the container's address too.
+    let ip: *const Ipv4Hdr = ptr_at(ctx, frame.l3_offset).ok_or(Counter::Truncated)?;
+    let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
+    if src != ep.addr {
         return Err(Counter::Spoofed);
     }
-    match nat::container_egress(ctx, &flow)? {
+    let nat = match ipv4_flow(ctx, &frame)? {
+        Some(flow) => nat::container_egress(ctx, &flow)?,
+        None => ContainerNat::Unrelated,
+    };
+    match nat {
         // Published ports are reachable from every network.
         ContainerNat::Rewritten(action) => Ok(action),
         ContainerNat::Related => Ok(Counter::NoMatch),
-        ContainerNat::Unrelated => match network_of(flow.dst_addr) {
-            Some(dst_net) if dst_net.id != ep.network => Err(Counter::Isolated),
-            _ => Ok(Counter::NoMatch),
+        ContainerNat::Unrelated => match network_of(dst) {
+            // Another network's container; its gateway is the host's own
+            // address and stays reachable.
+            Some(net) if net.flags & NETWORK_HOST_ADDR == 0 && net.id != ep.network => {
+                Err(Counter::Isolated)
+            }
+            _ => Ok(unmatched(&frame)),
         },
     }
 }

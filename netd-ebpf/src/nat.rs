@@ -5,15 +5,18 @@
 //! flow keeps its translation even if the mapping changes under it.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+    },
     programs::TcContext,
+    EbpfContext as _,
 };
 use netd_common::{
     nat::{
-        CT_FLAG_DNAT, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_FLAG_TCP_ACKED, CT_FLAG_TCP_CLOSING,
-        CT_REWRITE_DST, CT_REWRITE_NONE, CT_REWRITE_SRC,
+        CT_FLAG_DNAT, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_FLAG_TCP_ACKED, CT_FLAG_TCP_FIN,
+        CT_FLAG_TCP_RST, CT_REWRITE_DST, CT_REWRITE_NONE, CT_REWRITE_SRC,
     },
-    network::NETWORK_MASQUERADE,
+    network::{NETWORK_HOST_ADDR, NETWORK_INTERNAL, NETWORK_MASQUERADE},
     Counter, CtEntry, CtKey, PortKey,
 };
 
@@ -21,8 +24,8 @@ use crate::{
     checksum::{set_ipv4_addr, set_port, L4Offsets},
     maps::{network_of, CONFIG, NAT_CT, PORTS},
     parsing::{
-        Ipv4Flow, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
-        TCP_FLAG_SYN,
+        Ipv4Flow, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK,
+        TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
     },
 };
 
@@ -59,24 +62,51 @@ fn tcp_state(tcp_flags: u8) -> u8 {
     if tcp_flags & TCP_FLAG_ACK != 0 {
         state |= CT_FLAG_TCP_ACKED;
     }
-    if tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
-        state |= CT_FLAG_TCP_CLOSING;
+    if tcp_flags & TCP_FLAG_FIN != 0 {
+        state |= CT_FLAG_TCP_FIN;
+    }
+    if tcp_flags & TCP_FLAG_RST != 0 {
+        state |= CT_FLAG_TCP_RST;
     }
     state
 }
 
-/// Refreshes a hit entry: last-seen time and TCP state; returns its
-/// rewrite (addr, port, rewrite, flags).
+/// What a flow-table hit says, read once.
+#[derive(Clone, Copy)]
+struct Hit {
+    addr: [u8; 4],
+    port: [u8; 2],
+    rewrite: u8,
+    flags: u8,
+    /// How long the entry had been idle before this packet.
+    idle_ns: u64,
+}
+
+/// Refreshes a hit entry (last-seen time, TCP state) and returns it.
 #[inline(always)]
-fn touch(e: *mut CtEntry, f: &Ipv4Flow, now: u64) -> ([u8; 4], [u8; 2], u8, u8) {
+fn touch(e: *mut CtEntry, f: &Ipv4Flow, now: u64) -> Hit {
     unsafe {
+        let idle_ns = now.saturating_sub((*e).last_seen_ns);
         (*e).last_seen_ns = now;
         let state = tcp_state(f.tcp_flags);
         if (*e).flags & state != state {
             (*e).flags |= state;
         }
-        ((*e).addr, (*e).port, (*e).rewrite, (*e).flags)
+        Hit {
+            addr: (*e).addr,
+            port: (*e).port,
+            rewrite: (*e).rewrite,
+            flags: (*e).flags,
+            idle_ns,
+        }
     }
+}
+
+/// Loopback is the host's own: published-on-loopback ports are served by the
+/// socket hooks only, never to packets (which could be forged from outside).
+#[inline(always)]
+fn is_loopback(addr: [u8; 4]) -> bool {
+    addr[0] == 127
 }
 
 #[inline(always)]
@@ -126,16 +156,16 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if !new_connection {
         if let Some(e) = NAT_CT.get_ptr_mut(&key) {
-            let (addr, port, rewrite, flags) = touch(e, f, now);
-            if rewrite == CT_REWRITE_DST {
-                rewrite_dst(ctx, f, addr, port)?;
-                return Ok(Some(if flags & CT_FLAG_SNAT != 0 {
+            let hit = touch(e, f, now);
+            if hit.rewrite == CT_REWRITE_DST {
+                rewrite_dst(ctx, f, hit.addr, hit.port)?;
+                return Ok(Some(if hit.flags & CT_FLAG_SNAT != 0 {
                     Counter::RevSnat
                 } else {
                     Counter::Dnat
                 }));
             }
-            if rewrite == CT_REWRITE_NONE {
+            if hit.rewrite == CT_REWRITE_NONE {
                 return Ok(None);
             }
         }
@@ -146,18 +176,46 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
         proto: f.proto,
         _pad: 0,
     };
-    let Some(target) = PORTS.get_ptr(&port_key) else {
-        // Routed straight to a container: remember the flow so its replies
-        // leave untranslated.
-        if network_of(f.dst_addr).is_some() {
-            record_routed_flow(&key, now, tcp_state(f.tcp_flags))?;
-        }
-        return Ok(None);
+    let target = if is_loopback(f.dst_addr) {
+        None
+    } else {
+        PORTS.get_ptr(&port_key)
+    };
+    let Some(target) = target else {
+        return unpublished_inbound(f, &key, new_connection, now);
     };
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
     record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags))?;
     rewrite_dst(ctx, f, addr, port)?;
     Ok(Some(Counter::Dnat))
+}
+
+/// Inbound traffic that is neither a known flow nor a published port.
+/// Containers of NAT and internal networks are reachable from outside only
+/// through published ports (Docker's default); routed networks (masquerade
+/// off) are, and their flows are recorded so the replies leave untranslated.
+#[inline(always)]
+fn unpublished_inbound(
+    f: &Ipv4Flow,
+    key: &CtKey,
+    new_connection: bool,
+    now: u64,
+) -> Result<Option<Counter>, Counter> {
+    let Some(net) = network_of(f.dst_addr) else {
+        return Ok(None);
+    };
+    if net.flags & NETWORK_HOST_ADDR != 0 {
+        return Ok(None); // an address of the host itself
+    }
+    if net.flags & (NETWORK_MASQUERADE | NETWORK_INTERNAL) != 0 {
+        return Err(Counter::NotPublished);
+    }
+    // Only a connection's opening packet creates the record: stray packets
+    // cannot pre-seed the table.
+    if new_connection || f.tcp_flags == 0 {
+        record_routed_flow(key, now, tcp_state(f.tcp_flags))?;
+    }
+    Ok(None)
 }
 
 /// Both directions of a new published-port flow; the reply key is what the
@@ -225,20 +283,27 @@ pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter>
     let now = unsafe { bpf_ktime_get_ns() };
     let key = key_of(f);
     if let Some(e) = NAT_CT.get_ptr_mut(&key) {
-        let (addr, port, rewrite, flags) = touch(e, f, now);
-        if rewrite == CT_REWRITE_SRC {
-            rewrite_src(ctx, f, addr, port)?;
-            return Ok(Some(if flags & CT_FLAG_SNAT != 0 {
+        let hit = touch(e, f, now);
+        if hit.rewrite == CT_REWRITE_SRC {
+            if hit.flags & CT_FLAG_SNAT != 0 {
+                keep_reply_entry(&key, f, &hit, now);
+            }
+            rewrite_src(ctx, f, hit.addr, hit.port)?;
+            return Ok(Some(if hit.flags & CT_FLAG_SNAT != 0 {
                 Counter::Snat
             } else {
                 Counter::RevDnat
             }));
         }
-        if rewrite == CT_REWRITE_NONE {
+        if hit.rewrite == CT_REWRITE_NONE {
             return Ok(None);
         }
     }
-    if network_of(f.src_addr).map_or(0, |n| n.flags) & NETWORK_MASQUERADE == 0 {
+    let src_flags = network_of(f.src_addr).map_or(0, |n| n.flags);
+    if src_flags & NETWORK_INTERNAL != 0 {
+        return Err(Counter::NotPublished);
+    }
+    if src_flags & NETWORK_MASQUERADE == 0 {
         return Ok(None);
     }
     let Some(config) = CONFIG.get(0) else {
@@ -250,6 +315,7 @@ pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter>
     }
     let state = tcp_state(f.tcp_flags);
     let port = allocate_snat(
+        ctx,
         &key,
         host,
         (config.snat_port_min, config.snat_port_max),
@@ -260,12 +326,68 @@ pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter>
     Ok(Some(Counter::Snat))
 }
 
+/// The table is an LRU: an outbound-only flow (UDP logs, say) never looks
+/// its reply entry up, which would then be evicted first and its port
+/// handed to another flow. Once a second at most, a forward hit refreshes
+/// the reply entry, and puts it back if it was evicted.
+#[inline(always)]
+fn keep_reply_entry(key: &CtKey, f: &Ipv4Flow, hit: &Hit, now: u64) {
+    if hit.idle_ns < 1_000_000_000 {
+        return;
+    }
+    let forward = entry(hit.addr, hit.port, hit.rewrite, hit.flags, now);
+    let reply_key = key.reverse_of(&forward);
+    if NAT_CT.get_ptr(&reply_key).is_none() {
+        let reply = entry(f.src_addr, f.src_port, CT_REWRITE_DST, CT_FLAG_SNAT, now);
+        let _ = NAT_CT.insert(&reply_key, reply, u64::from(BPF_NOEXIST));
+    }
+}
+
+/// Whether the host itself has a socket on `host:port` talking to the
+/// peer (or bound to that port for anyone): giving the port to a container
+/// would divert that socket's replies.
+#[inline(always)]
+fn host_socket_uses(ctx: &TcContext, original: &CtKey, host: [u8; 4], port: [u8; 2]) -> bool {
+    #[repr(C)]
+    struct Tuple {
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        sport: [u8; 2],
+        dport: [u8; 2],
+    }
+    // As a reply to that socket would arrive.
+    let mut tuple = Tuple {
+        saddr: original.dst_addr,
+        daddr: host,
+        sport: original.dst_port,
+        dport: port,
+    };
+    let size = core::mem::size_of::<Tuple>() as u32;
+    let t = (&mut tuple as *mut Tuple).cast();
+    let sk = unsafe {
+        match original.proto {
+            IPPROTO_TCP => bpf_sk_lookup_tcp(ctx.as_ptr(), t, size, CURRENT_NETNS, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx.as_ptr(), t, size, CURRENT_NETNS, 0),
+            _ => return false,
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
+/// BPF_F_CURRENT_NETNS: look sockets up in the packet's namespace.
+const CURRENT_NETNS: u64 = u64::MAX;
+
 /// Claims a source port on `host` for a new masqueraded flow and records
 /// both directions. The original port is kept when free; otherwise random
 /// ports in [min, max] are tried. A port is free when no reply key on it
 /// exists for this peer and no published port uses it.
 #[inline(always)]
 fn allocate_snat(
+    ctx: &TcContext,
     original: &CtKey,
     host: [u8; 4],
     (min, max): (u16, u16),
@@ -287,7 +409,7 @@ fn allocate_snat(
             proto: original.proto,
             _pad: 0,
         };
-        if PORTS.get_ptr(&published).is_some() {
+        if PORTS.get_ptr(&published).is_some() || host_socket_uses(ctx, original, host, port) {
             continue;
         }
         let reply_key = CtKey {
@@ -343,13 +465,13 @@ pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<ContainerNat, C
     let key = key_of(f);
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if let Some(e) = NAT_CT.get_ptr_mut(&key) {
-        let (addr, port, rewrite, flags) = touch(e, f, now);
-        if flags & CT_FLAG_DNAT != 0 {
-            if rewrite == CT_REWRITE_DST && !new_connection {
-                rewrite_dst(ctx, f, addr, port)?;
+        let hit = touch(e, f, now);
+        if hit.flags & CT_FLAG_DNAT != 0 {
+            if hit.rewrite == CT_REWRITE_DST && !new_connection {
+                rewrite_dst(ctx, f, hit.addr, hit.port)?;
                 return Ok(ContainerNat::Rewritten(Counter::Dnat));
             }
-            if rewrite == CT_REWRITE_SRC {
+            if hit.rewrite == CT_REWRITE_SRC {
                 return Ok(ContainerNat::Related);
             }
         }
@@ -360,7 +482,12 @@ pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<ContainerNat, C
         proto: f.proto,
         _pad: 0,
     };
-    let Some(target) = PORTS.get_ptr(&port_key) else {
+    let target = if is_loopback(f.dst_addr) {
+        None
+    } else {
+        PORTS.get_ptr(&port_key)
+    };
+    let Some(target) = target else {
         return Ok(ContainerNat::Unrelated);
     };
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
@@ -377,12 +504,15 @@ pub fn container_ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter
     let Some(e) = NAT_CT.get_ptr_mut(&key) else {
         return Ok(None);
     };
-    let (addr, port, rewrite, flags) = touch(e, f, unsafe { bpf_ktime_get_ns() });
+    let hit = touch(e, f, unsafe { bpf_ktime_get_ns() });
     // Only replies bound for a container (the hook can also see traffic the
     // host itself sends into the bridge).
-    if rewrite != CT_REWRITE_SRC || flags & CT_FLAG_DNAT == 0 || network_of(f.dst_addr).is_none() {
+    if hit.rewrite != CT_REWRITE_SRC
+        || hit.flags & CT_FLAG_DNAT == 0
+        || network_of(f.dst_addr).is_none()
+    {
         return Ok(None);
     }
-    rewrite_src(ctx, f, addr, port)?;
+    rewrite_src(ctx, f, hit.addr, hit.port)?;
     Ok(Some(Counter::RevDnat))
 }

@@ -65,17 +65,31 @@ async fn reconcile_all(
     let net_applied = reconcile::networks(dp, &state::desired_networks(&networks))?;
     let containers = docker::containers(docker, &networks).await?;
     let mut endpoints = HashMap::new();
+    let mut unresolved = 0;
     for spec in &containers.endpoints {
         match host_veth(spec) {
             Ok((ifindex, ifname)) => {
                 endpoints.insert(ifindex, (ifname, state::endpoint_value(spec)));
             }
-            // Gone meanwhile, or its namespace not ready: the next event retries.
-            Err(e) => tracing::warn!("endpoint of {}: {e:#}", short(&spec.container)),
+            Err(e) => {
+                tracing::warn!("endpoint of {}: {e:#}", short(&spec.container));
+                unresolved += 1;
+            }
         }
     }
-    let ep_applied = reconcile::endpoints(dp, &endpoints)?;
-    let desired = state::desired_ports(&containers.publishes, &host_addrs);
+    // With an endpoint unresolved (gone meanwhile, or its namespace not
+    // ready) the picture is partial: applying it could strip a running
+    // container's checks. Keep what is there; the next pass retries.
+    let ep_applied = if unresolved == 0 {
+        reconcile::endpoints(dp, &endpoints)?
+    } else {
+        reconcile::Applied::default()
+    };
+    // "Every address" publishes are also served on the bridges' gateway
+    // addresses, where containers reach the host.
+    let mut served_addrs = host_addrs.clone();
+    served_addrs.extend(networks.iter().flat_map(|n| n.gateways.iter().copied()));
+    let desired = state::desired_ports(&containers.publishes, &served_addrs);
     let applied = reconcile::ports(dp, &desired)?;
     let nothing = reconcile::Applied::default();
     if applied != nothing || net_applied != nothing || ep_applied != nothing {
@@ -158,6 +172,9 @@ fn own_netns_cookie() -> Result<u64> {
 
 /// How often idle NAT flows are expired.
 const CT_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// A full reconcile even without Docker events: picks up uplink address
+/// changes and retries what a failed pass left undone.
+const RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub async fn run(opts: RunOptions) -> Result<()> {
     dataplane::require_privileges()?;
@@ -220,10 +237,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let mut log_tick = tokio::time::interval(std::time::Duration::from_millis(200));
     let mut gc_tick = tokio::time::interval(CT_GC_INTERVAL);
+    let mut resync_tick = tokio::time::interval(RESYNC_INTERVAL);
+    resync_tick.tick().await; // the first tick is immediate; the watcher resyncs at start
     let mut in_sync = false;
     loop {
         tokio::select! {
             _ = log_tick.tick(), if opts.debug_datapath => dp.flush_logs(),
+            _ = resync_tick.tick(), if in_sync => {
+                if let Err(e) = reconcile_all(&docker, &mut dp, &uplink, opts.snat_ports, netns_cookie).await {
+                    tracing::warn!("periodic reconcile failed: {e:#}");
+                }
+            }
             _ = gc_tick.tick() => {
                 match dp.gc_nat_flows(dataplane::monotonic_now_ns(), &opts.ct_timeouts) {
                     Ok(r) if r.removed > 0 => {

@@ -152,10 +152,12 @@ pub async fn containers(docker: &Docker, bridge_networks: &[Network]) -> Result<
         let inspect = match docker.inspect_container(&id, None).await {
             Ok(i) => i,
             // Gone between list and inspect: its destroy event follows.
-            Err(e) => {
-                tracing::debug!("inspect {id}: {e}");
-                continue;
-            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => continue,
+            // Anything else: a partial picture would withdraw a running
+            // container's ports and checks; fail the whole pass instead.
+            Err(e) => return Err(e).with_context(|| format!("inspecting container {id}")),
         };
         out.publishes.extend(publishes_of(&id, &inspect));
         out.endpoints
@@ -258,15 +260,17 @@ pub async fn bridge_networks(docker: &Docker) -> Result<Vec<Network>> {
                 || options
                     .get("com.docker.network.bridge.enable_ip_masquerade")
                     .is_none_or(|v| v != "false");
+            let ipam = n.ipam.and_then(|i| i.config).unwrap_or_default();
             Network {
                 id: n.id.unwrap_or_default(),
                 name,
-                subnets: n
-                    .ipam
-                    .and_then(|i| i.config)
-                    .unwrap_or_default()
+                subnets: ipam
                     .iter()
                     .filter_map(|c| c.subnet.as_deref().and_then(parse_subnet))
+                    .collect(),
+                gateways: ipam
+                    .iter()
+                    .filter_map(|c| c.gateway.as_deref()?.parse().ok())
                     .collect(),
                 masquerade,
                 internal: n.internal.unwrap_or(false),

@@ -96,12 +96,17 @@ pub fn endpoints(
         let attached: Vec<String> = dp.attached_targets(att)?;
         for (ifname, _) in desired.values() {
             if !attached.contains(ifname) {
-                dp.attach(att, ifname)?;
+                // One veth vanishing mid-pass must not stop the others.
+                if let Err(e) = dp.attach(att, ifname) {
+                    tracing::warn!("{e:#}");
+                }
             }
         }
         for ifname in &attached {
             if !desired.values().any(|(name, _)| name == ifname) {
-                dp.detach(att, ifname)?;
+                if let Err(e) = dp.detach(att, ifname) {
+                    tracing::warn!("{e:#}");
+                }
             }
         }
     }

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use netd_common::{
-    network::{network_id, NETWORK_MASQUERADE},
+    network::{network_id, NETWORK_HOST_ADDR, NETWORK_INTERNAL, NETWORK_MASQUERADE},
     Endpoint, NetworkInfo, PortKey, PortTarget,
 };
 
@@ -158,6 +158,8 @@ pub struct Network {
     pub masquerade: bool,
     /// Internal networks have no outside connectivity at all.
     pub internal: bool,
+    /// The bridge's addresses (the host's own, inside the subnets).
+    pub gateways: Vec<Ipv4Addr>,
 }
 
 /// Parses "198.19.1.0/24" (IPv6 subnets yield `None`).
@@ -172,16 +174,22 @@ pub fn parse_subnet(s: &str) -> Option<(Ipv4Addr, u8)> {
 pub fn desired_networks(networks: &[Network]) -> HashMap<(Ipv4Addr, u8), NetworkInfo> {
     let mut out = HashMap::new();
     for n in networks {
-        let mut flags = 0;
-        if n.masquerade && !n.internal {
-            flags |= NETWORK_MASQUERADE;
-        }
-        let info = NetworkInfo {
-            flags,
-            id: network_id(&n.id),
+        let flags = if n.internal {
+            NETWORK_INTERNAL
+        } else if n.masquerade {
+            NETWORK_MASQUERADE
+        } else {
+            0
         };
+        let id = network_id(&n.id);
         for subnet in &n.subnets {
-            out.entry(*subnet).or_insert(info);
+            out.entry(*subnet).or_insert(NetworkInfo { flags, id });
+        }
+        for gw in &n.gateways {
+            out.entry((*gw, 32)).or_insert(NetworkInfo {
+                flags: NETWORK_HOST_ADDR,
+                id,
+            });
         }
     }
     out
@@ -236,6 +244,7 @@ mod network_tests {
             subnets: vec![(Ipv4Addr::new(198, 19, third, 0), 24)],
             masquerade,
             internal,
+            gateways: vec![Ipv4Addr::new(198, 19, third, 1)],
         };
         let d = desired_networks(&[
             net("a", 1, true, false),
@@ -245,8 +254,14 @@ mod network_tests {
         let at = |third: u8| d[&(Ipv4Addr::new(198, 19, third, 0), 24)];
         assert_eq!(at(1).flags, NETWORK_MASQUERADE);
         assert_eq!(at(2).flags, 0);
-        assert_eq!(at(3).flags, 0, "internal networks never masquerade");
+        assert_eq!(
+            at(3).flags,
+            NETWORK_INTERNAL,
+            "internal networks never masquerade"
+        );
         assert_eq!((at(1).id, at(2).id), (1, 2));
+        let gw = d[&(Ipv4Addr::new(198, 19, 1, 1), 32)];
+        assert_eq!((gw.flags, gw.id), (NETWORK_HOST_ADDR, 1));
     }
 
     #[test]

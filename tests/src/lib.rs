@@ -5,6 +5,7 @@
 //! Everything a bench creates carries this process's PID in its name and is
 //! removed on drop (also when a test panics). A later bench removes what a
 //! crashed run (dead PID) left behind.
+pub mod bench;
 pub mod docker;
 pub mod netd;
 pub mod netlink;

@@ -31,6 +31,13 @@ fn setup() -> Dataplane {
         },
     )
     .unwrap();
+    // A routed network (masquerade off): reachable from outside directly.
+    dp.set_network(
+        Ipv4Addr::new(198, 19, 2, 0),
+        24,
+        NetworkInfo { flags: 0, id: 2 },
+    )
+    .unwrap();
     dp.set_port(
         PortKey {
             addr: HOST.octets(),
@@ -107,6 +114,11 @@ fn tcp_state_is_tracked_and_idle_flows_expire_by_state() {
         Hook::UplinkIngress,
         tcp4_frame((PEER, 50003), (HOST, 8080), TCP_FIN | TCP_ACK, b""),
     );
+    run(
+        &mut dp,
+        Hook::UplinkEgress,
+        tcp4_frame((C1, 80), (PEER, 50003), TCP_FIN | TCP_ACK, b""),
+    );
     // 4: a masqueraded UDP flow.
     run(
         &mut dp,
@@ -115,12 +127,12 @@ fn tcp_state_is_tracked_and_idle_flows_expire_by_state() {
     );
 
     assert_eq!(
-        flow_flags(&dp, 50001) & (CT_FLAG_TCP_ACKED | CT_FLAG_TCP_CLOSING),
+        flow_flags(&dp, 50001) & (CT_FLAG_TCP_ACKED | CT_FLAG_TCP_FIN),
         0
     );
     assert_ne!(flow_flags(&dp, 50002) & CT_FLAG_TCP_ACKED, 0);
-    assert_eq!(flow_flags(&dp, 50002) & CT_FLAG_TCP_CLOSING, 0);
-    assert_ne!(flow_flags(&dp, 50003) & CT_FLAG_TCP_CLOSING, 0);
+    assert_eq!(flow_flags(&dp, 50002) & CT_FLAG_TCP_FIN, 0);
+    assert_ne!(flow_flags(&dp, 50003) & CT_FLAG_TCP_FIN, 0);
     assert_ne!(flow_flags(&dp, 50004) & CT_FLAG_SNAT, 0);
     assert_eq!(dp.nat_flows().unwrap().len(), 8);
 
@@ -183,7 +195,12 @@ fn reverse_keys_pair_every_entry_with_its_other_direction() {
     run(
         &mut dp,
         Hook::UplinkIngress,
-        tcp4_frame((PEER, 50012), (C1, 80), TCP_SYN, b""),
+        tcp4_frame(
+            (PEER, 50012),
+            (Ipv4Addr::new(198, 19, 2, 2), 80),
+            TCP_SYN,
+            b"",
+        ),
     );
     let flows = dp.nat_flows().unwrap();
     assert_eq!(flows.len(), 8);
@@ -195,4 +212,26 @@ fn reverse_keys_pair_every_entry_with_its_other_direction() {
             .unwrap_or_else(|| panic!("no pair for {k:?}"));
         assert_eq!(pair.reverse_of(pe), *k, "pairing is symmetric");
     }
+}
+
+#[test]
+fn half_closed_and_half_open_flows_keep_the_right_timeouts() {
+    let t = CtTimeouts::default();
+    // One FIN: half-closed, still established.
+    assert_eq!(
+        t.for_flow(6, CT_FLAG_TCP_ACKED | CT_FLAG_TCP_FIN, CT_FLAG_TCP_ACKED),
+        t.tcp_established
+    );
+    // FIN both ways, or an RST: closing.
+    assert_eq!(
+        t.for_flow(6, CT_FLAG_TCP_FIN, CT_FLAG_TCP_FIN),
+        t.tcp_closing
+    );
+    assert_eq!(
+        t.for_flow(6, CT_FLAG_TCP_RST, CT_FLAG_TCP_ACKED),
+        t.tcp_closing
+    );
+    // A SYN answered by a SYN-ACK but never ACKed: not established.
+    assert_eq!(t.for_flow(6, 0, CT_FLAG_TCP_ACKED), t.tcp_syn);
+    assert_eq!(t.for_flow(17, 0, 0), t.other);
 }

@@ -4,7 +4,8 @@ use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions};
 use netd_common::{
-    network::NETWORK_MASQUERADE, Counter, Hook, NatConfig, NetworkInfo, PortKey, PortTarget,
+    network::{NETWORK_HOST_ADDR, NETWORK_MASQUERADE},
+    Counter, Hook, NatConfig, NetworkInfo, PortKey, PortTarget,
 };
 use netd_tests::{packet::*, privileged};
 
@@ -245,11 +246,59 @@ fn exhausted_ports_refuse_new_flows_and_keep_existing_ones() {
 }
 
 #[test]
+fn unsolicited_inbound_to_a_nat_network_is_dropped() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup(32768, 65535);
+    let probe = tcp4_frame((SERVER, 50000), (C1, 22), TCP_SYN, b"");
+    assert_eq!(
+        dp.test_run(Hook::UplinkIngress, &probe, 1).unwrap().action,
+        SHOT
+    );
+    assert_eq!(count(&dp, Hook::UplinkIngress, Counter::NotPublished), 1);
+    // Stray packets leave nothing behind in the flow table.
+    let stray = udp4_frame((Ipv4Addr::new(8, 8, 8, 8), 53), (C1, 5555), b"x");
+    assert_eq!(
+        dp.test_run(Hook::UplinkIngress, &stray, 1).unwrap().action,
+        SHOT
+    );
+    assert!(dp.nat_flows().unwrap().is_empty());
+    // The host's own address in the subnet (the gateway) is not a container.
+    dp.set_network(
+        Ipv4Addr::new(198, 19, 1, 1),
+        32,
+        NetworkInfo {
+            flags: NETWORK_HOST_ADDR,
+            id: 1,
+        },
+    )
+    .unwrap();
+    let to_gw = tcp4_frame(
+        (SERVER, 50001),
+        (Ipv4Addr::new(198, 19, 1, 1), 22),
+        TCP_SYN,
+        b"",
+    );
+    assert_eq!(
+        dp.test_run(Hook::UplinkIngress, &to_gw, 1).unwrap().action,
+        PASS
+    );
+}
+
+#[test]
 fn replies_to_connections_routed_in_from_outside_are_not_masqueraded() {
     if !privileged() {
         return;
     }
     let mut dp = setup(32768, 65535);
+    // A routed network (masquerade off): reachable from outside directly.
+    dp.set_network(
+        Ipv4Addr::new(198, 19, 1, 0),
+        24,
+        NetworkInfo { flags: 0, id: 1 },
+    )
+    .unwrap();
     // An outside client with a route to the container subnet connects in.
     let syn = tcp4_frame((SERVER, 50000), (C1, 80), TCP_SYN, b"");
     let out = dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap();
@@ -261,10 +310,9 @@ fn replies_to_connections_routed_in_from_outside_are_not_masqueraded() {
         "a reply to a routed connection was masqueraded"
     );
     assert_eq!(count(&dp, Hook::UplinkEgress, Counter::Snat), 0);
-    // The container's own new connections still are.
-    let own = tcp4_frame((C1, 41000), (SERVER, 80), TCP_SYN, b"");
-    assert_eq!(
-        tuple(&dp.test_run(Hook::UplinkEgress, &own, 1).unwrap().frame).0,
-        HOST
-    );
+    // A non-SYN stray from outside creates no record.
+    let before = dp.nat_flows().unwrap().len();
+    let stray = tcp4_frame((SERVER, 50009), (C1, 80), TCP_ACK, b"");
+    dp.test_run(Hook::UplinkIngress, &stray, 1).unwrap();
+    assert_eq!(dp.nat_flows().unwrap().len(), before);
 }

@@ -210,3 +210,31 @@ fn a_new_syn_on_a_reused_tuple_takes_the_current_mapping() {
     let out = dp.test_run(Hook::UplinkEgress, &synack, 1).unwrap();
     assert_eq!(tuple(&out.frame), (HOST, CLIENT, 8080, 40000));
 }
+
+#[test]
+fn loopback_publishes_are_never_reachable_by_packets() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    dp.set_port(
+        PortKey {
+            addr: [127, 0, 0, 1],
+            port: 8080u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: CONTAINER.octets(),
+            port: 80u16.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    // A LAN host sending to 127.0.0.1 with the host's MAC: not translated.
+    let forged = tcp4_frame((CLIENT, 40000), (Ipv4Addr::LOCALHOST, 8080), TCP_SYN, b"");
+    assert_eq!(
+        dp.test_run(Hook::UplinkIngress, &forged, 1).unwrap().frame,
+        forged
+    );
+}

@@ -65,14 +65,17 @@ fn published_port_follows_the_container_lifecycle() {
         .http_get_within(&url, 2)
         .is_ok()));
     assert_eq!(client.http_get(&url).unwrap(), "hello from netd-test\n");
-    // Published on every address: the host's and loopback.
+    // Published on every address: the host's, loopback and the bridge's
+    // gateway (where containers reach the host).
     let p = ports(&mut host);
-    assert_eq!(p.len(), 2, "{p:?}");
+    assert_eq!(p.len(), 3, "{p:?}");
     let addrs: Vec<_> = p
         .iter()
         .map(|e| e["host_addr"].as_str().unwrap().to_owned())
         .collect();
-    assert!(addrs.contains(&host.ip.to_string()) && addrs.contains(&"127.0.0.1".to_owned()));
+    for addr in [host.ip.to_string(), "127.0.0.1".into(), "198.19.2.1".into()] {
+        assert!(addrs.contains(&addr), "{addrs:?} lacks {addr}");
+    }
     assert!(p.iter().all(|e| e["host_port"] == 8080
         && e["container_addr"] == web_ip.as_str()
         && e["container_port"] == 80));
@@ -136,7 +139,7 @@ fn published_port_follows_the_container_lifecycle() {
     host.netd().stop();
     assert_eq!(client.http_get(&url).unwrap(), "hello from netd-test\n");
     host.netd().restart().unwrap();
-    assert_eq!(ports(&mut host).len(), 3);
+    assert_eq!(ports(&mut host).len(), 4);
 
     // docker restart: the port follows the container (its IP may change).
     host.dockerd()

@@ -45,6 +45,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks (need root): `nat` compares published-port performance of
+    /// netd with stock Docker (iptables, docker-proxy) on one emulated LAN.
+    Bench {
+        #[arg(value_parser = ["nat"])]
+        which: String,
+    },
     /// Build netd and run the demo in an emulated Docker host.
     Demo {
         /// Keep the topology up until Ctrl-C.
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { args } => test(&args),
         Task::Demo { hold } => demo(hold),
+        Task::Bench { which } => bench(&which),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -301,4 +308,39 @@ fn demo(hold: bool) -> Result<()> {
         cmd.arg("--hold");
     }
     run(&mut cmd)
+}
+
+fn bench(which: &str) -> Result<()> {
+    require_root("cargo xtask bench")?;
+    setup()?;
+    debug_assert_eq!(which, "nat");
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "netd",
+        "--package",
+        "netd-tests",
+        "--bins",
+    ]))?;
+    // The echo server runs inside busybox containers: link it statically.
+    run(cargo()
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "netd-bench-echo",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+            "target/static",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
+    let root = workspace_root();
+    run(Command::new(root.join("target/release/nat-bench"))
+        .env("NETD_BIN", root.join("target/release/netd"))
+        .env(
+            "NETD_BENCH_ECHO",
+            root.join("target/static/x86_64-unknown-linux-gnu/release/netd-bench-echo"),
+        ))
 }

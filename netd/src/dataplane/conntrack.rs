@@ -24,6 +24,26 @@ pub fn monotonic_now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Whether the flow of `entry` (and its other direction `pair`, if present)
+/// has been idle longer than its state allows.
+fn expired(
+    key: &CtKey,
+    entry: &CtEntry,
+    pair: Option<&CtEntry>,
+    now_ns: u64,
+    t: &CtTimeouts,
+) -> bool {
+    let last_seen = pair.map_or(entry.last_seen_ns, |p| {
+        p.last_seen_ns.max(entry.last_seen_ns)
+    });
+    // A missing pair carries no state: judge by this direction alone.
+    let pair_flags = pair.map_or(entry.flags, |p| p.flags);
+    let timeout_ns = t
+        .for_flow(key.proto, entry.flags, pair_flags)
+        .saturating_mul(1_000_000_000);
+    now_ns.saturating_sub(last_seen) > timeout_ns
+}
+
 /// Removes flows idle longer than their state's timeout at `now_ns`.
 pub fn gc<T: std::borrow::BorrowMut<MapData>>(
     ct: &mut BpfHashMap<T, CtKey, CtEntry>,
@@ -37,20 +57,17 @@ pub fn gc<T: std::borrow::BorrowMut<MapData>>(
         removed: 0,
     };
     for (key, entry) in &entries {
-        let pair_key = key.reverse_of(entry);
-        let pair = entries.get(&pair_key);
-        let last_seen = pair.map_or(entry.last_seen_ns, |p| {
-            p.last_seen_ns.max(entry.last_seen_ns)
-        });
-        let flags = entry.flags | pair.map_or(0, |p| p.flags);
-        let timeout_ns = timeouts
-            .for_flow(key.proto, flags)
-            .saturating_mul(1_000_000_000);
-        if now_ns.saturating_sub(last_seen) > timeout_ns {
-            // Missing already (its pair removed it, or LRU did): fine.
-            if ct.remove(key).is_ok() {
-                report.removed += 1;
-            }
+        let pair = entries.get(&key.reverse_of(entry));
+        if !expired(key, entry, pair, now_ns, timeouts) {
+            continue;
+        }
+        // The datapath may have used or re-created the entry since the
+        // snapshot: decide again on what it holds now.
+        let Ok(current) = ct.get(key, 0) else {
+            continue; // gone already (its pair's turn, or LRU)
+        };
+        if expired(key, &current, pair, now_ns, timeouts) && ct.remove(key).is_ok() {
+            report.removed += 1;
         }
     }
     Ok(report)

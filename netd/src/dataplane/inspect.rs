@@ -355,7 +355,7 @@ pub fn read_ct(pin_dir: &Path) -> Result<Vec<FlowStatus>> {
             },
             state: if k.proto != 6 {
                 "-"
-            } else if e.flags & CT_FLAG_TCP_CLOSING != 0 {
+            } else if e.flags & (CT_FLAG_TCP_FIN | CT_FLAG_TCP_RST) != 0 {
                 "closing"
             } else if e.flags & CT_FLAG_TCP_ACKED != 0 {
                 "established"

@@ -42,6 +42,27 @@ pub use pins::{interface_index, PinDir};
 
 /// The compiled eBPF object (built by build.rs from netd-ebpf).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd"));
+/// A bare redirect program: the benchmarks' per-packet floor.
+static BARE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-bare"));
+
+/// Time per run of a TC program that only redirects, on `frame`
+/// (BPF_PROG_TEST_RUN with `repeat`): what a packet costs with no netd logic.
+pub fn bare_redirect_cost(frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
+    let mut ebpf = EbpfLoader::new()
+        .load(BARE_OBJECT)
+        .context("loading the bare redirect program")?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut("netd_bare_redirect")
+        .ok_or_else(|| anyhow!("bare object lacks its program"))?
+        .try_into()?;
+    prog.load()?;
+    let mut out = vec![0u8; frame.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat.max(1);
+    Ok(prog.test_run(opts)?.duration)
+}
 
 /// Options for loading the programs.
 #[derive(Clone, Debug, Default)]
