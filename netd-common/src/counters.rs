@@ -98,10 +98,13 @@ pub enum Counter {
     /// network is reachable only through published ports), or to/from an
     /// internal network.
     NotPublished = 18,
+    /// Verdict: handed straight to the container (bpf_redirect_peer),
+    /// skipping the host's routing and bridge.
+    Redirect = 19,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -122,6 +125,7 @@ impl Counter {
         Counter::Isolated,
         Counter::IcmpErrorNat,
         Counter::NotPublished,
+        Counter::Redirect,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -145,19 +149,20 @@ impl Counter {
             Counter::Isolated => "isolated",
             Counter::IcmpErrorNat => "icmp-error-nat",
             Counter::NotPublished => "not-published",
+            Counter::Redirect => "redirect",
         }
     }
 
     /// Verdicts partition packets; the other counters explain them.
     pub const fn is_verdict(self) -> bool {
-        matches!(self, Counter::Pass | Counter::Drop)
+        matches!(self, Counter::Pass | Counter::Drop | Counter::Redirect)
     }
 
     /// "verdict", "action" (a rewrite netd did) or "reason" (why a packet
     /// was left alone or dropped).
     pub const fn kind(self) -> &'static str {
         match self {
-            Counter::Pass | Counter::Drop => "verdict",
+            Counter::Pass | Counter::Drop | Counter::Redirect => "verdict",
             Counter::Dnat
             | Counter::RevDnat
             | Counter::Snat

@@ -13,4 +13,4 @@ pub mod network;
 pub use counters::{Counter, CounterValue, Hook};
 pub use maps::Meta;
 pub use nat::{CtEntry, CtKey, CtTimeouts, NatConfig, PortKey, PortTarget};
-pub use network::{Endpoint, NetworkInfo};
+pub use network::{Endpoint, EndpointLocation, NetworkInfo};

@@ -17,6 +17,8 @@ pub const CONFIG: &str = "netd_config";
 pub const NETWORKS: &str = "netd_networks";
 /// Hash of host-side veth ifindex → [`crate::Endpoint`].
 pub const ENDPOINTS: &str = "netd_endpoints";
+/// Hash of container IPv4 address → [`crate::EndpointLocation`].
+pub const ENDPOINT_ADDRS: &str = "netd_endpoint_addrs";
 
 /// LRU hash of [`crate::nat::SockRevKey`] → [`crate::nat::SockRevValue`]:
 /// reverse translation for host-local UDP.
@@ -31,13 +33,21 @@ pub const ENDPOINTS_MAX: u32 = 16_384;
 
 /// Every map netd pins, in the order `netd status` lists them.
 pub const ALL: &[&str] = &[
-    META, COUNTERS, CONFIG, NETWORKS, ENDPOINTS, PORTS, NAT_CT, SOCK_REV,
+    META,
+    COUNTERS,
+    CONFIG,
+    NETWORKS,
+    ENDPOINTS,
+    ENDPOINT_ADDRS,
+    PORTS,
+    NAT_CT,
+    SOCK_REV,
 ];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A
 /// daemon refuses to adopt a pin dir stamped with another version instead of
 /// misreading its maps.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 /// "netd" in ASCII: tells a netd meta map from anything else pinned there.
 pub const META_MAGIC: u32 = 0x6e65_7464;
 

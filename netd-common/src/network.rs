@@ -33,6 +33,17 @@ pub struct Endpoint {
     pub network: u32,
 }
 
+/// Value of `netd_endpoint_addrs`, keyed by a container's IPv4 address:
+/// where to deliver packets for it directly (bpf_redirect_peer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointLocation {
+    /// ifindex of the container's host-side veth.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
 /// The network id netd uses for a Docker network id (64 hex digits): its
 /// first 8 hex digits, so it survives daemon restarts without a registry.
 pub fn network_id(docker_id: &str) -> u32 {
@@ -46,6 +57,7 @@ pub fn network_id(docker_id: &str) -> u32 {
 mod pod {
     unsafe impl aya::Pod for super::NetworkInfo {}
     unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::EndpointLocation {}
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@ use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{ENDPOINTS_MAX, NAT_CT_MAX, NETWORKS_MAX, PORTS_MAX, SOCK_REV_MAX},
     nat::{SockRevKey, SockRevValue},
-    CounterValue, CtEntry, CtKey, Endpoint, Meta, NatConfig, NetworkInfo, PortKey, PortTarget,
+    CounterValue, CtEntry, CtKey, Endpoint, EndpointLocation, Meta, NatConfig, NetworkInfo,
+    PortKey, PortTarget,
 };
 
 #[btf_map(name = "netd_counters")]
@@ -41,6 +42,12 @@ pub static CONFIG: Array<NatConfig, 1> = Array::new();
 /// Container subnets and their networks; written by the daemon.
 #[btf_map(name = "netd_networks")]
 pub static NETWORKS: LpmTrie<[u8; 4], NetworkInfo, { NETWORKS_MAX as usize }> = LpmTrie::new();
+
+/// Where each container address lives (for direct delivery); written by
+/// the daemon together with `netd_endpoints`.
+#[btf_map(name = "netd_endpoint_addrs")]
+pub static ENDPOINT_ADDRS: HashMap<[u8; 4], EndpointLocation, { ENDPOINTS_MAX as usize }> =
+    HashMap::new();
 
 /// Container endpoints by host-side veth ifindex; written by the daemon.
 #[btf_map(name = "netd_endpoints")]

@@ -10,9 +10,12 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use netd_common::{Counter, Hook};
 
+use network_types::eth::EthHdr;
+
 use crate::{
     container,
     counters::count,
+    delivery,
     icmp::{self, Side},
     nat,
     parsing::{ipv4_flow, parse_frame, unmatched, Ipv4Flow},
@@ -32,6 +35,9 @@ enum Outcome {
     /// Passed on; the counter says why (a reason) or what was done (an action).
     Pass(Counter),
     Drop(Counter),
+    /// Rewritten (the counter says how) and redirected: `action` is the
+    /// helper's TC verdict.
+    Redirect(Counter, i32),
 }
 
 #[inline(always)]
@@ -40,6 +46,7 @@ fn finish(ctx: &TcContext, hook: Hook, outcome: Outcome) -> i32 {
     let (verdict, detail, action) = match outcome {
         Outcome::Pass(c) => (Counter::Pass, c, PASS),
         Outcome::Drop(c) => (Counter::Drop, c, TC_ACT_SHOT as i32),
+        Outcome::Redirect(c, action) => (Counter::Redirect, c, action),
     };
     if NETD_DEBUG.load() != 0 {
         debug!(
@@ -81,7 +88,16 @@ fn with_flow(
 
 #[classifier]
 pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, Some(Side::Ingress), nat::ingress);
+    let outcome = match with_flow(&ctx, Some(Side::Ingress), nat::ingress) {
+        // Now addressed to a container: deliver it there directly.
+        Outcome::Pass(action @ (Counter::Dnat | Counter::RevSnat)) => {
+            match delivery::to_container(&ctx, EthHdr::LEN) {
+                Some(verdict) => Outcome::Redirect(action, verdict),
+                None => Outcome::Pass(action),
+            }
+        }
+        other => other,
+    };
     finish(&ctx, Hook::UplinkIngress, outcome)
 }
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use netd_common::{Endpoint, NetworkInfo, PortKey, PortTarget};
+use netd_common::{Endpoint, EndpointLocation, NetworkInfo, PortKey, PortTarget};
 
 use crate::dataplane::{Attachment, Dataplane};
 
@@ -113,6 +113,28 @@ pub fn endpoints(
     for ifindex in current.keys().filter(|i| !desired.contains_key(i)) {
         dp.remove_endpoint(*ifindex)?;
         applied.removed += 1;
+    }
+    // Direct delivery by container address follows the same endpoints.
+    let locations: HashMap<std::net::Ipv4Addr, EndpointLocation> = desired
+        .iter()
+        .map(|(ifindex, (_, ep))| {
+            let loc = EndpointLocation {
+                ifindex: *ifindex,
+                mac: ep.mac,
+                _pad: [0; 2],
+            };
+            (ep.addr.into(), loc)
+        })
+        .collect();
+    let current: HashMap<std::net::Ipv4Addr, EndpointLocation> =
+        dp.endpoint_locations()?.into_iter().collect();
+    for (addr, loc) in &locations {
+        if current.get(addr) != Some(loc) {
+            dp.set_endpoint_location(*addr, *loc)?;
+        }
+    }
+    for addr in current.keys().filter(|a| !locations.contains_key(a)) {
+        dp.remove_endpoint_location(*addr)?;
     }
     Ok(applied)
 }

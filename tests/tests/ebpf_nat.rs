@@ -238,3 +238,50 @@ fn loopback_publishes_are_never_reachable_by_packets() {
         forged
     );
 }
+
+#[test]
+fn a_translated_packet_for_a_known_container_is_delivered_directly() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    publish(&mut dp, PROTO_TCP, 8080, 80);
+    let container_mac = [0x02, 0x42, 0xc6, 0x13, 0x01, 0x02];
+    dp.set_endpoint_location(
+        CONTAINER,
+        netd_common::EndpointLocation {
+            ifindex: 1,
+            mac: container_mac,
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    let syn = tcp4_frame((CLIENT, 40000), (HOST, 8080), TCP_SYN, b"");
+    let out = dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap();
+    const TC_ACT_REDIRECT: i32 = 7;
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    assert_eq!(
+        &out.frame[0..6],
+        &container_mac,
+        "destination MAC is the container's"
+    );
+    assert_eq!(out.frame[14 + 8], 63, "TTL decremented as a router would");
+    assert_eq!(tuple(&out.frame), (CLIENT, CONTAINER, 40000, 80));
+    assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+    assert_eq!(count(&dp, Hook::UplinkIngress, Counter::Redirect), 1);
+    // A packet whose TTL would expire is left to the kernel (time exceeded).
+    let mut dying = tcp4_frame((CLIENT, 40001), (HOST, 8080), TCP_SYN, b"");
+    dying[14 + 8] = 1;
+    fix_ip_checksum(&mut dying);
+    assert_eq!(
+        dp.test_run(Hook::UplinkIngress, &dying, 1).unwrap().action,
+        -1
+    );
+}
+
+/// Recomputes the IPv4 header checksum of a frame after editing it.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+}

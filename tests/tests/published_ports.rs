@@ -80,6 +80,13 @@ fn published_port_follows_the_container_lifecycle() {
         && e["container_addr"] == web_ip.as_str()
         && e["container_port"] == 80));
 
+    // Delivered straight to the container's veth peer, not through the bridge.
+    let status = host.netd().status().unwrap();
+    assert!(
+        netd_tests::netd::counter(&status, "uplink-ingress", "redirect") >= 3,
+        "{status:#}"
+    );
+
     // Host-local access: processes on the host itself, on loopback and on
     // the host address (socket hooks; no packet crosses the uplink)…
     let local = |url: &str| host.http_get_within(url, 5);

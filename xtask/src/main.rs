@@ -50,6 +50,10 @@ enum Task {
     Bench {
         #[arg(value_parser = ["nat"])]
         which: String,
+        /// Skip the 1,000 / 10,000 published-port runs (Docker with
+        /// iptables needs ~20 minutes to publish 10,000 ports).
+        #[arg(long)]
+        quick: bool,
     },
     /// Build netd and run the demo in an emulated Docker host.
     Demo {
@@ -65,7 +69,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { args } => test(&args),
         Task::Demo { hold } => demo(hold),
-        Task::Bench { which } => bench(&which),
+        Task::Bench { which, quick } => bench(&which, quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -310,7 +314,7 @@ fn demo(hold: bool) -> Result<()> {
     run(&mut cmd)
 }
 
-fn bench(which: &str) -> Result<()> {
+fn bench(which: &str, quick: bool) -> Result<()> {
     require_root("cargo xtask bench")?;
     setup()?;
     debug_assert_eq!(which, "nat");
@@ -338,6 +342,7 @@ fn bench(which: &str) -> Result<()> {
         .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
     let root = workspace_root();
     run(Command::new(root.join("target/release/nat-bench"))
+        .args(quick.then_some("--quick"))
         .env("NETD_BIN", root.join("target/release/netd"))
         .env(
             "NETD_BENCH_ECHO",

@@ -28,8 +28,8 @@ use aya::{
 use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{self, LAYOUT_VERSION, META_MAGIC},
-    Counter, CounterValue, CtEntry, CtKey, Endpoint, Hook, Meta, NatConfig, NetworkInfo, PortKey,
-    PortTarget,
+    Counter, CounterValue, CtEntry, CtKey, Endpoint, EndpointLocation, Hook, Meta, NatConfig,
+    NetworkInfo, PortKey, PortTarget,
 };
 
 pub use attach::{AttachKind, Attachment};
@@ -315,6 +315,41 @@ impl Dataplane {
     /// Every registered endpoint: (host-side veth ifindex, endpoint).
     pub fn endpoints(&mut self) -> Result<Vec<(u32, Endpoint)>> {
         Ok(self.endpoints_map()?.iter().collect::<Result<_, _>>()?)
+    }
+
+    fn locations_map(&mut self) -> Result<BpfHashMap<&mut MapData, [u8; 4], EndpointLocation>> {
+        let map = self
+            .ebpf
+            .map_mut(maps::ENDPOINT_ADDRS)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::ENDPOINT_ADDRS))?;
+        Ok(BpfHashMap::try_from(map)?)
+    }
+
+    /// Where packets for container address `addr` are delivered directly.
+    pub fn set_endpoint_location(
+        &mut self,
+        addr: std::net::Ipv4Addr,
+        loc: EndpointLocation,
+    ) -> Result<()> {
+        self.locations_map()?
+            .insert(addr.octets(), loc, 0)
+            .context("writing netd_endpoint_addrs (full? raise its size)")
+    }
+
+    pub fn remove_endpoint_location(&mut self, addr: std::net::Ipv4Addr) -> Result<()> {
+        match self.locations_map()?.remove(&addr.octets()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every direct-delivery location: (container address, location).
+    pub fn endpoint_locations(&mut self) -> Result<Vec<(std::net::Ipv4Addr, EndpointLocation)>> {
+        Ok(self
+            .locations_map()?
+            .iter()
+            .map(|r| r.map(|(a, l)| (a.into(), l)))
+            .collect::<Result<_, _>>()?)
     }
 
     /// The targets `att` has pinned links on.
