@@ -33,6 +33,14 @@ impl Hook {
         Hook::ContainerIngress,
     ];
 
+    /// The hooks that see packets (the socket hooks see calls).
+    pub const PACKET: [Hook; 4] = [
+        Hook::UplinkIngress,
+        Hook::UplinkEgress,
+        Hook::ContainerEgress,
+        Hook::ContainerIngress,
+    ];
+
     pub const fn name(self) -> &'static str {
         match self {
             Hook::UplinkIngress => "uplink-ingress",

@@ -7,6 +7,7 @@
 //! crashed run (dead PID) left behind.
 pub mod bench;
 pub mod docker;
+pub mod ebpf;
 pub mod netd;
 pub mod netlink;
 pub mod netns;

@@ -6,7 +6,11 @@ use netd::dataplane::{Dataplane, LoadOptions};
 use netd_common::{
     network::NETWORK_MASQUERADE, Counter, Endpoint, Hook, NetworkInfo, PortKey, PortTarget,
 };
-use netd_tests::{packet::*, privileged};
+use netd_tests::{
+    ebpf::{count, tuple},
+    packet::*,
+    privileged,
+};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
@@ -55,27 +59,6 @@ fn be(dp: &mut Dataplane, addr: Ipv4Addr) {
     .unwrap();
 }
 
-fn count(dp: &Dataplane, counter: Counter) -> u64 {
-    dp.counters()
-        .unwrap()
-        .into_iter()
-        .find(|(h, c, _)| *h == Hook::ContainerEgress && *c == counter)
-        .unwrap()
-        .2
-        .packets
-}
-
-fn tuple(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
-    let ip = &f[14..];
-    let l4 = &ip[usize::from(ip[0] & 0xf) * 4..];
-    (
-        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        u16::from_be_bytes([l4[0], l4[1]]),
-        u16::from_be_bytes([l4[2], l4[3]]),
-    )
-}
-
 fn arp(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
     let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
     a.extend_from_slice(&sender_mac);
@@ -112,7 +95,7 @@ fn a_container_may_send_only_as_itself() {
             .action,
         SHOT
     );
-    assert_eq!(count(&dp, Counter::Spoofed), 2);
+    assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Spoofed), 2);
 
     // ARP: only its own sender addresses (0.0.0.0 probes allowed).
     assert_eq!(
@@ -143,7 +126,7 @@ fn a_container_may_send_only_as_itself() {
             .action,
         SHOT
     );
-    assert_eq!(count(&dp, Counter::Spoofed), 4);
+    assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Spoofed), 4);
 }
 
 #[test]
@@ -218,7 +201,7 @@ fn containers_of_other_networks_are_unreachable() {
             .action,
         SHOT
     );
-    assert_eq!(count(&dp, Counter::Isolated), 1);
+    assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Isolated), 1);
 }
 
 #[test]

@@ -7,7 +7,11 @@ use netd_common::{
     network::{NETWORK_HOST_ADDR, NETWORK_MASQUERADE},
     Counter, Hook, NatConfig, NetworkInfo, PortKey, PortTarget,
 };
-use netd_tests::{packet::*, privileged};
+use netd_tests::{
+    ebpf::{count, tuple},
+    packet::*,
+    privileged,
+};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
@@ -35,38 +39,6 @@ fn setup(port_min: u16, port_max: u16) -> Dataplane {
     )
     .unwrap();
     dp
-}
-
-fn count(dp: &Dataplane, hook: Hook, counter: Counter) -> u64 {
-    dp.counters()
-        .unwrap()
-        .into_iter()
-        .find(|(h, c, _)| *h == hook && *c == counter)
-        .unwrap()
-        .2
-        .packets
-}
-
-/// (src, dst, sport, dport) of an Ethernet + IPv4 + TCP/UDP frame; for
-/// ICMP the echo id stands in both port places.
-fn tuple(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
-    let ip = &f[14..];
-    let l4 = &ip[usize::from(ip[0] & 0xf) * 4..];
-    let (sp, dp) = if ip[9] == PROTO_ICMP {
-        let id = u16::from_be_bytes([l4[4], l4[5]]);
-        (id, id)
-    } else {
-        (
-            u16::from_be_bytes([l4[0], l4[1]]),
-            u16::from_be_bytes([l4[2], l4[3]]),
-        )
-    };
-    (
-        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        sp,
-        dp,
-    )
 }
 
 #[test]

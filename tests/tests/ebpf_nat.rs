@@ -3,7 +3,11 @@ use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions};
 use netd_common::{nat::CT_REWRITE_SRC, Counter, Hook, PortKey, PortTarget};
-use netd_tests::{packet::*, privileged};
+use netd_tests::{
+    ebpf::{count, tuple},
+    packet::*,
+    privileged,
+};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -25,28 +29,6 @@ fn publish(dp: &mut Dataplane, proto: u8, host_port: u16, container_port: u16) {
         },
     )
     .unwrap();
-}
-
-fn count(dp: &Dataplane, hook: Hook, counter: Counter) -> u64 {
-    dp.counters()
-        .unwrap()
-        .into_iter()
-        .find(|(h, c, _)| *h == hook && *c == counter)
-        .unwrap()
-        .2
-        .packets
-}
-
-/// (src, dst, sport, dport) of an Ethernet + IPv4 + TCP/UDP frame.
-fn tuple(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
-    let ip = &f[14..];
-    let l4 = &ip[usize::from(ip[0] & 0xf) * 4..];
-    (
-        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        u16::from_be_bytes([l4[0], l4[1]]),
-        u16::from_be_bytes([l4[2], l4[3]]),
-    )
 }
 
 #[test]

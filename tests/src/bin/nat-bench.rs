@@ -99,20 +99,35 @@ fn run() -> Result<()> {
         wait_reachable(&client, SocketAddrV4::new(t.host.ip, ECHO))?;
     }
 
-    let mut results: BTreeMap<String, BTreeMap<&str, f64>> = BTreeMap::new();
-    for t in &targets {
-        eprintln!("measuring {} …", t.name);
-        let echo = SocketAddrV4::new(t.host.ip, ECHO);
-        let r = results.entry("RR (transactions/s)".into()).or_default();
-        r.insert(t.name, bench::rr(&client.ns, echo, RUN)?);
-        let r = results.entry("CRR (connections/s)".into()).or_default();
-        r.insert(t.name, bench::crr(&client.ns, echo, RUN)?);
-        let r = results.entry("bulk (Gbit/s)".into()).or_default();
-        r.insert(
-            t.name,
-            bench::bulk(&client.ns, SocketAddrV4::new(t.host.ip, DISCARD), RUN)? / 1e9,
-        );
+    let mut samples: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    for round in 0..REPEATS {
+        for t in &targets {
+            eprintln!("round {}: measuring {} …", round + 1, t.name);
+            let echo = SocketAddrV4::new(t.host.ip, ECHO);
+            let discard = SocketAddrV4::new(t.host.ip, DISCARD);
+            let mut add = |metric: &str, v: f64| {
+                samples
+                    .entry(metric.into())
+                    .or_default()
+                    .entry(t.name)
+                    .or_default()
+                    .push(v);
+            };
+            add("RR (transactions/s)", bench::rr(&client.ns, echo, RUN)?);
+            add("CRR (connections/s)", bench::crr(&client.ns, echo, RUN)?);
+            add(
+                "bulk (Gbit/s)",
+                bench::bulk(&client.ns, discard, RUN)? / 1e9,
+            );
+        }
     }
+    let mut results: BTreeMap<String, BTreeMap<&str, f64>> = samples
+        .into_iter()
+        .map(|(metric, hosts)| {
+            let medians = hosts.into_iter().map(|(h, v)| (h, median(v))).collect();
+            (metric, medians)
+        })
+        .collect();
 
     // Port scaling: the proxy host would need one process per port; it is
     // measured at 1 port only. `--quick` skips it (Docker with iptables

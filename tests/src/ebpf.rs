@@ -1,0 +1,60 @@
+//! Helpers shared by the BPF_PROG_TEST_RUN suites.
+use std::net::Ipv4Addr;
+
+use netd::dataplane::Dataplane;
+use netd_common::{Counter, Hook, PortKey, PortTarget};
+
+use crate::packet::PROTO_ICMP;
+
+/// Packets counted for (`hook`, `counter`), summed over CPUs.
+pub fn count(dp: &Dataplane, hook: Hook, counter: Counter) -> u64 {
+    dp.counters()
+        .expect("reading counters")
+        .into_iter()
+        .find(|(h, c, _)| *h == hook && *c == counter)
+        .map(|(_, _, v)| v.packets)
+        .expect("every (hook, counter) has a slot")
+}
+
+/// (src, dst, sport, dport) of an Ethernet + IPv4 + TCP/UDP frame; for
+/// ICMP the echo id stands in both port places.
+pub fn tuple(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let ip = &frame[14..];
+    let l4 = &ip[usize::from(ip[0] & 0xf) * 4..];
+    let (sport, dport) = if ip[9] == PROTO_ICMP {
+        let id = u16::from_be_bytes([l4[4], l4[5]]);
+        (id, id)
+    } else {
+        (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        )
+    };
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    (addr(&ip[12..16]), addr(&ip[16..20]), sport, dport)
+}
+
+/// Publishes `host:host_port/proto` to `target:target_port`.
+pub fn publish(
+    dp: &mut Dataplane,
+    host: Ipv4Addr,
+    host_port: u16,
+    proto: u8,
+    target: Ipv4Addr,
+    target_port: u16,
+) {
+    dp.set_port(
+        PortKey {
+            addr: host.octets(),
+            port: host_port.to_be_bytes(),
+            proto,
+            _pad: 0,
+        },
+        PortTarget {
+            addr: target.octets(),
+            port: target_port.to_be_bytes(),
+            _pad: [0; 2],
+        },
+    )
+    .expect("writing netd_ports");
+}
