@@ -153,6 +153,10 @@ pub struct NatConfig {
     /// Range for source ports when the original one is taken (host order).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// The uplink's ifindex: traffic the FIB routes there may be sent
+    /// straight out (0: no fast path).
+    pub uplink_ifindex: u32,
+    pub _pad: u32,
     /// Cookie of the network namespace this netd serves (SO_NETNS_COOKIE).
     /// The socket hooks are attached to a cgroup shared with other
     /// namespaces; they act only on sockets of this one. 0: off.

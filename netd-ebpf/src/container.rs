@@ -7,6 +7,7 @@ use netd_common::{network::NETWORK_HOST_ADDR, Counter, Endpoint};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    delivery::out_uplink,
     maps::{network_of, ENDPOINTS},
     nat::{self, ContainerNat},
     parsing::{ipv4_flow, parse_frame, ptr_at, unmatched, ETH_P_ARP, ETH_P_IP},
@@ -18,17 +19,21 @@ const ARP_SHA: usize = 8;
 const ARP_SPA: usize = 14;
 const ARP_LEN: usize = 28;
 
-/// `Ok(counter)`: pass (a reason or an action); `Err(reason)`: drop.
+/// `Ok((counter, None))`: pass (a reason or an action);
+/// `Ok((action, Some(verdict)))`: rewritten and redirected; `Err`: drop.
 #[inline(always)]
-pub fn egress(ctx: &TcContext) -> Result<Counter, Counter> {
+pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(ep) = ENDPOINTS.get_ptr(&ifindex) else {
         // Not (or not yet) a known endpoint: leave it to the kernel, saying
         // what it is.
-        return Ok(match parse_frame(ctx) {
-            Ok(frame) => unmatched(&frame),
-            Err(reason) => reason,
-        });
+        return Ok((
+            match parse_frame(ctx) {
+                Ok(frame) => unmatched(&frame),
+                Err(reason) => reason,
+            },
+            None,
+        ));
     };
     let ep: Endpoint = unsafe { *ep };
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;
@@ -37,18 +42,18 @@ pub fn egress(ctx: &TcContext) -> Result<Counter, Counter> {
         return Err(Counter::Spoofed);
     }
     if ether_type == ETH_P_ARP {
-        return check_arp(ctx, &ep);
+        return check_arp(ctx, &ep).map(|c| (c, None));
     }
     let frame = match parse_frame(ctx) {
         Ok(frame) => frame,
         // Other L2 protocols: the MAC was checked above.
-        Err(Counter::NotIp) => return Ok(Counter::NotIp),
+        Err(Counter::NotIp) => return Ok((Counter::NotIp, None)),
         // A frame whose source cannot be verified is not let through.
         Err(reason) => return Err(reason),
     };
     if ether_type != ETH_P_IP {
         // IPv6: MAC checked above; addresses not yet (no IPv6 NAT either).
-        return Ok(Counter::NoMatch);
+        return Ok((Counter::NoMatch, None));
     }
     // Every IPv4 packet, not only the flows NAT knows: fragments, ICMP
     // errors, other protocols must come from the container's address too.
@@ -63,15 +68,21 @@ pub fn egress(ctx: &TcContext) -> Result<Counter, Counter> {
     };
     match nat {
         // Published ports are reachable from every network.
-        ContainerNat::Rewritten(action) => Ok(action),
-        ContainerNat::Related => Ok(Counter::NoMatch),
+        ContainerNat::Rewritten(action) => Ok((action, None)),
+        ContainerNat::Forward(action, route) => match out_uplink(ctx, frame.l3_offset, &route) {
+            Some(verdict) => Ok((action, Some(verdict))),
+            // Rewritten for the outside but not sent: the kernel would drop
+            // it as a martian anyway; say why.
+            None => Err(Counter::RewriteFailed),
+        },
+        ContainerNat::Related => Ok((Counter::NoMatch, None)),
         ContainerNat::Unrelated => match network_of(dst) {
             // Another network's container; its gateway is the host's own
             // address and stays reachable.
             Some(net) if net.flags & NETWORK_HOST_ADDR == 0 && net.id != ep.network => {
                 Err(Counter::Isolated)
             }
-            _ => Ok(unmatched(&frame)),
+            _ => Ok((unmatched(&frame), None)),
         },
     }
 }

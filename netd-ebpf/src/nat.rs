@@ -22,6 +22,7 @@ use netd_common::{
 
 use crate::{
     checksum::{set_ipv4_addr, set_port, L4Offsets},
+    delivery::{route_via_uplink, Route},
     maps::{network_of, CONFIG, NAT_CT, PORTS},
     parsing::{
         Ipv4Flow, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK,
@@ -447,6 +448,8 @@ fn allocate_snat(
 pub enum ContainerNat {
     /// Rewritten (hairpin to a published port).
     Rewritten(Counter),
+    /// Rewritten for the outside and to be sent straight out of the uplink.
+    Forward(Counter, Route),
     /// Part of a NATed flow, rewritten elsewhere (a reply, rewritten on the
     /// uplink or on the receiving container's veth).
     Related,
@@ -466,14 +469,34 @@ pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<ContainerNat, C
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if let Some(e) = NAT_CT.get_ptr_mut(&key) {
         let hit = touch(e, f, now);
-        if hit.flags & CT_FLAG_DNAT != 0 {
-            if hit.rewrite == CT_REWRITE_DST && !new_connection {
-                rewrite_dst(ctx, f, hit.addr, hit.port)?;
-                return Ok(ContainerNat::Rewritten(Counter::Dnat));
-            }
-            if hit.rewrite == CT_REWRITE_SRC {
+        if hit.rewrite == CT_REWRITE_DST && hit.flags & CT_FLAG_DNAT != 0 && !new_connection {
+            rewrite_dst(ctx, f, hit.addr, hit.port)?;
+            return Ok(ContainerNat::Rewritten(Counter::Dnat));
+        }
+        if hit.rewrite == CT_REWRITE_SRC {
+            // Bound outside and routed via the uplink: rewrite now and send
+            // it out directly. Anything else is left to the kernel path and
+            // rewritten on the uplink (or the receiving container's veth).
+            if network_of(f.dst_addr).is_some() {
                 return Ok(ContainerNat::Related);
             }
+            let Some(route) = route_via_uplink(ctx, f.src_addr, f.dst_addr, f.proto) else {
+                return Ok(ContainerNat::Related);
+            };
+            let snat = hit.flags & CT_FLAG_SNAT != 0;
+            if snat {
+                keep_reply_entry(&key, f, &hit, now);
+            }
+            rewrite_src(ctx, f, hit.addr, hit.port)?;
+            let action = if snat {
+                Counter::Snat
+            } else {
+                Counter::RevDnat
+            };
+            return Ok(ContainerNat::Forward(action, route));
+        }
+        if hit.rewrite == CT_REWRITE_NONE {
+            return Ok(ContainerNat::Related);
         }
     }
     let port_key = PortKey {
@@ -488,12 +511,43 @@ pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<ContainerNat, C
         PORTS.get_ptr(&port_key)
     };
     let Some(target) = target else {
-        return Ok(ContainerNat::Unrelated);
+        return masquerade_direct(ctx, f, &key, now);
     };
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
     record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags))?;
     rewrite_dst(ctx, f, addr, port)?;
     Ok(ContainerNat::Rewritten(Counter::Dnat))
+}
+
+/// The first packet of a container's flow to the outside: masqueraded here
+/// and sent straight out when the FIB routes it via the uplink; otherwise
+/// left to the uplink's egress program.
+#[inline(always)]
+fn masquerade_direct(
+    ctx: &TcContext,
+    f: &Ipv4Flow,
+    key: &CtKey,
+    now: u64,
+) -> Result<ContainerNat, Counter> {
+    if network_of(f.dst_addr).is_some()
+        || network_of(f.src_addr).map_or(0, |n| n.flags) & NETWORK_MASQUERADE == 0
+    {
+        return Ok(ContainerNat::Unrelated);
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Ok(ContainerNat::Unrelated);
+    };
+    let host = config.host_addr;
+    if host == [0; 4] {
+        return Ok(ContainerNat::Unrelated);
+    }
+    let Some(route) = route_via_uplink(ctx, f.src_addr, f.dst_addr, f.proto) else {
+        return Ok(ContainerNat::Unrelated);
+    };
+    let range = (config.snat_port_min, config.snat_port_max);
+    let port = allocate_snat(ctx, key, host, range, now, tcp_state(f.tcp_flags))?;
+    rewrite_src(ctx, f, host, port)?;
+    Ok(ContainerNat::Forward(Counter::Snat, route))
 }
 
 /// Traffic about to enter a container (TC egress on its host-side veth):

@@ -8,6 +8,8 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
+/// Ethernet header length: where L3 starts on every hook netd uses.
+pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;

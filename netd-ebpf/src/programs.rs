@@ -110,7 +110,8 @@ pub fn netd_uplink_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn netd_container_egress(ctx: TcContext) -> i32 {
     let outcome = match container::egress(&ctx) {
-        Ok(counter) => Outcome::Pass(counter),
+        Ok((action, Some(verdict))) => Outcome::Redirect(action, verdict),
+        Ok((counter, None)) => Outcome::Pass(counter),
         Err(reason) => Outcome::Drop(reason),
     };
     finish(&ctx, Hook::ContainerEgress, outcome)

@@ -50,6 +50,8 @@ async fn reconcile_all(
         host_addr: host_addrs.first().map_or([0; 4], |a| a.octets()),
         snat_port_min: snat_ports.0,
         snat_port_max: snat_ports.1,
+        uplink_ifindex: dataplane::interface_index(uplink)?,
+        _pad: 0,
         netns_cookie,
     };
     if dp.config()? != config {

@@ -18,7 +18,7 @@ fn setup() -> Dataplane {
         host_addr: HOST.octets(),
         snat_port_min: 61000,
         snat_port_max: 65535,
-        netns_cookie: 0,
+        ..Default::default()
     })
     .unwrap();
     dp.set_network(

@@ -26,7 +26,7 @@ fn setup(port_min: u16, port_max: u16) -> Dataplane {
         host_addr: HOST.octets(),
         snat_port_min: port_min,
         snat_port_max: port_max,
-        netns_cookie: 0,
+        ..Default::default()
     })
     .unwrap();
     dp.set_network(

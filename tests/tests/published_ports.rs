@@ -86,6 +86,11 @@ fn published_port_follows_the_container_lifecycle() {
         netd_tests::netd::counter(&status, "uplink-ingress", "redirect") >= 3,
         "{status:#}"
     );
+    // … and its replies straight from the container's veth to the uplink.
+    assert!(
+        netd_tests::netd::counter(&status, "container-egress", "redirect") >= 3,
+        "{status:#}"
+    );
 
     // Host-local access: processes on the host itself, on loopback and on
     // the host address (socket hooks; no packet crosses the uplink)…

@@ -201,7 +201,7 @@ fn program_costs() -> Result<Vec<(&'static str, f64)>> {
         host_addr: host.octets(),
         snat_port_min: 61000,
         snat_port_max: 65535,
-        netns_cookie: 0,
+        ..Default::default()
     })?;
     dp.set_network(
         Ipv4Addr::new(198, 19, 1, 0),
