@@ -254,7 +254,7 @@ pub fn render_status(s: &dataplane::Status) -> String {
     for m in &s.maps {
         let _ = writeln!(
             out,
-            "  {:<18} {:<14} {}/{}",
+            "  {:<20} {:<14} {}/{}",
             m.name, m.map_type, m.entries, m.max_entries
         );
     }
