@@ -2,11 +2,8 @@
 use std::net::Ipv4Addr;
 
 use netd::dataplane::{monotonic_now_ns, Dataplane, LoadOptions};
-use netd_common::{
-    nat::*, network::NETWORK_MASQUERADE, CtTimeouts, Hook, NatConfig, NetworkInfo, PortKey,
-    PortTarget,
-};
-use netd_tests::{packet::*, privileged};
+use netd_common::{nat::*, network::NETWORK_MASQUERADE, CtTimeouts, Hook, NatConfig, NetworkInfo};
+use netd_tests::{ebpf::publish, packet::*, privileged};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
@@ -38,20 +35,7 @@ fn setup() -> Dataplane {
         NetworkInfo { flags: 0, id: 2 },
     )
     .unwrap();
-    dp.set_port(
-        PortKey {
-            addr: HOST.octets(),
-            port: 8080u16.to_be_bytes(),
-            proto: PROTO_TCP,
-            _pad: 0,
-        },
-        PortTarget {
-            addr: C1.octets(),
-            port: 80u16.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
+    publish(&mut dp, HOST, 8080, PROTO_TCP, C1, 80);
     dp
 }
 

@@ -3,11 +3,9 @@
 use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions};
-use netd_common::{
-    network::NETWORK_MASQUERADE, Counter, Endpoint, Hook, NetworkInfo, PortKey, PortTarget,
-};
+use netd_common::{network::NETWORK_MASQUERADE, Counter, Endpoint, Hook, NetworkInfo};
 use netd_tests::{
-    ebpf::{count, tuple},
+    ebpf::{count, publish, tuple},
     packet::*,
     privileged,
 };
@@ -135,20 +133,7 @@ fn replies_across_networks_are_allowed_only_for_published_port_flows() {
         return;
     }
     let mut dp = setup(C1);
-    dp.set_port(
-        PortKey {
-            addr: HOST.octets(),
-            port: 8080u16.to_be_bytes(),
-            proto: PROTO_TCP,
-            _pad: 0,
-        },
-        PortTarget {
-            addr: OTHER_NET.octets(),
-            port: 80u16.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
+    publish(&mut dp, HOST, 8080, PROTO_TCP, OTHER_NET, 80);
     // C1 (network 1) reaches a network-2 container through the published port.
     let syn = tcp4_frame((C1, 40000), (HOST, 8080), TCP_SYN, b"");
     assert_eq!(
@@ -210,20 +195,7 @@ fn hairpin_to_a_published_port_is_translated_both_ways() {
         return;
     }
     let mut dp = setup(C1);
-    dp.set_port(
-        PortKey {
-            addr: HOST.octets(),
-            port: 8080u16.to_be_bytes(),
-            proto: PROTO_TCP,
-            _pad: 0,
-        },
-        PortTarget {
-            addr: C2.octets(),
-            port: 80u16.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
+    publish(&mut dp, HOST, 8080, PROTO_TCP, C2, 80);
     // C1 → host:8080 becomes C1 → C2:80 on C1's veth.
     let syn = tcp4_frame((C1, 40000), (HOST, 8080), TCP_SYN, b"");
     let out = dp.test_run(Hook::ContainerEgress, &syn, 1).unwrap();
@@ -249,20 +221,7 @@ fn replies_to_outside_clients_are_left_to_the_uplink() {
         return;
     }
     let mut dp = setup(C2);
-    dp.set_port(
-        PortKey {
-            addr: HOST.octets(),
-            port: 8080u16.to_be_bytes(),
-            proto: PROTO_TCP,
-            _pad: 0,
-        },
-        PortTarget {
-            addr: C2.octets(),
-            port: 80u16.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
+    publish(&mut dp, HOST, 8080, PROTO_TCP, C2, 80);
     let syn = tcp4_frame((OUTSIDE, 50000), (HOST, 8080), TCP_SYN, b"");
     dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap();
     let synack = tcp4_frame((C2, 80), (OUTSIDE, 50000), TCP_SYN | TCP_ACK, b"");

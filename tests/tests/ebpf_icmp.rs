@@ -4,8 +4,8 @@
 use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions};
-use netd_common::{network::NETWORK_MASQUERADE, Hook, NatConfig, NetworkInfo, PortKey, PortTarget};
-use netd_tests::{packet::*, privileged};
+use netd_common::{network::NETWORK_MASQUERADE, Hook, NatConfig, NetworkInfo};
+use netd_tests::{ebpf::publish, packet::*, privileged};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
@@ -109,20 +109,7 @@ fn port_unreachable_from_a_published_container_leaves_as_the_host() {
         return;
     }
     let mut dp = setup();
-    dp.set_port(
-        PortKey {
-            addr: HOST.octets(),
-            port: 5353u16.to_be_bytes(),
-            proto: PROTO_UDP,
-            _pad: 0,
-        },
-        PortTarget {
-            addr: C1.octets(),
-            port: 53u16.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
+    publish(&mut dp, HOST, 5353, PROTO_UDP, C1, 53);
     let q = udp4_frame((PEER, 33000), (HOST, 5353), b"query");
     let delivered = dp.test_run(Hook::UplinkIngress, &q, 1).unwrap().frame;
     // The container has nothing on port 53 and says so.

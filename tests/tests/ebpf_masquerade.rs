@@ -5,10 +5,10 @@ use std::net::Ipv4Addr;
 use netd::dataplane::{Dataplane, LoadOptions};
 use netd_common::{
     network::{NETWORK_HOST_ADDR, NETWORK_MASQUERADE},
-    Counter, Hook, NatConfig, NetworkInfo, PortKey, PortTarget,
+    Counter, Hook, NatConfig, NetworkInfo,
 };
 use netd_tests::{
-    ebpf::{count, tuple},
+    ebpf::{count, publish, tuple},
     packet::*,
     privileged,
 };
@@ -123,20 +123,7 @@ fn a_published_host_port_is_never_used_for_masquerade() {
         return;
     }
     let mut dp = setup(32768, 65535);
-    dp.set_port(
-        PortKey {
-            addr: HOST.octets(),
-            port: 8080u16.to_be_bytes(),
-            proto: PROTO_TCP,
-            _pad: 0,
-        },
-        PortTarget {
-            addr: C2.octets(),
-            port: 80u16.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
+    publish(&mut dp, HOST, 8080, PROTO_TCP, C2, 80);
     let out = dp
         .test_run(
             Hook::UplinkEgress,

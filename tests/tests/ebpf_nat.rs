@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 use netd::dataplane::{Dataplane, LoadOptions};
 use netd_common::{nat::CT_REWRITE_SRC, Counter, Hook, PortKey, PortTarget};
 use netd_tests::{
-    ebpf::{count, tuple},
+    ebpf::{count, publish, tuple},
     packet::*,
     privileged,
 };
@@ -14,30 +14,13 @@ const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const CONTAINER: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 const PASS: i32 = -1;
 
-fn publish(dp: &mut Dataplane, proto: u8, host_port: u16, container_port: u16) {
-    dp.set_port(
-        PortKey {
-            addr: HOST.octets(),
-            port: host_port.to_be_bytes(),
-            proto,
-            _pad: 0,
-        },
-        PortTarget {
-            addr: CONTAINER.octets(),
-            port: container_port.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
-}
-
 #[test]
 fn tcp_published_port_is_translated_both_ways_with_valid_checksums() {
     if !privileged() {
         return;
     }
     let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    publish(&mut dp, PROTO_TCP, 8080, 80);
+    publish(&mut dp, HOST, 8080, PROTO_TCP, CONTAINER, 80);
 
     let syn = tcp4_frame((CLIENT, 40000), (HOST, 8080), TCP_SYN, b"");
     let out = dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap();
@@ -92,7 +75,7 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
         return;
     }
     let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    publish(&mut dp, PROTO_UDP, 5353, 53);
+    publish(&mut dp, HOST, 5353, PROTO_UDP, CONTAINER, 53);
 
     let q = udp4_frame((CLIENT, 33333), (HOST, 5353), b"query");
     let out = dp.test_run(Hook::UplinkIngress, &q, 1).unwrap();
@@ -119,7 +102,7 @@ fn other_ports_protocols_and_truncated_l4_are_untouched() {
         return;
     }
     let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    publish(&mut dp, PROTO_TCP, 8080, 80);
+    publish(&mut dp, HOST, 8080, PROTO_TCP, CONTAINER, 80);
     // Same port, other protocol; same protocol, other port; other host IP.
     for f in [
         udp4_frame((CLIENT, 1), (HOST, 8080), b"x"),
@@ -155,7 +138,7 @@ fn a_new_syn_on_a_reused_tuple_takes_the_current_mapping() {
         return;
     }
     let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    publish(&mut dp, PROTO_TCP, 8080, 80);
+    publish(&mut dp, HOST, 8080, PROTO_TCP, CONTAINER, 80);
     let syn = tcp4_frame((CLIENT, 40000), (HOST, 8080), TCP_SYN, b"");
     assert_eq!(
         tuple(&dp.test_run(Hook::UplinkIngress, &syn, 1).unwrap().frame).1,
@@ -164,20 +147,7 @@ fn a_new_syn_on_a_reused_tuple_takes_the_current_mapping() {
 
     // The container is replaced (new address); the client reuses its port.
     let moved = Ipv4Addr::new(198, 19, 1, 9);
-    dp.set_port(
-        PortKey {
-            addr: HOST.octets(),
-            port: 8080u16.to_be_bytes(),
-            proto: PROTO_TCP,
-            _pad: 0,
-        },
-        PortTarget {
-            addr: moved.octets(),
-            port: 80u16.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    )
-    .unwrap();
+    publish(&mut dp, HOST, 8080, PROTO_TCP, moved, 80);
     // Mid-flow packets of the old connection keep the old translation…
     let ack = tcp4_frame((CLIENT, 40000), (HOST, 8080), TCP_ACK, b"");
     assert_eq!(
@@ -227,7 +197,7 @@ fn a_translated_packet_for_a_known_container_is_delivered_directly() {
         return;
     }
     let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    publish(&mut dp, PROTO_TCP, 8080, 80);
+    publish(&mut dp, HOST, 8080, PROTO_TCP, CONTAINER, 80);
     let container_mac = [0x02, 0x42, 0xc6, 0x13, 0x01, 0x02];
     dp.set_endpoint_location(
         CONTAINER,
