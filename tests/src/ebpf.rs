@@ -1,8 +1,10 @@
 //! Helpers shared by the BPF_PROG_TEST_RUN suites.
 use std::net::Ipv4Addr;
 
-use netd::dataplane::Dataplane;
-use netd_common::{Counter, Hook, PortKey, PortTarget};
+use netd::dataplane::{Dataplane, LoadOptions};
+use netd_common::{
+    network::NETWORK_MASQUERADE, Counter, Hook, NatConfig, NetworkInfo, PortKey, PortTarget,
+};
 
 use crate::packet::PROTO_ICMP;
 
@@ -57,4 +59,31 @@ pub fn publish(
         },
     )
     .expect("writing netd_ports");
+}
+
+/// The container subnet the NAT suites use: 198.19.1.0/24, network id 1.
+pub const CONTAINER_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 1, 0), 24);
+
+/// Programs loaded unpinned, masquerading [`CONTAINER_SUBNET`] as `host`
+/// with fallback source ports `ports`.
+pub fn masquerading(host: Ipv4Addr, ports: (u16, u16)) -> Dataplane {
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).expect("loading programs");
+    dp.set_config(NatConfig {
+        host_addr: host.octets(),
+        snat_port_min: ports.0,
+        snat_port_max: ports.1,
+        ..Default::default()
+    })
+    .expect("writing netd_config");
+    let (addr, prefix) = CONTAINER_SUBNET;
+    dp.set_network(
+        addr,
+        prefix,
+        NetworkInfo {
+            flags: NETWORK_MASQUERADE,
+            id: 1,
+        },
+    )
+    .expect("writing netd_networks");
+    dp
 }

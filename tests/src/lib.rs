@@ -50,6 +50,21 @@ pub fn privileged() -> bool {
     false
 }
 
+/// Polls `f` every 20 ms until it returns true (true) or `limit` passes
+/// (false).
+pub fn eventually(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// One test's private world: a state dir, a private bpffs mount, and a
 /// counter for unique names.
 pub struct Bench {

@@ -3,7 +3,7 @@
 //! and after it restarts, and new connections work while it is down.
 use std::time::Duration;
 
-use netd_tests::{privileged, Bench, DockerMode, Host};
+use netd_tests::{eventually, privileged, Bench, DockerMode, Host};
 
 #[test]
 fn established_connections_survive_a_killed_and_restarted_daemon() {
@@ -84,17 +84,7 @@ fn netd_follows_docker_through_a_dockerd_restart() {
             .http_get_within(&format!("http://{host_ip}:{port}/"), 2)
             .is_ok()
     };
-    let eventually = |f: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while !f() {
-            if std::time::Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        true
-    };
-    assert!(eventually(&|| reachable(8080)));
+    assert!(eventually(Duration::from_secs(15), || reachable(8080)));
 
     // dockerd goes away (stopping its containers) and comes back.
     host.docker.as_mut().unwrap().restart().unwrap();
@@ -129,7 +119,7 @@ fn netd_follows_docker_through_a_dockerd_restart() {
         )
         .unwrap();
     assert!(
-        eventually(&|| reachable(9090)),
+        eventually(Duration::from_secs(15), || reachable(9090)),
         "netd lost Docker after its restart"
     );
     let log = std::fs::read_to_string(host.netd().log_path()).unwrap();

@@ -1,9 +1,9 @@
 //! Flow state kept by the datapath and expiry by the daemon's GC.
 use std::net::Ipv4Addr;
 
-use netd::dataplane::{monotonic_now_ns, Dataplane, LoadOptions};
-use netd_common::{nat::*, network::NETWORK_MASQUERADE, CtTimeouts, Hook, NatConfig, NetworkInfo};
-use netd_tests::{ebpf::publish, packet::*, privileged};
+use netd::dataplane::{monotonic_now_ns, Dataplane};
+use netd_common::{nat::*, CtTimeouts, Hook, NetworkInfo};
+use netd_tests::{ebpf::masquerading, ebpf::publish, packet::*, privileged};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
@@ -11,23 +11,7 @@ const C1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 const SEC: u64 = 1_000_000_000;
 
 fn setup() -> Dataplane {
-    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    dp.set_config(NatConfig {
-        host_addr: HOST.octets(),
-        snat_port_min: 61000,
-        snat_port_max: 65535,
-        ..Default::default()
-    })
-    .unwrap();
-    dp.set_network(
-        Ipv4Addr::new(198, 19, 1, 0),
-        24,
-        NetworkInfo {
-            flags: NETWORK_MASQUERADE,
-            id: 1,
-        },
-    )
-    .unwrap();
+    let mut dp = masquerading(HOST, (61000, 65535));
     // A routed network (masquerade off): reachable from outside directly.
     dp.set_network(
         Ipv4Addr::new(198, 19, 2, 0),

@@ -3,9 +3,9 @@
 //! through netd.
 use std::net::Ipv4Addr;
 
-use netd::dataplane::{Dataplane, LoadOptions};
-use netd_common::{network::NETWORK_MASQUERADE, Hook, NatConfig, NetworkInfo};
-use netd_tests::{ebpf::publish, packet::*, privileged};
+use netd::dataplane::Dataplane;
+use netd_common::Hook;
+use netd_tests::{ebpf::masquerading, ebpf::publish, packet::*, privileged};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
@@ -13,24 +13,7 @@ const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
 const C1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 
 fn setup() -> Dataplane {
-    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    dp.set_config(NatConfig {
-        host_addr: HOST.octets(),
-        snat_port_min: 61000,
-        snat_port_max: 65535,
-        ..Default::default()
-    })
-    .unwrap();
-    dp.set_network(
-        Ipv4Addr::new(198, 19, 1, 0),
-        24,
-        NetworkInfo {
-            flags: NETWORK_MASQUERADE,
-            id: 1,
-        },
-    )
-    .unwrap();
-    dp
+    masquerading(HOST, (61000, 65535))
 }
 
 /// The IP packet inside an Ethernet frame.

@@ -2,13 +2,10 @@
 //! kernel on crafted frames.
 use std::net::Ipv4Addr;
 
-use netd::dataplane::{Dataplane, LoadOptions};
-use netd_common::{
-    network::{NETWORK_HOST_ADDR, NETWORK_MASQUERADE},
-    Counter, Hook, NatConfig, NetworkInfo,
-};
+use netd::dataplane::Dataplane;
+use netd_common::{network::NETWORK_HOST_ADDR, Counter, Hook, NetworkInfo};
 use netd_tests::{
-    ebpf::{count, publish, tuple},
+    ebpf::{count, masquerading, publish, tuple},
     packet::*,
     privileged,
 };
@@ -21,24 +18,7 @@ const PASS: i32 = -1;
 const SHOT: i32 = 2;
 
 fn setup(port_min: u16, port_max: u16) -> Dataplane {
-    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    dp.set_config(NatConfig {
-        host_addr: HOST.octets(),
-        snat_port_min: port_min,
-        snat_port_max: port_max,
-        ..Default::default()
-    })
-    .unwrap();
-    dp.set_network(
-        Ipv4Addr::new(198, 19, 1, 0),
-        24,
-        NetworkInfo {
-            flags: NETWORK_MASQUERADE,
-            id: 1,
-        },
-    )
-    .unwrap();
-    dp
+    masquerading(HOST, (port_min, port_max))
 }
 
 #[test]

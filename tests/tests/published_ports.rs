@@ -1,8 +1,8 @@
 //! `docker run -p` served by netd alone: dockerd runs with iptables, masquerade
 //! and docker-proxy off, so nothing else could make these ports reachable.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use netd_tests::{privileged, Bench, DockerMode, Host};
+use netd_tests::{eventually, privileged, Bench, DockerMode, Host};
 use serde_json::Value;
 
 fn ports(host: &mut Host) -> Vec<Value> {
@@ -21,20 +21,6 @@ fn ports(host: &mut Host) -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
-}
-
-/// Polls `f` until it returns true or `limit` passes.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
