@@ -109,10 +109,13 @@ pub enum Counter {
     /// Verdict: handed straight to the container (bpf_redirect_peer),
     /// skipping the host's routing and bridge.
     Redirect = 19,
+    /// Already translated (and counted) by a container's veth program and
+    /// sent straight to this interface; passed without another look.
+    Translated = 20,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -134,6 +137,7 @@ impl Counter {
         Counter::IcmpErrorNat,
         Counter::NotPublished,
         Counter::Redirect,
+        Counter::Translated,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -158,6 +162,7 @@ impl Counter {
             Counter::IcmpErrorNat => "icmp-error-nat",
             Counter::NotPublished => "not-published",
             Counter::Redirect => "redirect",
+            Counter::Translated => "translated",
         }
     }
 

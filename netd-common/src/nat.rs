@@ -144,6 +144,12 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
+// The datapath overwrites an entry's first 8 bytes (the translation) and
+// its timestamp as two aligned 8-byte stores.
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::align_of::<CtEntry>() == 8);
+const _: () = assert!(core::mem::offset_of!(CtEntry, last_seen_ns) == 8);
+
 /// Datapath settings written by the daemon, slot 0 of `netd_config`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -116,7 +116,33 @@ pub fn out_uplink(ctx: &TcContext, l3: usize, route: &Route) -> Option<i32> {
     decrement_ttl(ctx, l3)?;
     ctx.store(0, &route.dmac, 0).ok()?;
     ctx.store(6, &route.smac, 0).ok()?;
+    mark_translated(ctx);
     Some(unsafe { bpf_redirect(route.ifindex, 0) } as i32)
+}
+
+/// A bit of `skb->tc_index` (used by no qdisc or classifier since Linux 6.3
+/// removed dsmark and tcindex) saying "translated and counted on a
+/// container's veth": the uplink's egress program lets such a packet go
+/// without looking it up again. The skb keeps it through `bpf_redirect`
+/// within the namespace.
+const TC_INDEX_TRANSLATED: u32 = 1 << 13;
+
+#[inline(always)]
+fn mark_translated(ctx: &TcContext) {
+    unsafe { (*ctx.skb.skb).tc_index |= TC_INDEX_TRANSLATED };
+}
+
+/// Whether the packet was marked by `out_uplink`; clears the mark.
+#[inline(always)]
+pub fn take_translated(ctx: &TcContext) -> bool {
+    let skb = ctx.skb.skb;
+    unsafe {
+        if (*skb).tc_index & TC_INDEX_TRANSLATED == 0 {
+            return false;
+        }
+        (*skb).tc_index &= !TC_INDEX_TRANSLATED;
+    }
+    true
 }
 
 /// TTL and checksum as a router leaves them; `None` at TTL 1 or below.

@@ -6,7 +6,8 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release,
     },
     programs::TcContext,
     EbpfContext as _,
@@ -70,6 +71,13 @@ fn tcp_state(tcp_flags: u8) -> u8 {
         state |= CT_FLAG_TCP_RST;
     }
     state
+}
+
+/// CLOCK_MONOTONIC as of the last tick: flow timeouts are seconds, and the
+/// precise clock costs a TSC read per packet (expensive in a VM).
+#[inline(always)]
+fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// What a flow-table hit says, read once.
@@ -150,7 +158,7 @@ fn rewrite_src(ctx: &TcContext, f: &Ipv4Flow, addr: [u8; 4], port: [u8; 2]) -> R
 /// `Ok(Some(action))` when rewritten, `Ok(None)` when not ours, `Err` to drop.
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let key = key_of(f);
     // A bare SYN opens a new connection even if its 4-tuple was used before
     // (clients reuse ports quickly): it takes the current port mapping.
@@ -245,14 +253,42 @@ fn record_dnat_flow(
         CT_FLAG_DNAT,
         now,
     );
-    NAT_CT
-        .insert(original, forward, 0)
-        .map_err(|_| Counter::CtFull)?;
-    if NAT_CT.insert(&reply_key, reply, 0).is_err() {
+    put_flow(original, forward).map_err(|_| Counter::CtFull)?;
+    if put_flow(&reply_key, reply).is_err() {
         let _ = NAT_CT.remove(original);
         return Err(Counter::CtFull);
     }
     Ok(())
+}
+
+/// Records `e` under `key`, replacing what is there. A key still in the
+/// table (under load, clients cycle through their ~28,000 ephemeral ports
+/// in seconds, and a closed flow's entries outlive it by the closing
+/// timeout) is overwritten in place: a map update would allocate a new
+/// element and free the old one, several times the cost of the lookup. The
+/// translation (first 8 bytes) and the timestamp are each one aligned 8-byte
+/// store, so a packet read on another CPU never sees half of one.
+#[inline(always)]
+fn put_flow(key: &CtKey, e: CtEntry) -> Result<(), i32> {
+    match NAT_CT.get_ptr_mut(key) {
+        Some(p) => {
+            let head = u64::from_ne_bytes([
+                e.addr[0], e.addr[1], e.addr[2], e.addr[3], e.port[0], e.port[1], e.rewrite,
+                e.flags,
+            ]);
+            // SAFETY: `p` points at a live CtEntry (16 bytes, 8-aligned:
+            // addr, port, rewrite, flags, then last_seen_ns).
+            unsafe {
+                core::ptr::write_volatile(p.cast::<u64>(), head);
+                core::ptr::write_volatile(
+                    core::ptr::addr_of_mut!((*p).last_seen_ns),
+                    e.last_seen_ns,
+                );
+            }
+            Ok(())
+        }
+        None => NAT_CT.insert(key, e, 0),
+    }
 }
 
 /// Both directions of a flow routed to a container without translation.
@@ -268,12 +304,8 @@ fn record_routed_flow(original: &CtKey, now: u64, state: u8) -> Result<(), Count
     };
     let forward = entry([0; 4], [0; 2], CT_REWRITE_NONE, CT_FLAG_ROUTED | state, now);
     let reply = entry([0; 4], [0; 2], CT_REWRITE_NONE, CT_FLAG_ROUTED, now);
-    NAT_CT
-        .insert(original, forward, 0)
-        .map_err(|_| Counter::CtFull)?;
-    NAT_CT
-        .insert(&reply_key, reply, 0)
-        .map_err(|_| Counter::CtFull)
+    put_flow(original, forward).map_err(|_| Counter::CtFull)?;
+    put_flow(&reply_key, reply).map_err(|_| Counter::CtFull)
 }
 
 /// Traffic leaving by the uplink: replies of published-port flows and
@@ -281,7 +313,7 @@ fn record_routed_flow(original: &CtKey, now: u64, state: u8) -> Result<(), Count
 /// packet of a container's outbound flow creates the masquerade.
 #[inline(always)]
 pub fn egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let key = key_of(f);
     if let Some(e) = NAT_CT.get_ptr_mut(&key) {
         let hit = touch(e, f, now);
@@ -464,7 +496,7 @@ pub enum ContainerNat {
 /// container's veth rewrites them.
 #[inline(always)]
 pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<ContainerNat, Counter> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let key = key_of(f);
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if let Some(e) = NAT_CT.get_ptr_mut(&key) {
@@ -558,7 +590,7 @@ pub fn container_ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter
     let Some(e) = NAT_CT.get_ptr_mut(&key) else {
         return Ok(None);
     };
-    let hit = touch(e, f, unsafe { bpf_ktime_get_ns() });
+    let hit = touch(e, f, now_ns());
     // Only replies bound for a container (the hook can also see traffic the
     // host itself sends into the bridge).
     if hit.rewrite != CT_REWRITE_SRC

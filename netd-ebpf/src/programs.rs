@@ -103,7 +103,12 @@ pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn netd_uplink_egress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, Some(Side::Egress), nat::egress);
+    // Sent here by a container's veth program, which translated it.
+    let outcome = if delivery::take_translated(&ctx) {
+        Outcome::Pass(Counter::Translated)
+    } else {
+        with_flow(&ctx, Some(Side::Egress), nat::egress)
+    };
     finish(&ctx, Hook::UplinkEgress, outcome)
 }
 

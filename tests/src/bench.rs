@@ -15,6 +15,20 @@ use crate::netns::NetNs;
 /// Request and response size.
 pub const MESSAGE: usize = 64;
 
+/// The CPU the load generator and the server under test share. On one CPU a
+/// transaction's rate is set by the work done for it — syscalls, the stack,
+/// and the datapath under test — not by how fast the (virtual) machine wakes
+/// a thread on another CPU, which varies by more than the datapaths differ.
+pub const CPU: usize = 0;
+
+fn pin_to_cpu() -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(CPU)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .context("pinning the load generator")?;
+    Ok(())
+}
+
 fn connect(addr: SocketAddrV4) -> Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
         .with_context(|| format!("connecting to {addr}"))?;
@@ -32,6 +46,7 @@ fn transact(s: &mut TcpStream, buf: &mut [u8; MESSAGE]) -> Result<()> {
 /// Transactions per second over one connection.
 pub fn rr(ns: &NetNs, addr: SocketAddrV4, duration: Duration) -> Result<f64> {
     ns.enter(|| {
+        pin_to_cpu()?;
         let mut s = connect(addr)?;
         let mut buf = [0x5a; MESSAGE];
         // Warm up: the first transaction sets up the flow everywhere.
@@ -51,6 +66,7 @@ pub fn rr(ns: &NetNs, addr: SocketAddrV4, duration: Duration) -> Result<f64> {
 /// TIME_WAIT.
 pub fn crr(ns: &NetNs, addr: SocketAddrV4, duration: Duration) -> Result<f64> {
     ns.enter(|| {
+        pin_to_cpu()?;
         let mut buf = [0x5a; MESSAGE];
         let start = Instant::now();
         let mut n = 0u64;
@@ -85,6 +101,7 @@ fn set_linger_zero(s: &TcpStream) {
 /// Bits per second sent to a discard server over one connection.
 pub fn bulk(ns: &NetNs, addr: SocketAddrV4, duration: Duration) -> Result<f64> {
     ns.enter(|| {
+        pin_to_cpu()?;
         let mut s = connect(addr)?;
         let buf = vec![0xa5u8; 128 * 1024];
         let start = Instant::now();

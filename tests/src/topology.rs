@@ -25,11 +25,31 @@ pub struct Lan {
 impl Lan {
     pub(crate) fn new(ns: NetNs, prefix: [u8; 3]) -> Result<Self> {
         crate::netlink::add_bridge(&ns, "lan")?;
-        Ok(Self {
+        let lan = Self {
             ns,
             prefix,
             ports: 0.into(),
-        })
+        };
+        lan.plain_switch()?;
+        Ok(lan)
+    }
+
+    /// Keeps the switch a plain L2 switch. Once a stock dockerd has loaded
+    /// br_netfilter, every bridge in a namespace whose bridge-nf-call-*
+    /// sysctls are 1 (the default in a new namespace) sends its frames
+    /// through netfilter: a real switch does not, and in the benchmark that
+    /// would add the same overhead to every host under test. Call again after
+    /// starting a stock dockerd (the sysctls appear with the module).
+    pub fn plain_switch(&self) -> Result<()> {
+        for family in ["iptables", "ip6tables", "arptables"] {
+            let key = format!("net.bridge.bridge-nf-call-{family}");
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            let present = self.ns.enter(|| Ok(std::path::Path::new(&path).exists()))?;
+            if present {
+                self.ns.sysctl(&key, "0")?;
+            }
+        }
+        Ok(())
     }
 
     /// The LAN address with host part `host`.

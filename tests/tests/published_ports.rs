@@ -77,6 +77,12 @@ fn published_port_follows_the_container_lifecycle() {
         netd_tests::netd::counter(&status, "container-egress", "redirect") >= 3,
         "{status:#}"
     );
+    // The uplink's egress program saw them arrive translated, and left them.
+    assert_eq!(
+        netd_tests::netd::counter(&status, "uplink-egress", "translated"),
+        netd_tests::netd::counter(&status, "container-egress", "redirect"),
+        "{status:#}"
+    );
 
     // Host-local access: processes on the host itself, on loopback and on
     // the host address (socket hooks; no packet crosses the uplink)…

@@ -79,12 +79,15 @@ fn run() -> Result<()> {
             host: Host::docker(&bench, &lan, "netd", 3, [198, 19, 93], DockerMode::Netd)?,
         },
     ];
+    lan.plain_switch()?;
     targets[2].host.start_netd(&bench)?;
     for t in &targets {
         let mount = format!("{}:/echo:ro", echo.display());
         t.host.dockerd().run(
             "echo",
             &[
+                "--cpuset-cpus",
+                &bench::CPU.to_string(),
                 "-v",
                 &mount,
                 "-p",
@@ -100,7 +103,11 @@ fn run() -> Result<()> {
     }
 
     let mut samples: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
-    for round in 0..REPEATS {
+    for round in 0..if std::env::var("PROFILE_ONLY").is_ok() {
+        1
+    } else {
+        REPEATS
+    } {
         for t in &targets {
             eprintln!("round {}: measuring {} …", round + 1, t.name);
             let echo = SocketAddrV4::new(t.host.ip, ECHO);
