@@ -96,7 +96,11 @@ struct Hit {
 fn touch(e: *mut CtEntry, f: &Ipv4Flow, now: u64) -> Hit {
     unsafe {
         let idle_ns = now.saturating_sub((*e).last_seen_ns);
-        (*e).last_seen_ns = now;
+        // The coarse clock moves once a tick: most packets need no write
+        // (and leave the entry's cache line clean for other CPUs).
+        if idle_ns != 0 {
+            (*e).last_seen_ns = now;
+        }
         let state = tcp_state(f.tcp_flags);
         if (*e).flags & state != state {
             (*e).flags |= state;

@@ -9,28 +9,27 @@ use std::{
     thread,
 };
 
-fn serve(port: u16, handle: fn(TcpStream)) -> thread::JoinHandle<()> {
+fn serve(port: u16, handle: fn(TcpStream, &mut [u8])) -> thread::JoinHandle<()> {
     let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
     thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
         for stream in listener.incoming().flatten() {
             let _ = stream.set_nodelay(true);
-            handle(stream);
+            handle(stream, &mut buf);
         }
     })
 }
 
-fn echo(mut s: TcpStream) {
-    let mut buf = [0u8; 65536];
-    while let Ok(n) = s.read(&mut buf) {
+fn echo(mut s: TcpStream, buf: &mut [u8]) {
+    while let Ok(n) = s.read(buf) {
         if n == 0 || s.write_all(&buf[..n]).is_err() {
             break;
         }
     }
 }
 
-fn discard(mut s: TcpStream) {
-    let mut buf = [0u8; 65536];
-    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+fn discard(mut s: TcpStream, buf: &mut [u8]) {
+    while matches!(s.read(buf), Ok(n) if n > 0) {}
 }
 
 fn main() {
