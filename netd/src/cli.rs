@@ -76,6 +76,14 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Container endpoints: host-side veth, address, MAC, network, and
+    /// whether inbound packets are delivered to it directly.
+    Endpoints {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// The NAT flow table: one line per direction of each flow.
     Ct {
         #[arg(long)]
@@ -186,6 +194,30 @@ fn dispatch(command: Command) -> Result<()> {
                         format!("{}:{}", p.host_addr, p.host_port),
                         p.container_addr,
                         p.container_port
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Endpoints { json, pin_dir } => {
+            dataplane::require_privileges()?;
+            let endpoints = dataplane::read_endpoints(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&endpoints)?);
+            } else {
+                println!(
+                    "{:<16} {:<16} {:<18} {:<9} {:<20} DIRECT",
+                    "INTERFACE", "ADDRESS", "MAC", "NETWORK", "SUBNETS"
+                );
+                for e in &endpoints {
+                    println!(
+                        "{:<16} {:<16} {:<18} {:<9} {:<20} {}",
+                        e.interface,
+                        e.addr,
+                        e.mac,
+                        e.network,
+                        e.subnets.join(","),
+                        if e.direct_delivery { "yes" } else { "no" }
                     );
                 }
             }

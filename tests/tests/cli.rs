@@ -62,12 +62,14 @@ fn unknown_interface_missing_socket_and_no_privileges() {
         .unwrap();
     one_line_error(&out, "needs root");
 
-    let out = ns
-        .command(&netd)
-        .args(["status", "--pin-dir", "/sys/fs/bpf/netd-never-installed"])
-        .output()
-        .unwrap();
-    one_line_error(&out, "nothing is installed");
+    for inspect in ["status", "ports", "endpoints", "ct"] {
+        let out = ns
+            .command(&netd)
+            .args([inspect, "--pin-dir", "/sys/fs/bpf/netd-never-installed"])
+            .output()
+            .unwrap();
+        one_line_error(&out, "nothing is installed");
+    }
 
     let out = ns
         .command(&netd)

@@ -5,11 +5,12 @@ use std::time::Duration;
 use netd_tests::{eventually, privileged, Bench, DockerMode, Host};
 use serde_json::Value;
 
-fn ports(host: &mut Host) -> Vec<Value> {
+/// `netd <what> --json` as a list.
+fn listed(host: &mut Host, what: &str) -> Vec<Value> {
     let pin = host.netd().pin_dir().display().to_string();
     let out = host
         .netd()
-        .cli(&["ports", "--json", "--pin-dir", &pin])
+        .cli(&[what, "--json", "--pin-dir", &pin])
         .unwrap();
     assert!(
         out.status.success(),
@@ -53,7 +54,7 @@ fn published_port_follows_the_container_lifecycle() {
     assert_eq!(client.http_get(&url).unwrap(), "hello from netd-test\n");
     // Published on every address: the host's, loopback and the bridge's
     // gateway (where containers reach the host).
-    let p = ports(&mut host);
+    let p = listed(&mut host, "ports");
     assert_eq!(p.len(), 3, "{p:?}");
     let addrs: Vec<_> = p
         .iter()
@@ -65,6 +66,31 @@ fn published_port_follows_the_container_lifecycle() {
     assert!(p.iter().all(|e| e["host_port"] == 8080
         && e["container_addr"] == web_ip.as_str()
         && e["container_port"] == 80));
+
+    // The container's endpoint: its host-side veth, address, MAC, network.
+    let e = listed(&mut host, "endpoints");
+    assert_eq!(e.len(), 1, "{e:?}");
+    let mac = host
+        .dockerd()
+        .docker(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.MacAddress}}{{end}}",
+            "web",
+        ])
+        .unwrap();
+    assert_eq!(e[0]["addr"], web_ip.as_str(), "{e:?}");
+    assert_eq!(e[0]["mac"], mac.as_str(), "{e:?}");
+    assert_eq!(
+        e[0]["subnets"],
+        serde_json::json!(["198.19.2.0/24"]),
+        "{e:?}"
+    );
+    assert_eq!(e[0]["direct_delivery"], true, "{e:?}");
+    assert!(
+        e[0]["interface"].as_str().unwrap().starts_with("veth"),
+        "{e:?}"
+    );
 
     // Delivered straight to the container's veth peer, not through the bridge.
     let status = host.netd().status().unwrap();
@@ -126,7 +152,7 @@ fn published_port_follows_the_container_lifecycle() {
     assert!(
         ok,
         "{:?} {} {}",
-        ports(&mut host),
+        listed(&mut host, "ports"),
         host.dockerd()
             .docker(&[
                 "inspect",
@@ -143,7 +169,7 @@ fn published_port_follows_the_container_lifecycle() {
     host.netd().stop();
     assert_eq!(client.http_get(&url).unwrap(), "hello from netd-test\n");
     host.netd().restart().unwrap();
-    assert_eq!(ports(&mut host).len(), 4);
+    assert_eq!(listed(&mut host, "ports").len(), 4);
 
     // docker restart: the port follows the container (its IP may change).
     host.dockerd()
@@ -155,8 +181,10 @@ fn published_port_follows_the_container_lifecycle() {
 
     // Removed: the mapping goes, the port closes.
     host.dockerd().docker(&["rm", "-f", "web"]).unwrap();
-    assert!(eventually(Duration::from_secs(5), || ports(&mut host)
-        .len()
+    assert!(eventually(Duration::from_secs(5), || listed(
+        &mut host, "ports"
+    )
+    .len()
         == 1));
     assert!(client.http_get(&url).is_err());
 

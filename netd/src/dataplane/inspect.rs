@@ -294,6 +294,87 @@ pub fn read_ports(pin_dir: &Path) -> Result<Vec<PortStatus>> {
     Ok(out)
 }
 
+/// A container endpoint as the datapath holds it: what may send from a
+/// host-side veth, and whether packets for its address are delivered there
+/// directly.
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EndpointStatus {
+    /// The host-side veth ("?" if the interface is gone).
+    pub interface: String,
+    pub ifindex: u32,
+    pub addr: std::net::Ipv4Addr,
+    pub mac: String,
+    /// The Docker network's id prefix (as `docker network ls` shows it).
+    pub network: String,
+    /// The network's subnets.
+    pub subnets: Vec<String>,
+    /// Inbound packets for `addr` skip the bridge (bpf_redirect_peer).
+    pub direct_delivery: bool,
+}
+
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// The container endpoints pinned under `pin_dir`, sorted by interface.
+pub fn read_endpoints(pin_dir: &Path) -> Result<Vec<EndpointStatus>> {
+    use netd_common::{network::NETWORK_HOST_ADDR, Endpoint, EndpointLocation, NetworkInfo};
+    let pins = PinDir::existing(pin_dir)?;
+    pins.check_layout()?;
+    let open = |name: &str| {
+        let path = pins.map(name);
+        MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+    };
+    let endpoints: aya::maps::HashMap<MapData, u32, Endpoint> =
+        aya::maps::HashMap::try_from(Map::HashMap(open(maps::ENDPOINTS)?))?;
+    let addrs: aya::maps::HashMap<MapData, [u8; 4], EndpointLocation> =
+        aya::maps::HashMap::try_from(Map::HashMap(open(maps::ENDPOINT_ADDRS)?))?;
+    let networks: aya::maps::lpm_trie::LpmTrie<MapData, [u8; 4], NetworkInfo> =
+        aya::maps::lpm_trie::LpmTrie::try_from(Map::LpmTrie(open(maps::NETWORKS)?))?;
+    let mut subnets: Vec<(u32, String)> = Vec::new();
+    for item in networks.iter() {
+        let (key, info) = item?;
+        if info.flags & NETWORK_HOST_ADDR == 0 {
+            let net = std::net::Ipv4Addr::from(key.data());
+            subnets.push((info.id, format!("{net}/{}", key.prefix_len())));
+        }
+    }
+    subnets.sort();
+    let mut out = Vec::new();
+    for item in endpoints.iter() {
+        let (ifindex, ep) = item?;
+        let m = ep.mac;
+        out.push(EndpointStatus {
+            interface: interface_name(ifindex).unwrap_or_else(|| "?".into()),
+            ifindex,
+            addr: ep.addr.into(),
+            mac: format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            ),
+            network: format!("{:08x}", ep.network),
+            subnets: subnets
+                .iter()
+                .filter(|(id, _)| *id == ep.network)
+                .map(|(_, s)| s.clone())
+                .collect(),
+            direct_delivery: addrs
+                .get(&ep.addr, 0)
+                .is_ok_and(|loc| loc.ifindex == ifindex),
+        });
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// One direction of a NATed flow as the datapath holds it.
 #[derive(Debug, Serialize)]
 pub struct FlowStatus {
