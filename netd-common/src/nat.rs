@@ -59,6 +59,13 @@ pub const CT_FLAG_TCP_ACKED: u8 = 1 << 3;
 pub const CT_FLAG_TCP_FIN: u8 = 1 << 4;
 /// TCP: an RST passed in this entry's direction.
 pub const CT_FLAG_TCP_RST: u8 = 1 << 5;
+/// A container reaching its own published port (with `CT_FLAG_DNAT`). Both
+/// ends of such a flow are the same container, so each direction rewrites
+/// both addresses: the request gets the published address as its source
+/// (the container would drop a packet from itself), the reply gets the
+/// container's address back as its destination. Ports other than the
+/// rewritten one stay.
+pub const CT_FLAG_HAIRPIN: u8 = 1 << 6;
 
 /// How long an idle flow lives, by state (seconds). Defaults follow Cilium
 /// (see shared/design.md).
@@ -105,12 +112,19 @@ impl CtKey {
     pub fn reverse_of(&self, entry: &CtEntry) -> CtKey {
         let (mut src, mut dst, mut sport, mut dport) =
             (self.src_addr, self.dst_addr, self.src_port, self.dst_port);
+        let hairpin = entry.flags & CT_FLAG_HAIRPIN != 0;
         match entry.rewrite {
             CT_REWRITE_DST => {
+                if hairpin {
+                    src = self.dst_addr;
+                }
                 dst = entry.addr;
                 dport = entry.port;
             }
             CT_REWRITE_SRC => {
+                if hairpin {
+                    dst = self.src_addr;
+                }
                 src = entry.addr;
                 sport = entry.port;
             }
@@ -200,4 +214,54 @@ mod pod {
     unsafe impl aya::Pod for super::NatConfig {}
     unsafe impl aya::Pod for super::SockRevKey {}
     unsafe impl aya::Pod for super::SockRevValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> CtKey {
+        CtKey {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: sport.to_be_bytes(),
+            dst_port: dport.to_be_bytes(),
+            proto: 6,
+            _pad: [0; 3],
+        }
+    }
+
+    fn entry(addr: [u8; 4], port: u16, rewrite: u8, flags: u8) -> CtEntry {
+        CtEntry {
+            addr,
+            port: port.to_be_bytes(),
+            rewrite,
+            flags,
+            last_seen_ns: 0,
+        }
+    }
+
+    const CLIENT: [u8; 4] = [198, 18, 0, 100];
+    const HOST: [u8; 4] = [198, 18, 0, 1];
+    const C: [u8; 4] = [198, 19, 0, 2];
+
+    #[test]
+    fn each_direction_of_a_published_port_flow_names_the_other() {
+        let forward = key(CLIENT, 40000, HOST, 8080);
+        let to_c = entry(C, 80, CT_REWRITE_DST, CT_FLAG_DNAT);
+        let reply = forward.reverse_of(&to_c);
+        assert_eq!(reply, key(C, 80, CLIENT, 40000));
+        let back = entry(HOST, 8080, CT_REWRITE_SRC, CT_FLAG_DNAT);
+        assert_eq!(reply.reverse_of(&back), forward);
+    }
+
+    #[test]
+    fn a_container_reaching_its_own_port_is_answered_from_the_published_address() {
+        let flags = CT_FLAG_DNAT | CT_FLAG_HAIRPIN;
+        let forward = key(C, 40000, HOST, 8080);
+        let reply = forward.reverse_of(&entry(C, 80, CT_REWRITE_DST, flags));
+        assert_eq!(reply, key(C, 80, HOST, 40000));
+        let back = entry(HOST, 8080, CT_REWRITE_SRC, flags);
+        assert_eq!(reply.reverse_of(&back), forward);
+    }
 }

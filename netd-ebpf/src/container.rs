@@ -7,7 +7,7 @@ use netd_common::{network::NETWORK_HOST_ADDR, Counter, Endpoint};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    delivery::out_uplink,
+    delivery::{back_to_sender, out_uplink},
     maps::{network_of, ENDPOINTS},
     nat::{self, ContainerNat},
     parsing::{ipv4_flow, parse_frame, ptr_at, unmatched, ETH_P_ARP, ETH_P_IP},
@@ -73,6 +73,11 @@ pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
             Some(verdict) => Ok((action, Some(verdict))),
             // Rewritten for the outside but not sent: the kernel would drop
             // it as a martian anyway; say why.
+            None => Err(Counter::RewriteFailed),
+        },
+        ContainerNat::Reflect(action) => match back_to_sender(ctx, frame.l3_offset) {
+            Some(verdict) => Ok((action, Some(verdict))),
+            // Addressed to itself: the container would drop it anyway.
             None => Err(Counter::RewriteFailed),
         },
         ContainerNat::Related => Ok((Counter::NoMatch, None)),

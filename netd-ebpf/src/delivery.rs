@@ -120,10 +120,26 @@ pub fn out_uplink(ctx: &TcContext, l3: usize, route: &Route) -> Option<i32> {
     Some(unsafe { bpf_redirect(route.ifindex, 0) } as i32)
 }
 
+/// Sends the IPv4 packet at `l3` back out of the interface it arrived on,
+/// as a router between a container and itself would: TTL decremented, MACs
+/// swapped (the container sent it to its gateway's MAC). `None` if the TTL
+/// is about to expire or a write failed.
+#[inline(always)]
+pub fn back_to_sender(ctx: &TcContext, l3: usize) -> Option<i32> {
+    decrement_ttl(ctx, l3)?;
+    let dst: [u8; 6] = ctx.load(0).ok()?;
+    let src: [u8; 6] = ctx.load(6).ok()?;
+    ctx.store(0, &src, 0).ok()?;
+    ctx.store(6, &dst, 0).ok()?;
+    mark_translated(ctx);
+    Some(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
+}
+
 /// A bit of `skb->tc_index` (used by no qdisc or classifier since Linux 6.3
 /// removed dsmark and tcindex) saying "translated and counted on a
-/// container's veth": the uplink's egress program lets such a packet go
-/// without looking it up again. The skb keeps it through `bpf_redirect`
+/// container's veth": the egress program of the interface it is sent to
+/// (the uplink's, or the container's own veth) lets it go without looking
+/// it up again. The skb keeps it through `bpf_redirect`
 /// within the namespace.
 const TC_INDEX_TRANSLATED: u32 = 1 << 13;
 

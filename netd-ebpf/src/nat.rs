@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use netd_common::{
     nat::{
-        CT_FLAG_DNAT, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_FLAG_TCP_ACKED, CT_FLAG_TCP_FIN,
-        CT_FLAG_TCP_RST, CT_REWRITE_DST, CT_REWRITE_NONE, CT_REWRITE_SRC,
+        CT_FLAG_DNAT, CT_FLAG_HAIRPIN, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_FLAG_TCP_ACKED,
+        CT_FLAG_TCP_FIN, CT_FLAG_TCP_RST, CT_REWRITE_DST, CT_REWRITE_NONE, CT_REWRITE_SRC,
     },
     network::{NETWORK_HOST_ADDR, NETWORK_INTERNAL, NETWORK_MASQUERADE},
     Counter, CtEntry, CtKey, PortKey,
@@ -198,7 +198,7 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
         return unpublished_inbound(f, &key, new_connection, now);
     };
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
-    record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags))?;
+    record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags), false)?;
     rewrite_dst(ctx, f, addr, port)?;
     Ok(Some(Counter::Dnat))
 }
@@ -232,7 +232,8 @@ fn unpublished_inbound(
 }
 
 /// Both directions of a new published-port flow; the reply key is what the
-/// container sends back.
+/// container sends back. `hairpin`: the container is reaching its own port
+/// (CT_FLAG_HAIRPIN: it sees the request come from the published address).
 #[inline(always)]
 fn record_dnat_flow(
     original: &CtKey,
@@ -240,21 +241,31 @@ fn record_dnat_flow(
     port: [u8; 2],
     now: u64,
     state: u8,
+    hairpin: bool,
 ) -> Result<(), Counter> {
+    let flags = if hairpin {
+        CT_FLAG_DNAT | CT_FLAG_HAIRPIN
+    } else {
+        CT_FLAG_DNAT
+    };
     let reply_key = CtKey {
         src_addr: addr,
-        dst_addr: original.src_addr,
+        dst_addr: if hairpin {
+            original.dst_addr
+        } else {
+            original.src_addr
+        },
         src_port: port,
         dst_port: original.src_port,
         proto: original.proto,
         _pad: [0; 3],
     };
-    let forward = entry(addr, port, CT_REWRITE_DST, CT_FLAG_DNAT | state, now);
+    let forward = entry(addr, port, CT_REWRITE_DST, flags | state, now);
     let reply = entry(
         original.dst_addr,
         original.dst_port,
         CT_REWRITE_SRC,
-        CT_FLAG_DNAT,
+        flags,
         now,
     );
     put_flow(original, forward).map_err(|_| Counter::CtFull)?;
@@ -486,6 +497,9 @@ pub enum ContainerNat {
     Rewritten(Counter),
     /// Rewritten for the outside and to be sent straight out of the uplink.
     Forward(Counter, Route),
+    /// A container reaching its own published port: rewritten both ways and
+    /// to be sent straight back into it.
+    Reflect(Counter),
     /// Part of a NATed flow, rewritten elsewhere (a reply, rewritten on the
     /// uplink or on the receiving container's veth).
     Related,
@@ -505,6 +519,9 @@ pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<ContainerNat, C
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if let Some(e) = NAT_CT.get_ptr_mut(&key) {
         let hit = touch(e, f, now);
+        if hit.flags & CT_FLAG_HAIRPIN != 0 && !new_connection {
+            return reflect(ctx, f, &hit);
+        }
         if hit.rewrite == CT_REWRITE_DST && hit.flags & CT_FLAG_DNAT != 0 && !new_connection {
             rewrite_dst(ctx, f, hit.addr, hit.port)?;
             return Ok(ContainerNat::Rewritten(Counter::Dnat));
@@ -550,9 +567,39 @@ pub fn container_egress(ctx: &TcContext, f: &Ipv4Flow) -> Result<ContainerNat, C
         return masquerade_direct(ctx, f, &key, now);
     };
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
-    record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags))?;
+    let hairpin = addr == f.src_addr;
+    record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags), hairpin)?;
+    if hairpin {
+        let hit = Hit {
+            addr,
+            port,
+            rewrite: CT_REWRITE_DST,
+            flags: CT_FLAG_DNAT | CT_FLAG_HAIRPIN,
+            idle_ns: 0,
+        };
+        return reflect(ctx, f, &hit);
+    }
     rewrite_dst(ctx, f, addr, port)?;
     Ok(ContainerNat::Rewritten(Counter::Dnat))
+}
+
+/// A packet of a container's flow to its own published port (see
+/// CT_FLAG_HAIRPIN): the request from the container's address to the
+/// published one becomes published address → container port; the reply
+/// becomes published port → the container's address. The host's routing
+/// would take neither (the first is addressed to the container it came from,
+/// the second carries a host address as source), so both go straight back.
+#[inline(always)]
+fn reflect(ctx: &TcContext, f: &Ipv4Flow, hit: &Hit) -> Result<ContainerNat, Counter> {
+    if hit.rewrite == CT_REWRITE_DST {
+        rewrite_dst(ctx, f, hit.addr, hit.port)?;
+        rewrite_src(ctx, f, f.dst_addr, f.src_port)?;
+        Ok(ContainerNat::Reflect(Counter::Dnat))
+    } else {
+        rewrite_src(ctx, f, hit.addr, hit.port)?;
+        rewrite_dst(ctx, f, f.src_addr, f.dst_port)?;
+        Ok(ContainerNat::Reflect(Counter::RevDnat))
+    }
 }
 
 /// The first packet of a container's flow to the outside: masqueraded here

@@ -124,7 +124,12 @@ pub fn netd_container_egress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn netd_container_ingress(ctx: TcContext) -> i32 {
-    let outcome = with_flow(&ctx, None, nat::container_ingress);
+    // Reflected by the container's own egress program (self-hairpin).
+    let outcome = if delivery::take_translated(&ctx) {
+        Outcome::Pass(Counter::Translated)
+    } else {
+        with_flow(&ctx, None, nat::container_ingress)
+    };
     finish(&ctx, Hook::ContainerIngress, outcome)
 }
 

@@ -216,6 +216,45 @@ fn hairpin_to_a_published_port_is_translated_both_ways() {
 }
 
 #[test]
+fn a_container_reaching_its_own_published_port_is_answered_from_the_published_address() {
+    if !privileged() {
+        return;
+    }
+    const TC_ACT_REDIRECT: i32 = 7;
+    const TTL: usize = 14 + 8;
+    let mut dp = setup(C1);
+    publish(&mut dp, HOST, 8080, PROTO_TCP, C1, 80);
+    // C1 → host:8080 comes back into C1 as host → C1:80 (from C1 itself it
+    // would be dropped), straight back out of the veth it came in on, as a
+    // router would send it: MACs swapped, TTL decremented.
+    let reflected = |dp: &mut Dataplane, frame: &[u8]| {
+        let out = dp.test_run(Hook::ContainerEgress, frame, 1).unwrap();
+        assert_eq!(out.action, TC_ACT_REDIRECT);
+        assert_eq!(verify_ipv4_frame(&out.frame), Ok(()));
+        assert_eq!(&out.frame[..6], &MAC_A, "to the container");
+        assert_eq!(&out.frame[6..12], &MAC_B, "from its gateway");
+        assert_eq!(out.frame[TTL], frame[TTL] - 1);
+        out.frame
+    };
+    let syn = tcp4_frame((C1, 40000), (HOST, 8080), TCP_SYN, b"");
+    assert_eq!(tuple(&reflected(&mut dp, &syn)), (HOST, C1, 40000, 80));
+    // Its answer goes back to the connecting socket, from the published port.
+    let synack = tcp4_frame((C1, 80), (HOST, 40000), TCP_SYN | TCP_ACK, b"");
+    assert_eq!(tuple(&reflected(&mut dp, &synack)), (HOST, C1, 8080, 40000));
+    let ack = tcp4_frame((C1, 40000), (HOST, 8080), TCP_ACK, b"GET /");
+    assert_eq!(tuple(&reflected(&mut dp, &ack)), (HOST, C1, 40000, 80));
+    assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Dnat), 2);
+    assert_eq!(count(&dp, Hook::ContainerEgress, Counter::RevDnat), 1);
+    assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Redirect), 3);
+    // Another container still reaches C1:80 by plain hairpin.
+    be(&mut dp, C2);
+    let syn = tcp4_frame((C2, 40000), (HOST, 8080), TCP_SYN, b"");
+    let out = dp.test_run(Hook::ContainerEgress, &syn, 1).unwrap();
+    assert_eq!(out.action, PASS);
+    assert_eq!(tuple(&out.frame), (C2, C1, 40000, 80));
+}
+
+#[test]
 fn replies_to_outside_clients_are_left_to_the_uplink() {
     if !privileged() {
         return;

@@ -1,7 +1,8 @@
 //! Between containers, with real Docker networks: same network talks,
 //! different networks do not (as Docker's isolation rules give it), a
 //! published port is reachable from any network through the host address
-//! (hairpin), and a container cannot send as someone else.
+//! (hairpin), from its own container too, and a container cannot send as
+//! someone else.
 use std::time::{Duration, Instant};
 
 use netd_tests::{netd::counter, privileged, Bench, DockerMode, Host};
@@ -60,6 +61,11 @@ fn networks_are_isolated_hairpin_works_and_spoofing_is_dropped() {
         .docker(&["exec", "a1", "timeout", "5", "wget", "-q", "-O", "-", &url])
         .unwrap();
     assert_eq!(body, "hello from netd-test");
+    // … and from the serving container itself (self-hairpin).
+    let body = d
+        .docker(&["exec", "b1", "timeout", "5", "wget", "-q", "-O", "-", &url])
+        .unwrap();
+    assert_eq!(body, "hello from netd-test");
 
     // Sending as another address: dropped at the veth.
     d.docker(&[
@@ -86,6 +92,11 @@ fn networks_are_isolated_hairpin_works_and_spoofing_is_dropped() {
     );
     assert!(
         counter(&status, "container-egress", "dnat") >= 1,
+        "{status:#}"
+    );
+    // The self-hairpin packets went straight back into b1.
+    assert!(
+        counter(&status, "container-ingress", "translated") >= 3,
         "{status:#}"
     );
 }

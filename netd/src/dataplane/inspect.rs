@@ -385,7 +385,8 @@ pub struct FlowStatus {
     pub rewrite: &'static str,
     /// The address:port put in place (empty for "none").
     pub to: String,
-    /// "dnat" (published port), "snat" (masquerade) or "routed".
+    /// "dnat" (published port), "hairpin" (a container reaching its own
+    /// published port), "snat" (masquerade) or "routed".
     pub kind: &'static str,
     /// TCP: "syn", "established" or "closing"; other protocols: "-".
     pub state: &'static str,
@@ -427,7 +428,9 @@ pub fn read_ct(pin_dir: &Path) -> Result<Vec<FlowStatus>> {
             } else {
                 endpoint(e.addr, e.port)
             },
-            kind: if e.flags & CT_FLAG_SNAT != 0 {
+            kind: if e.flags & CT_FLAG_HAIRPIN != 0 {
+                "hairpin"
+            } else if e.flags & CT_FLAG_SNAT != 0 {
                 "snat"
             } else if e.flags & CT_FLAG_DNAT != 0 {
                 "dnat"
