@@ -154,7 +154,7 @@ pub struct CtEntry {
     pub rewrite: u8,
     /// CT_FLAG_*.
     pub flags: u8,
-    /// bpf_ktime_get_ns() of the last packet, for garbage collection.
+    /// CLOCK_MONOTONIC (coarse) of the last packet, for garbage collection.
     pub last_seen_ns: u64,
 }
 

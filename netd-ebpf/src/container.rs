@@ -8,6 +8,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     delivery::{back_to_sender, out_uplink},
+    icmp,
     maps::{network_of, ENDPOINTS},
     nat::{self, ContainerNat},
     parsing::{ipv4_flow, parse_frame, ptr_at, unmatched, ETH_P_ARP, ETH_P_IP},
@@ -83,8 +84,13 @@ pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
         ContainerNat::Related => Ok((Counter::NoMatch, None)),
         ContainerNat::Unrelated => match network_of(dst) {
             // Another network's container; its gateway is the host's own
-            // address and stays reachable.
-            Some(net) if net.flags & NETWORK_HOST_ADDR == 0 && net.id != ep.network => {
+            // address and stays reachable. An ICMP error about a NATed
+            // flow (a hairpin client on that network) is part of the flow.
+            Some(net)
+                if net.flags & NETWORK_HOST_ADDR == 0
+                    && net.id != ep.network
+                    && !icmp::is_error_about_nat_flow(ctx, &frame) =>
+            {
                 Err(Counter::Isolated)
             }
             _ => Ok((unmatched(&frame), None)),

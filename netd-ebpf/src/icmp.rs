@@ -24,12 +24,14 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_HEADER: usize = 8;
 
-/// Which side of the host the error crosses.
+/// Which way the error crosses the translation.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     /// Arriving on the uplink: about a packet the host sent out translated.
     Ingress,
-    /// Leaving by the uplink: about a packet the host delivered translated.
+    /// Leaving by the uplink, or entering a container that reached a
+    /// published port through the host (hairpin): about a packet the host
+    /// delivered translated.
     Egress,
 }
 
@@ -78,16 +80,7 @@ pub fn translate_error(
         Ok(None) => return Ok(None),
         Err(reason) => return Ok(Some(reason)),
     };
-    // The quoted packet went the other way: its reverse is the flow key.
-    let key = CtKey {
-        src_addr: quote.dst,
-        dst_addr: quote.src,
-        src_port: quote.dst_port,
-        dst_port: quote.src_port,
-        proto: quote.proto,
-        _pad: [0; 3],
-    };
-    let Some(entry) = NAT_CT.get_ptr(&key) else {
+    let Some(entry) = NAT_CT.get_ptr(&quote.flow_key()) else {
         return Ok(None);
     };
     let (addr, port, rewrite) = unsafe { ((*entry).addr, (*entry).port, (*entry).rewrite) };
@@ -111,6 +104,49 @@ pub fn translate_error(
             Ok(Some(Counter::IcmpErrorNat))
         }
         _ => Ok(None),
+    }
+}
+
+impl Quote {
+    /// The quoted packet went the other way: its reverse is the flow key.
+    #[inline(always)]
+    fn flow_key(&self) -> CtKey {
+        CtKey {
+            src_addr: self.dst,
+            dst_addr: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Whether `frame` is an ICMP error about a flow in the NAT table: it
+/// belongs to that flow (a container may answer a hairpin client on another
+/// network with one, as it may answer with data).
+#[inline(always)]
+pub fn is_error_about_nat_flow(ctx: &TcContext, frame: &Frame) -> bool {
+    let Ip::V4 {
+        l4_offset: l4,
+        proto: IPPROTO_ICMP,
+        later_fragment: false,
+    } = frame.ip
+    else {
+        return false;
+    };
+    let Some(head) = ptr_at::<[u8; 2]>(ctx, l4) else {
+        return false;
+    };
+    if !matches!(
+        unsafe { (*head)[0] },
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    ) {
+        return false;
+    }
+    match read_quote(ctx, l4 + ICMP_HEADER) {
+        Ok(Some(quote)) => NAT_CT.get_ptr(&quote.flow_key()).is_some(),
+        _ => false,
     }
 }
 

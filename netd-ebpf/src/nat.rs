@@ -169,6 +169,11 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
     let new_connection = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if !new_connection {
         if let Some(e) = NAT_CT.get_ptr_mut(&key) {
+            // Both ends of a self-hairpin flow are a local container: from
+            // outside, such a packet is forged.
+            if unsafe { (*e).flags } & CT_FLAG_HAIRPIN != 0 {
+                return Err(Counter::Spoofed);
+            }
             let hit = touch(e, f, now);
             if hit.rewrite == CT_REWRITE_DST {
                 rewrite_dst(ctx, f, hit.addr, hit.port)?;
@@ -197,6 +202,11 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
     let Some(target) = target else {
         return unpublished_inbound(f, &key, new_connection, now);
     };
+    // A local container's address does not come from outside: recording it
+    // would let a forged packet replace that container's own flows.
+    if network_of(f.src_addr).is_some_and(|n| n.flags & NETWORK_HOST_ADDR == 0) {
+        return Err(Counter::Spoofed);
+    }
     let (addr, port) = unsafe { ((*target).addr, (*target).port) };
     record_dnat_flow(&key, addr, port, now, tcp_state(f.tcp_flags), false)?;
     rewrite_dst(ctx, f, addr, port)?;
@@ -276,34 +286,34 @@ fn record_dnat_flow(
     Ok(())
 }
 
-/// Records `e` under `key`, replacing what is there. A key still in the
-/// table (under load, clients cycle through their ~28,000 ephemeral ports
-/// in seconds, and a closed flow's entries outlive it by the closing
-/// timeout) is overwritten in place: a map update would allocate a new
-/// element and free the old one, several times the cost of the lookup. The
-/// translation (first 8 bytes) and the timestamp are each one aligned 8-byte
-/// store, so a packet read on another CPU never sees half of one.
+/// The flags that say what kind of flow an entry belongs to.
+const FLOW_KIND: u8 = CT_FLAG_DNAT | CT_FLAG_SNAT | CT_FLAG_ROUTED | CT_FLAG_HAIRPIN;
+
+/// Records `e` under `key`, replacing what is there. Under load a new
+/// connection often reuses a tuple still in the table (clients cycle through
+/// their ~28,000 ephemeral ports in seconds, and a closed flow's entries
+/// outlive it by the closing timeout), almost always with the same
+/// translation: then only its timestamp and TCP state are reset, in place,
+/// sparing a map update (which allocates an element and frees the old one,
+/// several times the cost of the lookup). A translation is never written in
+/// place: other CPUs may be reading the entry.
 #[inline(always)]
 fn put_flow(key: &CtKey, e: CtEntry) -> Result<(), i32> {
-    match NAT_CT.get_ptr_mut(key) {
-        Some(p) => {
-            let head = u64::from_ne_bytes([
-                e.addr[0], e.addr[1], e.addr[2], e.addr[3], e.port[0], e.port[1], e.rewrite,
-                e.flags,
-            ]);
-            // SAFETY: `p` points at a live CtEntry (16 bytes, 8-aligned:
-            // addr, port, rewrite, flags, then last_seen_ns).
-            unsafe {
-                core::ptr::write_volatile(p.cast::<u64>(), head);
-                core::ptr::write_volatile(
-                    core::ptr::addr_of_mut!((*p).last_seen_ns),
-                    e.last_seen_ns,
-                );
+    if let Some(p) = NAT_CT.get_ptr_mut(key) {
+        // SAFETY: `p` points at a live CtEntry of the map.
+        unsafe {
+            if (*p).addr == e.addr
+                && (*p).port == e.port
+                && (*p).rewrite == e.rewrite
+                && (*p).flags & FLOW_KIND == e.flags & FLOW_KIND
+            {
+                (*p).last_seen_ns = e.last_seen_ns;
+                (*p).flags = e.flags;
+                return Ok(());
             }
-            Ok(())
         }
-        None => NAT_CT.insert(key, e, 0),
     }
+    NAT_CT.insert(key, e, 0)
 }
 
 /// Both directions of a flow routed to a container without translation.

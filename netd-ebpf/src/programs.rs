@@ -88,6 +88,9 @@ fn with_flow(
 
 #[classifier]
 pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
+    // Only netd sets the mark, and only on packets it sends: one arriving
+    // with it was set by someone else.
+    delivery::take_translated(&ctx);
     let outcome = match with_flow(&ctx, Some(Side::Ingress), nat::ingress) {
         // Now addressed to a container: deliver it there directly.
         Outcome::Pass(action @ (Counter::Dnat | Counter::RevSnat)) => {
@@ -114,6 +117,9 @@ pub fn netd_uplink_egress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn netd_container_egress(ctx: TcContext) -> i32 {
+    // A container may set tc_index itself (its own tc programs), and veth
+    // does not clear it: its packets must not pass anywhere as netd's.
+    delivery::take_translated(&ctx);
     let outcome = match container::egress(&ctx) {
         Ok((action, Some(verdict))) => Outcome::Redirect(action, verdict),
         Ok((counter, None)) => Outcome::Pass(counter),
@@ -128,7 +134,8 @@ pub fn netd_container_ingress(ctx: TcContext) -> i32 {
     let outcome = if delivery::take_translated(&ctx) {
         Outcome::Pass(Counter::Translated)
     } else {
-        with_flow(&ctx, None, nat::container_ingress)
+        // ICMP errors about hairpin flows, on their way into the client.
+        with_flow(&ctx, Some(Side::Egress), nat::container_ingress)
     };
     finish(&ctx, Hook::ContainerIngress, outcome)
 }

@@ -174,8 +174,8 @@ fn own_netns_cookie() -> Result<u64> {
 
 /// How often idle NAT flows are expired.
 const CT_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-/// A full reconcile even without Docker events: picks up uplink address
-/// changes and retries what a failed pass left undone.
+/// A full reconcile even without Docker events or address changes: retries
+/// what a failed pass left undone.
 const RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -236,6 +236,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (tx, mut rx) = mpsc::channel(1024);
     let watcher = tokio::spawn(docker::watch_events(opts.docker_host.clone(), tx));
+    let (addr_tx, mut addr_rx) = mpsc::channel(16);
+    netlink::watch_ipv4_addresses(addr_tx)?;
 
     let mut log_tick = tokio::time::interval(std::time::Duration::from_millis(200));
     let mut gc_tick = tokio::time::interval(CT_GC_INTERVAL);
@@ -257,6 +259,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!("conntrack gc: {e:#}"),
+                }
+            }
+            Some(()) = addr_rx.recv(), if in_sync => {
+                // One pass for a burst (an interface brought up with several).
+                while addr_rx.try_recv().is_ok() {}
+                tracing::debug!("IPv4 addresses changed; reconciling");
+                if let Err(e) = reconcile_all(&docker, &mut dp, &uplink, opts.snat_ports, netns_cookie).await {
+                    tracing::warn!("reconcile after an address change failed: {e:#}");
                 }
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM"); break; }

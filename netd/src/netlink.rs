@@ -71,6 +71,48 @@ pub async fn ipv4_addresses(ifname: &str) -> Result<Vec<std::net::Ipv4Addr>> {
         .collect())
 }
 
+/// Sends `()` on `tx` whenever an IPv4 address is added or removed in this
+/// namespace (the uplink's addresses are where ports are published and what
+/// masquerade uses: a renumbered uplink must not wait for the periodic
+/// resync). Runs until `tx` is closed.
+pub fn watch_ipv4_addresses(tx: tokio::sync::mpsc::Sender<()>) -> Result<()> {
+    use futures::StreamExt as _;
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_sys::AsyncSocket as _;
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_connection().context("opening rtnetlink")?;
+    let groups = rtnetlink::constants::RTMGRP_IPV4_IFADDR;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&netlink_sys::SocketAddr::new(0, groups))
+        .context("subscribing to address changes")?;
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        // The connection lives as long as a handle does.
+        let _handle = handle;
+        while let Some((msg, _)) = messages.next().await {
+            // An overrun lost messages: assume one was a change.
+            let address_change = matches!(
+                msg.payload,
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_)
+                ) | NetlinkPayload::Overrun(_)
+            );
+            // A full channel already says "something changed".
+            if address_change
+                && matches!(
+                    tx.try_send(()),
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_))
+                )
+            {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The ifindex, in this namespace, of the host side of the veth whose other
 /// end is the interface with `mac` in the network namespace at
 /// `sandbox_key` (a container's). Looks inside that namespace from a

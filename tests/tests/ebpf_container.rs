@@ -246,6 +246,16 @@ fn a_container_reaching_its_own_published_port_is_answered_from_the_published_ad
     assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Dnat), 2);
     assert_eq!(count(&dp, Hook::ContainerEgress, Counter::RevDnat), 1);
     assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Redirect), 3);
+    // From outside, packets claiming C1's address are forged: neither an RST
+    // on the flow nor a new SYN replacing it gets through.
+    let rst = tcp4_frame((C1, 40000), (HOST, 8080), TCP_RST | TCP_ACK, b"");
+    let syn = tcp4_frame((C1, 40000), (HOST, 8080), TCP_SYN, b"");
+    for forged in [rst, syn] {
+        let out = dp.test_run(Hook::UplinkIngress, &forged, 1).unwrap();
+        assert_eq!(out.action, SHOT);
+    }
+    assert_eq!(count(&dp, Hook::UplinkIngress, Counter::Spoofed), 2);
+    assert_eq!(tuple(&reflected(&mut dp, &ack)), (HOST, C1, 40000, 80));
     // Another container still reaches C1:80 by plain hairpin.
     be(&mut dp, C2);
     let syn = tcp4_frame((C2, 40000), (HOST, 8080), TCP_SYN, b"");

@@ -199,4 +199,23 @@ fn published_port_follows_the_container_lifecycle() {
     assert!(eventually(Duration::from_secs(10), || client
         .http_get_within(&url, 2)
         .is_ok()));
+
+    // A new address on the uplink is published on at once (an address
+    // change, not the 30 s resync).
+    let added = std::net::Ipv4Addr::new(198, 18, 2, 51);
+    netd_tests::netlink::with_netlink(&host.ns, |h| async move {
+        netd_tests::netlink::add_address(&h, netd_tests::topology::UPLINK, added, 24).await
+    })
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || listed(&mut host, "ports")
+            .iter()
+            .any(|p| p["host_addr"] == added.to_string())),
+        "{:?}",
+        listed(&mut host, "ports")
+    );
+    assert_eq!(
+        client.http_get(&format!("http://{added}:8080/")).unwrap(),
+        "hello from netd-test\n"
+    );
 }

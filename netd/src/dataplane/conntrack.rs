@@ -13,7 +13,8 @@ pub struct GcReport {
     pub removed: usize,
 }
 
-/// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads.
+/// CLOCK_MONOTONIC in ns: the clock the datapath stamps flows with
+/// (bpf_ktime_get_coarse_ns(), at most one tick behind).
 pub fn monotonic_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
