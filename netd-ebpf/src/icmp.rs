@@ -57,26 +57,8 @@ pub fn translate_error(
     frame: &Frame,
     side: Side,
 ) -> Result<Option<Counter>, Counter> {
-    let Ip::V4 {
-        l4_offset: l4,
-        proto: IPPROTO_ICMP,
-        later_fragment: false,
-    } = frame.ip
-    else {
-        return Ok(None);
-    };
-    let head: *const [u8; 2] = match ptr_at(ctx, l4) {
-        Some(p) => p,
-        None => return Ok(Some(Counter::Truncated)),
-    };
-    if !matches!(
-        unsafe { (*head)[0] },
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-    ) {
-        return Ok(None);
-    }
-    let quote = match read_quote(ctx, l4 + ICMP_HEADER) {
-        Ok(Some(q)) => q,
+    let (l4, quote) = match read_error(ctx, frame) {
+        Ok(Some(error)) => error,
         Ok(None) => return Ok(None),
         Err(reason) => return Ok(Some(reason)),
     };
@@ -127,27 +109,32 @@ impl Quote {
 /// network with one, as it may answer with data).
 #[inline(always)]
 pub fn is_error_about_nat_flow(ctx: &TcContext, frame: &Frame) -> bool {
+    match read_error(ctx, frame) {
+        Ok(Some((_, quote))) => NAT_CT.get_ptr(&quote.flow_key()).is_some(),
+        _ => false,
+    }
+}
+
+/// An ICMP error (of the kinds that quote a packet) and its ICMP header's
+/// offset. `Ok(None)`: not one; `Err`: one too malformed to read.
+#[inline(always)]
+fn read_error(ctx: &TcContext, frame: &Frame) -> Result<Option<(usize, Quote)>, Counter> {
     let Ip::V4 {
         l4_offset: l4,
         proto: IPPROTO_ICMP,
         later_fragment: false,
     } = frame.ip
     else {
-        return false;
+        return Ok(None);
     };
-    let Some(head) = ptr_at::<[u8; 2]>(ctx, l4) else {
-        return false;
-    };
+    let head: *const [u8; 2] = ptr_at(ctx, l4).ok_or(Counter::Truncated)?;
     if !matches!(
         unsafe { (*head)[0] },
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
     ) {
-        return false;
+        return Ok(None);
     }
-    match read_quote(ctx, l4 + ICMP_HEADER) {
-        Ok(Some(quote)) => NAT_CT.get_ptr(&quote.flow_key()).is_some(),
-        _ => false,
-    }
+    Ok(read_quote(ctx, l4 + ICMP_HEADER)?.map(|quote| (l4, quote)))
 }
 
 #[inline(always)]

@@ -3,10 +3,30 @@ use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions};
 use netd_common::{
-    network::NETWORK_MASQUERADE, Counter, Hook, NatConfig, NetworkInfo, PortKey, PortTarget,
+    network::NETWORK_MASQUERADE, Counter, Endpoint, Hook, NatConfig, NetworkInfo, PortKey,
+    PortTarget,
 };
 
-use crate::packet::PROTO_ICMP;
+use crate::packet::{MAC_A, PROTO_ICMP};
+
+/// The ifindex BPF_PROG_TEST_RUN runs programs on (loopback).
+pub const TEST_RUN_IFINDEX: u32 = 1;
+
+/// Makes the test runner's device the host-side veth of the container at
+/// `addr` (MAC [`MAC_A`], the source of the packet builders' frames) on
+/// network `network`.
+pub fn be_container(dp: &mut Dataplane, addr: Ipv4Addr, network: u32) {
+    dp.set_endpoint(
+        TEST_RUN_IFINDEX,
+        Endpoint {
+            addr: addr.octets(),
+            mac: MAC_A,
+            _pad: [0; 2],
+            network,
+        },
+    )
+    .expect("writing netd_endpoints");
+}
 
 /// Packets counted for (`hook`, `counter`), summed over CPUs.
 pub fn count(dp: &Dataplane, hook: Hook, counter: Counter) -> u64 {
@@ -75,15 +95,19 @@ pub fn masquerading(host: Ipv4Addr, ports: (u16, u16)) -> Dataplane {
         ..Default::default()
     })
     .expect("writing netd_config");
-    let (addr, prefix) = CONTAINER_SUBNET;
+    nat_network(&mut dp, CONTAINER_SUBNET, 1);
+    dp
+}
+
+/// Adds a masquerading (NAT) Docker network with `subnet` and `id`.
+pub fn nat_network(dp: &mut Dataplane, (addr, prefix): (Ipv4Addr, u8), id: u32) {
     dp.set_network(
         addr,
         prefix,
         NetworkInfo {
             flags: NETWORK_MASQUERADE,
-            id: 1,
+            id,
         },
     )
     .expect("writing netd_networks");
-    dp
 }

@@ -3,9 +3,9 @@
 use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions};
-use netd_common::{network::NETWORK_MASQUERADE, Counter, Endpoint, Hook, NetworkInfo};
+use netd_common::{Counter, Hook};
 use netd_tests::{
-    ebpf::{count, publish, tuple},
+    ebpf::{be_container, count, nat_network, publish, tuple},
     packet::*,
     privileged,
 };
@@ -15,46 +15,20 @@ const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
 const C1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 const C2: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 3);
 const OTHER_NET: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
-const TEST_RUN_IFINDEX: u32 = 1;
 const PASS: i32 = -1;
 const SHOT: i32 = 2;
 
 fn setup(me: Ipv4Addr) -> Dataplane {
     let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
-    dp.set_network(
-        Ipv4Addr::new(198, 19, 1, 0),
-        24,
-        NetworkInfo {
-            flags: NETWORK_MASQUERADE,
-            id: 1,
-        },
-    )
-    .unwrap();
-    dp.set_network(
-        Ipv4Addr::new(198, 19, 2, 0),
-        24,
-        NetworkInfo {
-            flags: NETWORK_MASQUERADE,
-            id: 2,
-        },
-    )
-    .unwrap();
+    nat_network(&mut dp, (Ipv4Addr::new(198, 19, 1, 0), 24), 1);
+    nat_network(&mut dp, (Ipv4Addr::new(198, 19, 2, 0), 24), 2);
     be(&mut dp, me);
     dp
 }
 
 /// Makes the test runner's device the veth of the container at `addr`.
 fn be(dp: &mut Dataplane, addr: Ipv4Addr) {
-    dp.set_endpoint(
-        TEST_RUN_IFINDEX,
-        Endpoint {
-            addr: addr.octets(),
-            mac: MAC_A,
-            _pad: [0; 2],
-            network: 1,
-        },
-    )
-    .unwrap();
+    be_container(dp, addr, 1);
 }
 
 fn arp(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
@@ -141,16 +115,7 @@ fn replies_across_networks_are_allowed_only_for_published_port_flows() {
         OTHER_NET
     );
     // Its reply is part of that flow: allowed out of network 2.
-    dp.set_endpoint(
-        TEST_RUN_IFINDEX,
-        Endpoint {
-            addr: OTHER_NET.octets(),
-            mac: MAC_A,
-            _pad: [0; 2],
-            network: 2,
-        },
-    )
-    .unwrap();
+    be_container(&mut dp, OTHER_NET, 2);
     let synack = tcp4_frame((OTHER_NET, 80), (C1, 40000), TCP_SYN | TCP_ACK, b"");
     assert_eq!(
         dp.test_run(Hook::ContainerEgress, &synack, 1)

@@ -4,9 +4,9 @@
 use std::net::Ipv4Addr;
 
 use netd::dataplane::Dataplane;
-use netd_common::{network::NETWORK_MASQUERADE, Counter, Endpoint, Hook, NetworkInfo};
+use netd_common::{Counter, Hook};
 use netd_tests::{
-    ebpf::{count, masquerading, publish},
+    ebpf::{be_container, count, masquerading, nat_network, publish},
     packet::*,
     privileged,
 };
@@ -217,21 +217,6 @@ fn translated_errors_are_counted() {
     assert_eq!(n, 1);
 }
 
-/// Makes the test runner's device (loopback, ifindex 1) the veth of the
-/// container at `addr` on network `network`.
-fn be(dp: &mut Dataplane, addr: Ipv4Addr, network: u32) {
-    dp.set_endpoint(
-        1,
-        Endpoint {
-            addr: addr.octets(),
-            mac: MAC_A,
-            _pad: [0; 2],
-            network,
-        },
-    )
-    .unwrap();
-}
-
 #[test]
 fn port_unreachable_for_a_hairpin_client_on_another_network_reaches_it_translated() {
     if !privileged() {
@@ -241,17 +226,9 @@ fn port_unreachable_for_a_hairpin_client_on_another_network_reaches_it_translate
     let mut dp = setup();
     // The client is a container of another network (id 2) than C1's (id 1).
     let client = Ipv4Addr::new(198, 19, 2, 2);
-    dp.set_network(
-        Ipv4Addr::new(198, 19, 2, 0),
-        24,
-        NetworkInfo {
-            flags: NETWORK_MASQUERADE,
-            id: 2,
-        },
-    )
-    .unwrap();
+    nat_network(&mut dp, (Ipv4Addr::new(198, 19, 2, 0), 24), 2);
     publish(&mut dp, HOST, 5353, PROTO_UDP, C1, 53);
-    be(&mut dp, client, 2);
+    be_container(&mut dp, client, 2);
     let query = udp4_frame((client, 40000), (HOST, 5353), b"query");
     let out = dp.test_run(Hook::ContainerEgress, &query, 1).unwrap();
     // C1 has nothing on port 53: it answers with port unreachable, quoting
@@ -264,7 +241,7 @@ fn port_unreachable_for_a_hairpin_client_on_another_network_reaches_it_translate
         &ipv4(C1, client, PROTO_ICMP, &icmp_error(3, 3, 0, &received)),
     );
     // Leaving C1: part of the hairpin flow, not a breach of isolation …
-    be(&mut dp, C1, 1);
+    be_container(&mut dp, C1, 1);
     let out = dp.test_run(Hook::ContainerEgress, &err, 1).unwrap();
     assert_ne!(out.action, SHOT);
     assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Isolated), 0);

@@ -5,7 +5,8 @@
 //! with docker-proxy, and Docker with netd. Each runs the same static echo /
 //! discard server in a container published on 7000 (echo) and 9000
 //! (discard). A client on the LAN measures RR, CRR and bulk throughput, then
-//! RR and CRR again with 1,000 and 10,000 published ports on the host. The
+//! RR and CRR again with 1,000 and 10,000 published ports on the host, and
+//! how soon a newly started container's port answers. The
 //! per-packet cost of each netd program path is measured with
 //! BPF_PROG_TEST_RUN against a bare redirect program (the local floor).
 //! Results: a table on stdout (ratios to the iptables host), and
@@ -136,6 +137,8 @@ fn run() -> Result<()> {
         })
         .collect();
 
+    let reachable = start_to_reachable(&targets, &client, &echo)?;
+
     // Port scaling: the proxy host would need one process per port; it is
     // measured at 1 port only. `--quick` skips it (Docker with iptables
     // takes about 20 minutes to publish 10,000 ports here).
@@ -176,9 +179,49 @@ fn run() -> Result<()> {
     }
 
     let costs = program_costs()?;
-    print_table(&results, &costs);
-    write_outputs(&results, &costs)?;
+    print_table(&results, &costs, &reachable);
+    write_outputs(&results, &costs, &reachable)?;
     Ok(())
+}
+
+/// Milliseconds from `docker run -d -p` returning (the container is started)
+/// until the client's first connection to the port succeeds; median of
+/// REPEATS containers per host. Stock Docker installs its rules (or starts
+/// its proxy) before the container starts; netd follows Docker's event.
+fn start_to_reachable(
+    targets: &[Target],
+    client: &Host,
+    echo: &std::path::Path,
+) -> Result<BTreeMap<&'static str, f64>> {
+    let mount = format!("{}:/echo:ro", echo.display());
+    let mut out = BTreeMap::new();
+    for t in targets {
+        let mut v = Vec::new();
+        for i in 0..REPEATS {
+            let port = 7100 + i as u16;
+            let addr = SocketAddrV4::new(t.host.ip, port);
+            t.host.dockerd().run(
+                &format!("late{i}"),
+                &["-v", &mount, "-p", &format!("{port}:7")],
+                &["/echo"],
+            )?;
+            let started = Instant::now();
+            client.ns.enter(|| loop {
+                if std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(100))
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    bail!("{addr} never answered");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            })?;
+            v.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        out.insert(t.name, median(v));
+    }
+    Ok(out)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -295,7 +338,11 @@ fn program_costs() -> Result<Vec<(&'static str, f64)>> {
     Ok(costs)
 }
 
-fn print_table(results: &BTreeMap<String, BTreeMap<&str, f64>>, costs: &[(&str, f64)]) {
+fn print_table(
+    results: &BTreeMap<String, BTreeMap<&str, f64>>,
+    costs: &[(&str, f64)],
+    reachable: &BTreeMap<&str, f64>,
+) {
     println!(
         "\n{:<28} {:>12} {:>13} {:>12} {:>9} {:>9}",
         "metric", "iptables", "docker-proxy", "netd", "netd/ipt", "proxy/ipt"
@@ -316,6 +363,14 @@ fn print_table(results: &BTreeMap<String, BTreeMap<&str, f64>>, costs: &[(&str, 
             ratio("docker-proxy")
         );
     }
+    let ms = |k: &str| reachable.get(k).map_or("-".into(), |v| format!("{v:.1}"));
+    println!(
+        "{:<28} {:>12} {:>13} {:>12}",
+        "reachable after run (ms)",
+        ms("iptables"),
+        ms("docker-proxy"),
+        ms("netd")
+    );
     let floor = costs[0].1;
     println!(
         "\n{:<42} {:>10} {:>10}",
@@ -329,12 +384,14 @@ fn print_table(results: &BTreeMap<String, BTreeMap<&str, f64>>, costs: &[(&str, 
 fn write_outputs(
     results: &BTreeMap<String, BTreeMap<&str, f64>>,
     costs: &[(&str, f64)],
+    reachable: &BTreeMap<&str, f64>,
 ) -> Result<()> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir)?;
     let doc = json!({
         "results": results,
         "program_ns_per_packet": costs.iter().map(|(n, v)| json!({"path": n, "ns": v})).collect::<Vec<_>>(),
+        "reachable_after_run_ms": reachable,
         "run_seconds": RUN.as_secs(),
         "repeats": REPEATS,
     });
