@@ -23,6 +23,11 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_HEADER: usize = 8;
+/// The UDP checksum's offset in its header.
+const UDP_CSUM: usize = 6;
+/// bpf_l4_csum_replace: leave a zero checksum (UDP: none) alone, and write
+/// a computed zero as 0xffff.
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 /// Which way the error crosses the translation.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,6 +51,10 @@ struct Quote {
     src_port_offset: usize,
     dst_port_offset: usize,
     proto: u8,
+    /// Where the quoted UDP checksum is (its first 8 bytes are always
+    /// quoted); None for TCP (its checksum lies past them) and ICMP echo
+    /// (no pseudo-header, and the id change is in the quote's own sum).
+    l4_csum: Option<usize>,
 }
 
 /// Translates an ICMP error about a NATed flow. `Ok(None)`: not an ICMP
@@ -73,16 +82,30 @@ pub fn translate_error(
             // To the host about (host → peer): to the container about
             // (container → peer).
             set_outer_addr(ctx, outer, IPV4_DST, quote.src, addr)?;
-            set_quoted_addr(ctx, icmp_csum, quote.l3, IPV4_SRC, quote.src, addr)?;
-            set_quoted_port(ctx, icmp_csum, quote.src_port_offset, quote.src_port, port)?;
+            set_quoted_addr(ctx, icmp_csum, &quote, IPV4_SRC, quote.src, addr)?;
+            set_quoted_port(
+                ctx,
+                icmp_csum,
+                &quote,
+                quote.src_port_offset,
+                quote.src_port,
+                port,
+            )?;
             Ok(Some(Counter::IcmpErrorNat))
         }
         Side::Egress if rewrite == CT_REWRITE_SRC => {
             // From the container about (peer → container): from the host
             // about (peer → host).
             set_outer_addr(ctx, outer, IPV4_SRC, quote.dst, addr)?;
-            set_quoted_addr(ctx, icmp_csum, quote.l3, IPV4_DST, quote.dst, addr)?;
-            set_quoted_port(ctx, icmp_csum, quote.dst_port_offset, quote.dst_port, port)?;
+            set_quoted_addr(ctx, icmp_csum, &quote, IPV4_DST, quote.dst, addr)?;
+            set_quoted_port(
+                ctx,
+                icmp_csum,
+                &quote,
+                quote.dst_port_offset,
+                quote.dst_port,
+                port,
+            )?;
             Ok(Some(Counter::IcmpErrorNat))
         }
         _ => Ok(None),
@@ -160,9 +183,11 @@ fn read_quote(ctx: &TcContext, l3: usize) -> Result<Option<Quote>, Counter> {
         src_port_offset: l4,
         dst_port_offset: l4 + 2,
         proto,
+        l4_csum: None,
     };
     match proto {
-        IPPROTO_TCP | IPPROTO_UDP => {}
+        IPPROTO_TCP => {}
+        IPPROTO_UDP => q.l4_csum = Some(l4 + UDP_CSUM),
         IPPROTO_ICMP => {
             let id = [p[4], p[5]];
             q.src_port_offset = l4 + ICMP_ECHO_ID;
@@ -208,13 +233,42 @@ fn set_outer_addr(
         .map_err(|_| Counter::RewriteFailed)
 }
 
-/// A quoted address: the quoted IP header checksum and the ICMP checksum
-/// (which covers the quote, that checksum field included) follow.
+/// A checksum field inside the quote moves from `from` to `to` (`size`
+/// bytes, BPF_F_* flags): the ICMP checksum, which covers that field, follows.
+#[inline(always)]
+fn replace_quoted_csum(
+    ctx: &TcContext,
+    icmp_csum: usize,
+    field: usize,
+    from: u64,
+    to: u64,
+    flags: u64,
+) -> Result<(), Counter> {
+    let before: [u8; 2] = ctx.load(field).map_err(|_| Counter::RewriteFailed)?;
+    if flags & BPF_F_MARK_MANGLED_0 != 0 {
+        ctx.l4_csum_replace(field, from, to, flags)
+    } else {
+        ctx.l3_csum_replace(field, from, to, flags)
+    }
+    .map_err(|_| Counter::RewriteFailed)?;
+    let after: [u8; 2] = ctx.load(field).map_err(|_| Counter::RewriteFailed)?;
+    ctx.l4_csum_replace(
+        icmp_csum,
+        u64::from(u16::from_ne_bytes(before)),
+        u64::from(u16::from_ne_bytes(after)),
+        2,
+    )
+    .map_err(|_| Counter::RewriteFailed)
+}
+
+/// A quoted address: the quoted IP header checksum, the quoted UDP checksum
+/// (its pseudo-header holds the address) and the ICMP checksum (which
+/// covers the quote, those checksum fields included) follow.
 #[inline(always)]
 fn set_quoted_addr(
     ctx: &TcContext,
     icmp_csum: usize,
-    l3: usize,
+    quote: &Quote,
     field: usize,
     old: [u8; 4],
     new: [u8; 4],
@@ -223,30 +277,23 @@ fn set_quoted_addr(
         u64::from(u32::from_ne_bytes(old)),
         u64::from(u32::from_ne_bytes(new)),
     );
-    let csum_before: [u8; 2] = ctx
-        .load(l3 + IPV4_CSUM)
-        .map_err(|_| Counter::RewriteFailed)?;
-    ctx.l3_csum_replace(l3 + IPV4_CSUM, from, to, 4)
-        .map_err(|_| Counter::RewriteFailed)?;
-    let csum_after: [u8; 2] = ctx
-        .load(l3 + IPV4_CSUM)
-        .map_err(|_| Counter::RewriteFailed)?;
-    let (c0, c1) = (
-        u64::from(u16::from_ne_bytes(csum_before)),
-        u64::from(u16::from_ne_bytes(csum_after)),
-    );
-    ctx.l4_csum_replace(icmp_csum, c0, c1, 2)
-        .and_then(|_| ctx.l4_csum_replace(icmp_csum, from, to, 4))
-        .and_then(|_| ctx.store(l3 + field, &new, 0))
+    replace_quoted_csum(ctx, icmp_csum, quote.l3 + IPV4_CSUM, from, to, 4)?;
+    if let Some(l4_csum) = quote.l4_csum {
+        replace_quoted_csum(ctx, icmp_csum, l4_csum, from, to, 4 | BPF_F_MARK_MANGLED_0)?;
+    }
+    ctx.l4_csum_replace(icmp_csum, from, to, 4)
+        .and_then(|_| ctx.store(quote.l3 + field, &new, 0))
         .map_err(|_| Counter::RewriteFailed)
 }
 
-/// A quoted port (or echo id). The quoted L4 checksum is left as it is: the
-/// quote is usually too short to hold all of it, and nobody verifies it.
+/// A quoted port (or echo id), and the quoted UDP checksum with it. A quoted
+/// TCP checksum lies past the 8 bytes an error must quote and is left as it
+/// is, as Linux leaves it.
 #[inline(always)]
 fn set_quoted_port(
     ctx: &TcContext,
     icmp_csum: usize,
+    quote: &Quote,
     offset: usize,
     old: [u8; 2],
     new: [u8; 2],
@@ -258,6 +305,9 @@ fn set_quoted_port(
         u64::from(u16::from_ne_bytes(old)),
         u64::from(u16::from_ne_bytes(new)),
     );
+    if let Some(l4_csum) = quote.l4_csum {
+        replace_quoted_csum(ctx, icmp_csum, l4_csum, from, to, 2 | BPF_F_MARK_MANGLED_0)?;
+    }
     ctx.l4_csum_replace(icmp_csum, from, to, 2)
         .and_then(|_| ctx.store(offset, &new, 0))
         .map_err(|_| Counter::RewriteFailed)

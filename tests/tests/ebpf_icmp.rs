@@ -269,3 +269,66 @@ fn port_unreachable_for_a_hairpin_client_on_another_network_reaches_it_translate
     assert_eq!(out.action, SHOT);
     assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Isolated), 1);
 }
+
+/// An ICMP error quoting the whole offending datagram (Linux quotes up to
+/// 576 bytes), so that its UDP checksum can be checked after translation.
+fn icmp_error_quoting_all(kind: u8, code: u8, offending: &[u8]) -> Vec<u8> {
+    let mut s = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    s.extend_from_slice(offending);
+    let c = checksum(&s);
+    s[2..4].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
+/// The quoted packet of an ICMP error frame, as an Ethernet frame of its
+/// own (for `verify_ipv4_frame`).
+fn quoted_frame(error: &[u8]) -> Vec<u8> {
+    let ip = ip_of(error);
+    let quote = &ip[usize::from(ip[0] & 0xf) * 4 + 8..];
+    ethernet(MAC_B, MAC_A, ETH_P_IP, quote)
+}
+
+#[test]
+fn a_quoted_udp_checksum_is_translated_with_its_addresses_and_ports() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    // Masqueraded: C1:5000 → PEER:53 leaves as HOST:5000; the error from a
+    // router quotes it and reaches C1 quoting what C1 sent.
+    let q = udp4_frame((C1, 5000), (PEER, 53), b"query");
+    let sent = dp.test_run(Hook::UplinkEgress, &q, 1).unwrap().frame;
+    let err = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(
+            ROUTER,
+            HOST,
+            PROTO_ICMP,
+            &icmp_error_quoting_all(3, 3, ip_of(&sent)),
+        ),
+    );
+    let out = dp.test_run(Hook::UplinkIngress, &err, 1).unwrap().frame;
+    assert_eq!(error_tuple(&out), (ROUTER, C1, C1, PEER, 5000, 53));
+    assert_eq!(quoted_frame(&out), q, "the datagram as C1 sent it");
+    // Published: PEER → HOST:5353 reaches C1:53; C1's port unreachable
+    // leaves quoting what PEER sent, its UDP checksum right.
+    publish(&mut dp, HOST, 5353, PROTO_UDP, C1, 53);
+    let q = udp4_frame((PEER, 33001), (HOST, 5353), b"query");
+    let received = dp.test_run(Hook::UplinkIngress, &q, 1).unwrap().frame;
+    let err = ethernet(
+        MAC_B,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4(
+            C1,
+            PEER,
+            PROTO_ICMP,
+            &icmp_error_quoting_all(3, 3, ip_of(&received)),
+        ),
+    );
+    let out = dp.test_run(Hook::UplinkEgress, &err, 1).unwrap().frame;
+    assert_eq!(error_tuple(&out), (HOST, PEER, PEER, HOST, 33001, 5353));
+    assert_eq!(verify_ipv4_frame(&quoted_frame(&out)), Ok(()));
+}
