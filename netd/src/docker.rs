@@ -215,7 +215,10 @@ fn publishes_of(id: &str, inspect: &ContainerInspectResponse) -> Vec<Publish> {
     let mut out = Vec::new();
     for (spec, bindings) in settings.ports.iter().flatten() {
         let Some((container_port, proto)) = parse_port_spec(spec) else {
-            tracing::warn!("container {id}: unsupported port {spec}");
+            warn_once(format!(
+                "container {}: port {spec} is not published (netd serves tcp and udp)",
+                &id[..id.len().min(12)]
+            ));
             continue;
         };
         for b in bindings.iter().flatten() {
@@ -238,6 +241,18 @@ fn publishes_of(id: &str, inspect: &ContainerInspectResponse) -> Vec<Publish> {
         }
     }
     out
+}
+
+/// Logs `message` as a warning the first time only: every reconcile pass
+/// (each event, and every 30 s) sees the same containers again.
+fn warn_once(message: String) {
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.contains(&message) {
+        tracing::warn!("{message}");
+        seen.insert(message);
+    }
 }
 
 /// Docker's bridge networks. Networks of other drivers (macvlan, ipvlan,

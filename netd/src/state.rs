@@ -10,7 +10,6 @@ use netd_common::{
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
-pub const PROTO_SCTP: u8 = 132;
 
 /// One published port of one container, as Docker reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,13 +23,15 @@ pub struct Publish {
     pub container_port: u16,
 }
 
-/// Parses Docker's "80/tcp" port key.
+/// Parses Docker's "80/tcp" port key. SCTP is not served: its checksum is
+/// a CRC32c over the whole packet, which a port rewrite would have to
+/// recompute, and the datapath cannot tell when the kernel has left it to
+/// be computed later (checksum offload).
 pub fn parse_port_spec(spec: &str) -> Option<(u16, u8)> {
     let (port, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
     let proto = match proto {
         "tcp" => PROTO_TCP,
         "udp" => PROTO_UDP,
-        "sctp" => PROTO_SCTP,
         _ => return None,
     };
     Some((port.parse().ok()?, proto))
@@ -114,6 +115,7 @@ mod tests {
         assert_eq!(parse_port_spec("80/tcp"), Some((80, PROTO_TCP)));
         assert_eq!(parse_port_spec("53/udp"), Some((53, PROTO_UDP)));
         assert_eq!(parse_port_spec("80/quic"), None);
+        assert_eq!(parse_port_spec("9/sctp"), None);
         assert_eq!(parse_port_spec("x/tcp"), None);
         assert_eq!(parse_host_ip(""), HostBinding::Any);
         assert_eq!(parse_host_ip("0.0.0.0"), HostBinding::Any);
