@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::parsing::{IPPROTO_ICMP, IPPROTO_UDP};
+use crate::parsing::{ptr_at, IPPROTO_ICMP, IPPROTO_UDP, IPV4_CSUM};
 
 /// Offsets inside an IPv4 + TCP/UDP/ICMP packet that a rewrite touches.
 #[derive(Clone, Copy)]
@@ -32,8 +32,55 @@ impl L4Offsets {
     }
 }
 
+/// Failure of a direct write: the packet is shorter than the field.
+const SHORT: i64 = -1;
+
+/// Folds a 32-bit one's complement sum into 16 bits.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The Internet checksum `check` once the 16-bit words `old` became `new`
+/// (RFC 1624, eqn. 3). Every value as stored in the packet: the one's
+/// complement sum does not depend on byte order.
+#[inline(always)]
+fn csum_replace(check: [u8; 2], old: &[[u8; 2]], new: &[[u8; 2]]) -> [u8; 2] {
+    let mut sum = u32::from(!u16::from_ne_bytes(check));
+    for w in old {
+        sum += u32::from(!u16::from_ne_bytes(*w));
+    }
+    for w in new {
+        sum += u32::from(u16::from_ne_bytes(*w));
+    }
+    (!fold(sum)).to_ne_bytes()
+}
+
+#[inline(always)]
+fn halves(a: [u8; 4]) -> [[u8; 2]; 2] {
+    [[a[0], a[1]], [a[2], a[3]]]
+}
+
+/// Sets the 16-bit word of the IPv4 header at `l3 + offset` and the header
+/// checksum, written directly: the IP header checksum is never left to
+/// offload, and the sum over the header is unchanged (skb->csum stays right).
+#[inline(always)]
+pub fn set_ipv4_word(ctx: &TcContext, l3: usize, offset: usize, new: [u8; 2]) -> Result<(), i64> {
+    let word: *mut [u8; 2] = ptr_at(ctx, l3 + offset).ok_or(SHORT)?;
+    let csum: *mut [u8; 2] = ptr_at(ctx, l3 + IPV4_CSUM).ok_or(SHORT)?;
+    // SAFETY: both pointers were bounds-checked against the packet.
+    unsafe {
+        *csum = csum_replace(*csum, &[*word], &[new]);
+        *word = new;
+    }
+    Ok(())
+}
+
 /// Replaces the 4-byte IPv4 address at `offset` (source or destination),
-/// fixing the IP header checksum and the L4 pseudo-header checksum.
+/// fixing the L4 pseudo-header checksum (by the kernel helper, which knows
+/// whether the L4 checksum is left to offload) and the IP header checksum.
 #[inline(always)]
 pub fn set_ipv4_addr(
     ctx: &TcContext,
@@ -42,20 +89,22 @@ pub fn set_ipv4_addr(
     old: [u8; 4],
     new: [u8; 4],
 ) -> Result<(), i64> {
-    let (from, to) = (
-        u64::from(u32::from_ne_bytes(old)),
-        u64::from(u32::from_ne_bytes(new)),
-    );
     if offs.has_pseudo_header() {
         ctx.l4_csum_replace(
             offs.l4_csum,
-            from,
-            to,
+            u64::from(u32::from_ne_bytes(old)),
+            u64::from(u32::from_ne_bytes(new)),
             u64::from(BPF_F_PSEUDO_HDR) | offs.l4_flags() | 4,
         )?;
     }
-    ctx.l3_csum_replace(offs.ip_csum, from, to, 4)?;
-    ctx.store(offset, &new, 0)
+    let addr: *mut [u8; 4] = ptr_at(ctx, offset).ok_or(SHORT)?;
+    let csum: *mut [u8; 2] = ptr_at(ctx, offs.ip_csum).ok_or(SHORT)?;
+    // SAFETY: both pointers were bounds-checked against the packet.
+    unsafe {
+        *csum = csum_replace(*csum, &halves(old), &halves(new));
+        *addr = new;
+    }
+    Ok(())
 }
 
 /// Replaces the 2-byte port at `offset`, fixing the L4 checksum.
@@ -72,5 +121,8 @@ pub fn set_port(
         u64::from(u16::from_ne_bytes(new)),
     );
     ctx.l4_csum_replace(offs.l4_csum, from, to, offs.l4_flags() | 2)?;
-    ctx.store(offset, &new, 0)
+    let port: *mut [u8; 2] = ptr_at(ctx, offset).ok_or(SHORT)?;
+    // SAFETY: bounds-checked against the packet.
+    unsafe { *port = new };
+    Ok(())
 }

@@ -12,8 +12,9 @@ use aya_ebpf::{
 use netd_common::EndpointLocation;
 
 use crate::{
+    checksum::set_ipv4_word,
     maps::{CONFIG, ENDPOINT_ADDRS},
-    parsing::{IPV4_CSUM, IPV4_DST},
+    parsing::{ptr_at, ETH_HLEN, IPV4_DST},
 };
 
 /// TTL and protocol share one 16-bit word of the IPv4 header.
@@ -25,11 +26,25 @@ const IPV4_TTL: usize = 8;
 /// with time exceeded), or a rewrite failed — the kernel path takes it.
 #[inline(always)]
 pub fn to_container(ctx: &TcContext, l3: usize) -> Option<i32> {
-    let dst: [u8; 4] = ctx.load(l3 + IPV4_DST).ok()?;
+    let dst: [u8; 4] = unsafe { *ptr_at::<[u8; 4]>(ctx, l3 + IPV4_DST)? };
     let loc: EndpointLocation = unsafe { *ENDPOINT_ADDRS.get_ptr(&dst)? };
     decrement_ttl(ctx, l3)?;
-    ctx.store(0, &loc.mac, 0).ok()?;
+    set_macs(ctx, loc.mac, None)?;
     Some(unsafe { bpf_redirect_peer(loc.ifindex, 0) } as i32)
+}
+
+/// Writes the destination MAC, and the source MAC if given.
+#[inline(always)]
+fn set_macs(ctx: &TcContext, dst: [u8; 6], src: Option<[u8; 6]>) -> Option<()> {
+    let macs: *mut [[u8; 6]; 2] = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked against the packet.
+    unsafe {
+        (*macs)[0] = dst;
+        if let Some(src) = src {
+            (*macs)[1] = src;
+        }
+    }
+    Some(())
 }
 
 /// `struct bpf_fib_lookup` for IPv4 (64 bytes, the kernel's layout).
@@ -62,7 +77,7 @@ pub fn route_via_uplink(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8) 
         return None;
     }
     // A packet whose TTL would expire is the kernel's to answer.
-    let ttl: u8 = ctx.load(crate::parsing::ETH_HLEN + IPV4_TTL).ok()?;
+    let ttl: u8 = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN + IPV4_TTL)? };
     if ttl <= 1 {
         return None;
     }
@@ -114,8 +129,7 @@ pub struct Route {
 #[inline(always)]
 pub fn out_uplink(ctx: &TcContext, l3: usize, route: &Route) -> Option<i32> {
     decrement_ttl(ctx, l3)?;
-    ctx.store(0, &route.dmac, 0).ok()?;
-    ctx.store(6, &route.smac, 0).ok()?;
+    set_macs(ctx, route.dmac, Some(route.smac))?;
     mark_translated(ctx);
     Some(unsafe { bpf_redirect(route.ifindex, 0) } as i32)
 }
@@ -127,10 +141,8 @@ pub fn out_uplink(ctx: &TcContext, l3: usize, route: &Route) -> Option<i32> {
 #[inline(always)]
 pub fn back_to_sender(ctx: &TcContext, l3: usize) -> Option<i32> {
     decrement_ttl(ctx, l3)?;
-    let dst: [u8; 6] = ctx.load(0).ok()?;
-    let src: [u8; 6] = ctx.load(6).ok()?;
-    ctx.store(0, &src, 0).ok()?;
-    ctx.store(6, &dst, 0).ok()?;
+    let macs: [[u8; 6]; 2] = unsafe { *ptr_at::<[[u8; 6]; 2]>(ctx, 0)? };
+    set_macs(ctx, macs[1], Some(macs[0]))?;
     mark_translated(ctx);
     Some(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
 }
@@ -164,17 +176,9 @@ pub fn take_translated(ctx: &TcContext) -> bool {
 /// TTL and checksum as a router leaves them; `None` at TTL 1 or below.
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, l3: usize) -> Option<()> {
-    let word: [u8; 2] = ctx.load(l3 + IPV4_TTL).ok()?;
+    let word: [u8; 2] = unsafe { *ptr_at::<[u8; 2]>(ctx, l3 + IPV4_TTL)? };
     if word[0] <= 1 {
         return None;
     }
-    let new = [word[0] - 1, word[1]];
-    ctx.l3_csum_replace(
-        l3 + IPV4_CSUM,
-        u64::from(u16::from_ne_bytes(word)),
-        u64::from(u16::from_ne_bytes(new)),
-        2,
-    )
-    .ok()?;
-    ctx.store(l3 + IPV4_TTL, &new, 0).ok()
+    set_ipv4_word(ctx, l3, IPV4_TTL, [word[0] - 1, word[1]]).ok()
 }

@@ -270,14 +270,15 @@ fn port_unreachable_for_a_hairpin_client_on_another_network_reaches_it_translate
     assert_eq!(count(&dp, Hook::ContainerEgress, Counter::Isolated), 1);
 }
 
-/// An ICMP error quoting the whole offending datagram (Linux quotes up to
-/// 576 bytes), so that its UDP checksum can be checked after translation.
-fn icmp_error_quoting_all(kind: u8, code: u8, offending: &[u8]) -> Vec<u8> {
-    let mut s = vec![kind, code, 0, 0, 0, 0, 0, 0];
-    s.extend_from_slice(offending);
-    let c = checksum(&s);
-    s[2..4].copy_from_slice(&c.to_be_bytes());
-    s
+/// A port unreachable frame from `from` to `to` quoting the whole offending
+/// datagram (Linux quotes up to 576 bytes), so that its UDP checksum can be
+/// checked after translation.
+fn port_unreachable_quoting_all(from: Ipv4Addr, to: Ipv4Addr, offending: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(offending);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ethernet(MAC_B, MAC_A, ETH_P_IP, &ipv4(from, to, PROTO_ICMP, &icmp))
 }
 
 /// The quoted packet of an ICMP error frame, as an Ethernet frame of its
@@ -298,17 +299,7 @@ fn a_quoted_udp_checksum_is_translated_with_its_addresses_and_ports() {
     // router quotes it and reaches C1 quoting what C1 sent.
     let q = udp4_frame((C1, 5000), (PEER, 53), b"query");
     let sent = dp.test_run(Hook::UplinkEgress, &q, 1).unwrap().frame;
-    let err = ethernet(
-        MAC_B,
-        MAC_A,
-        ETH_P_IP,
-        &ipv4(
-            ROUTER,
-            HOST,
-            PROTO_ICMP,
-            &icmp_error_quoting_all(3, 3, ip_of(&sent)),
-        ),
-    );
+    let err = port_unreachable_quoting_all(ROUTER, HOST, ip_of(&sent));
     let out = dp.test_run(Hook::UplinkIngress, &err, 1).unwrap().frame;
     assert_eq!(error_tuple(&out), (ROUTER, C1, C1, PEER, 5000, 53));
     assert_eq!(quoted_frame(&out), q, "the datagram as C1 sent it");
@@ -317,17 +308,7 @@ fn a_quoted_udp_checksum_is_translated_with_its_addresses_and_ports() {
     publish(&mut dp, HOST, 5353, PROTO_UDP, C1, 53);
     let q = udp4_frame((PEER, 33001), (HOST, 5353), b"query");
     let received = dp.test_run(Hook::UplinkIngress, &q, 1).unwrap().frame;
-    let err = ethernet(
-        MAC_B,
-        MAC_A,
-        ETH_P_IP,
-        &ipv4(
-            C1,
-            PEER,
-            PROTO_ICMP,
-            &icmp_error_quoting_all(3, 3, ip_of(&received)),
-        ),
-    );
+    let err = port_unreachable_quoting_all(C1, PEER, ip_of(&received));
     let out = dp.test_run(Hook::UplinkEgress, &err, 1).unwrap().frame;
     assert_eq!(error_tuple(&out), (HOST, PEER, PEER, HOST, 33001, 5353));
     assert_eq!(verify_ipv4_frame(&quoted_frame(&out)), Ok(()));

@@ -28,8 +28,8 @@ use serde_json::json;
 
 const RUN: Duration = Duration::from_secs(3);
 /// Each measurement is repeated, hosts interleaved, and the median kept:
-/// single runs on a shared 2-core machine vary by ±10%.
-const REPEATS: usize = 3;
+/// single runs on a shared 2-core machine vary by ±5-10%.
+const REPEATS: usize = 5;
 const ECHO: u16 = 7000;
 const DISCARD: u16 = 9000;
 
@@ -104,11 +104,7 @@ fn run() -> Result<()> {
     }
 
     let mut samples: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
-    for round in 0..if std::env::var("PROFILE_ONLY").is_ok() {
-        1
-    } else {
-        REPEATS
-    } {
+    for round in 0..REPEATS {
         for t in &targets {
             eprintln!("round {}: measuring {} …", round + 1, t.name);
             let echo = SocketAddrV4::new(t.host.ip, ECHO);
@@ -129,13 +125,7 @@ fn run() -> Result<()> {
             );
         }
     }
-    let mut results: BTreeMap<String, BTreeMap<&str, f64>> = samples
-        .into_iter()
-        .map(|(metric, hosts)| {
-            let medians = hosts.into_iter().map(|(h, v)| (h, median(v))).collect();
-            (metric, medians)
-        })
-        .collect();
+    let mut results = medians(samples);
 
     let reachable = start_to_reachable(&targets, &client, &echo)?;
 
@@ -166,21 +156,49 @@ fn run() -> Result<()> {
                 started.elapsed()
             );
         }
-        for t in targets.iter().filter(|t| t.name != "docker-proxy") {
-            let echo = SocketAddrV4::new(t.host.ip, ECHO);
-            wait_reachable(&client, echo)?;
-            let r = results.entry(format!("RR with {label} ports")).or_default();
-            r.insert(t.name, bench::rr(&client.ns, echo, RUN)?);
-            let r = results
-                .entry(format!("CRR with {label} ports"))
-                .or_default();
-            r.insert(t.name, bench::crr(&client.ns, echo, RUN)?);
+        let mut samples: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+        for _ in 0..REPEATS {
+            for t in targets.iter().filter(|t| t.name != "docker-proxy") {
+                let echo = SocketAddrV4::new(t.host.ip, ECHO);
+                wait_reachable(&client, echo)?;
+                let mut add = |metric: String, v: f64| {
+                    samples
+                        .entry(metric)
+                        .or_default()
+                        .entry(t.name)
+                        .or_default()
+                        .push(v)
+                };
+                add(
+                    format!("RR with {label} ports"),
+                    bench::rr(&client.ns, echo, RUN)?,
+                );
+                add(
+                    format!("CRR with {label} ports"),
+                    bench::crr(&client.ns, echo, RUN)?,
+                );
+            }
         }
+        results.extend(medians(samples));
     }
 
     let costs = program_costs()?;
     print_table(&results, &costs, &reachable);
     write_outputs(&results, &costs, &reachable)?;
+    // Removing the containers makes Docker delete its thousands of iptables
+    // rules one `iptables` run at a time (as long as adding them took);
+    // the hosts' namespaces go away with the bench, so empty their tables
+    // first and Docker's deletions fail fast.
+    for t in targets.iter().filter(|t| t.name != "netd") {
+        for table in ["nat", "filter"] {
+            let _ = t
+                .host
+                .ns
+                .command("iptables")
+                .args(["-w", "-t", table, "-F"])
+                .status();
+        }
+    }
     Ok(())
 }
 
@@ -222,6 +240,19 @@ fn start_to_reachable(
         out.insert(t.name, median(v));
     }
     Ok(out)
+}
+
+/// Per metric and host, the median of the samples.
+fn medians(
+    samples: BTreeMap<String, BTreeMap<&str, Vec<f64>>>,
+) -> BTreeMap<String, BTreeMap<&str, f64>> {
+    samples
+        .into_iter()
+        .map(|(metric, hosts)| {
+            let medians = hosts.into_iter().map(|(h, v)| (h, median(v))).collect();
+            (metric, medians)
+        })
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
