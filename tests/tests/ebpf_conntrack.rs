@@ -203,3 +203,25 @@ fn half_closed_and_half_open_flows_keep_the_right_timeouts() {
     assert_eq!(t.for_flow(6, 0, CT_FLAG_TCP_ACKED), t.tcp_syn);
     assert_eq!(t.for_flow(17, 0, 0), t.other);
 }
+
+#[test]
+fn the_collector_reads_a_table_larger_than_one_batch() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    // 6,000 masqueraded flows: 12,000 entries, three batches' worth.
+    let peer = |i: u16| Ipv4Addr::new(198, 18, 1, 100 + (i / 1000) as u8);
+    for i in 0..6000u16 {
+        let syn = udp4_frame((C1, 10000 + i % 1000), (peer(i), 53), b"q");
+        run(&mut dp, Hook::UplinkEgress, syn);
+    }
+    assert_eq!(dp.nat_flows().unwrap().len(), 12_000);
+    let t = CtTimeouts::default();
+    let now = monotonic_now_ns();
+    let report = dp.gc_nat_flows(now, &t).unwrap();
+    assert_eq!((report.scanned, report.removed), (12_000, 0));
+    let report = dp.gc_nat_flows(now + (t.other + 2) * SEC, &t).unwrap();
+    assert_eq!((report.scanned, report.removed), (12_000, 12_000));
+    assert!(dp.nat_flows().unwrap().is_empty());
+}

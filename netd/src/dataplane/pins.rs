@@ -279,16 +279,28 @@ pub(super) fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Res
 }
 
 pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: attr is a fully initialised prefix of union bpf_attr for `cmd`,
-    // of exactly the size passed; the kernel zero-extends the rest.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
+    raw_bpf(cmd, (attr as *const T).cast(), std::mem::size_of::<T>())
+}
+
+/// `sys_bpf` for commands that write results back into `attr` (the batch
+/// commands' `count`, for one).
+pub(super) fn sys_bpf_mut<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    raw_bpf(
+        cmd,
+        (attr as *mut T).cast_const().cast(),
+        std::mem::size_of::<T>(),
+    )
+}
+
+fn raw_bpf(
+    cmd: libc::c_long,
+    attr: *const libc::c_void,
+    size: usize,
+) -> std::io::Result<libc::c_long> {
+    // SAFETY: attr points at a fully initialised prefix of union bpf_attr
+    // for `cmd`, of exactly `size` bytes (the kernel zero-extends the rest
+    // and writes only within it).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as libc::c_uint) };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
