@@ -15,7 +15,7 @@ use crate::{
     maps::NAT_CT,
     parsing::{
         ptr_at, Frame, Ip, ICMP_CSUM, ICMP_ECHO_ID, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_CSUM, UDP_CSUM,
     },
 };
 
@@ -23,8 +23,6 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_HEADER: usize = 8;
-/// The UDP checksum's offset in its header.
-const UDP_CSUM: usize = 6;
 /// bpf_l4_csum_replace: leave a zero checksum (UDP: none) alone, and write
 /// a computed zero as 0xffff.
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -51,10 +49,30 @@ struct Quote {
     src_port_offset: usize,
     dst_port_offset: usize,
     proto: u8,
-    /// Where the quoted UDP checksum is (its first 8 bytes are always
-    /// quoted); None for TCP (its checksum lies past them) and ICMP echo
-    /// (no pseudo-header, and the id change is in the quote's own sum).
-    l4_csum: Option<usize>,
+    /// The quoted L4 checksum, when the quote holds it (UDP's and ICMP
+    /// echo's always do; TCP's only when its whole header is quoted). It is
+    /// kept consistent with the rewritten quote, as Linux's NAT keeps it.
+    l4_csum: Option<QuotedCsum>,
+}
+
+#[derive(Clone, Copy)]
+struct QuotedCsum {
+    offset: usize,
+    /// TCP/UDP: covers the addresses through the pseudo-header.
+    pseudo_header: bool,
+    /// UDP: 0 means "no checksum" and must stay 0.
+    zero_is_none: bool,
+}
+
+impl QuotedCsum {
+    /// Flags for `replace_quoted_csum` with `size` bytes changed.
+    fn flags(&self, size: u64) -> u64 {
+        if self.zero_is_none {
+            size | BPF_F_MARK_MANGLED_0
+        } else {
+            size
+        }
+    }
 }
 
 /// Translates an ICMP error about a NATed flow. `Ok(None)`: not an ICMP
@@ -186,9 +204,28 @@ fn read_quote(ctx: &TcContext, l3: usize) -> Result<Option<Quote>, Counter> {
         l4_csum: None,
     };
     match proto {
-        IPPROTO_TCP => {}
-        IPPROTO_UDP => q.l4_csum = Some(l4 + UDP_CSUM),
+        IPPROTO_TCP => {
+            if ptr_at::<[u8; 2]>(ctx, l4 + TCP_CSUM).is_some() {
+                q.l4_csum = Some(QuotedCsum {
+                    offset: l4 + TCP_CSUM,
+                    pseudo_header: true,
+                    zero_is_none: false,
+                });
+            }
+        }
+        IPPROTO_UDP => {
+            q.l4_csum = Some(QuotedCsum {
+                offset: l4 + UDP_CSUM,
+                pseudo_header: true,
+                zero_is_none: true,
+            })
+        }
         IPPROTO_ICMP => {
+            q.l4_csum = Some(QuotedCsum {
+                offset: l4 + ICMP_CSUM,
+                pseudo_header: false,
+                zero_is_none: false,
+            });
             let id = [p[4], p[5]];
             q.src_port_offset = l4 + ICMP_ECHO_ID;
             q.dst_port_offset = l4 + ICMP_ECHO_ID;
@@ -261,8 +298,8 @@ fn replace_quoted_csum(
     .map_err(|_| Counter::RewriteFailed)
 }
 
-/// A quoted address: the quoted IP header checksum, the quoted UDP checksum
-/// (its pseudo-header holds the address) and the ICMP checksum (which
+/// A quoted address: the quoted IP header checksum, the quoted TCP/UDP
+/// checksum (its pseudo-header holds the address) and the ICMP checksum (which
 /// covers the quote, those checksum fields included) follow.
 #[inline(always)]
 fn set_quoted_addr(
@@ -278,17 +315,16 @@ fn set_quoted_addr(
         u64::from(u32::from_ne_bytes(new)),
     );
     replace_quoted_csum(ctx, icmp_csum, quote.l3 + IPV4_CSUM, from, to, 4)?;
-    if let Some(l4_csum) = quote.l4_csum {
-        replace_quoted_csum(ctx, icmp_csum, l4_csum, from, to, 4 | BPF_F_MARK_MANGLED_0)?;
+    if let Some(c) = quote.l4_csum.filter(|c| c.pseudo_header) {
+        replace_quoted_csum(ctx, icmp_csum, c.offset, from, to, c.flags(4))?;
     }
     ctx.l4_csum_replace(icmp_csum, from, to, 4)
         .and_then(|_| ctx.store(quote.l3 + field, &new, 0))
         .map_err(|_| Counter::RewriteFailed)
 }
 
-/// A quoted port (or echo id), and the quoted UDP checksum with it. A quoted
-/// TCP checksum lies past the 8 bytes an error must quote and is left as it
-/// is, as Linux leaves it.
+/// A quoted port (or echo id), and the quoted L4 checksum with it when the
+/// quote holds it.
 #[inline(always)]
 fn set_quoted_port(
     ctx: &TcContext,
@@ -305,8 +341,8 @@ fn set_quoted_port(
         u64::from(u16::from_ne_bytes(old)),
         u64::from(u16::from_ne_bytes(new)),
     );
-    if let Some(l4_csum) = quote.l4_csum {
-        replace_quoted_csum(ctx, icmp_csum, l4_csum, from, to, 2 | BPF_F_MARK_MANGLED_0)?;
+    if let Some(c) = quote.l4_csum {
+        replace_quoted_csum(ctx, icmp_csum, c.offset, from, to, c.flags(2))?;
     }
     ctx.l4_csum_replace(icmp_csum, from, to, 2)
         .and_then(|_| ctx.store(offset, &new, 0))

@@ -244,13 +244,18 @@ fn publishes_of(id: &str, inspect: &ContainerInspectResponse) -> Vec<Publish> {
 }
 
 /// Logs `message` as a warning the first time only: every reconcile pass
-/// (each event, and every 30 s) sees the same containers again.
+/// (each event, and every 30 s) sees the same containers again. Forgets
+/// everything past 1,000 messages (containers come and go), so a warning
+/// may then repeat once.
 fn warn_once(message: String) {
     static SEEN: std::sync::Mutex<std::collections::BTreeSet<String>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     if !seen.contains(&message) {
         tracing::warn!("{message}");
+        if seen.len() >= 1000 {
+            seen.clear();
+        }
         seen.insert(message);
     }
 }

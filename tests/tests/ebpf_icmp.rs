@@ -271,10 +271,20 @@ fn port_unreachable_for_a_hairpin_client_on_another_network_reaches_it_translate
 }
 
 /// A port unreachable frame from `from` to `to` quoting the whole offending
-/// datagram (Linux quotes up to 576 bytes), so that its UDP checksum can be
+/// packet (Linux quotes up to 576 bytes), so that its L4 checksum can be
 /// checked after translation.
 fn port_unreachable_quoting_all(from: Ipv4Addr, to: Ipv4Addr, offending: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    error_quoting_all(3, 3, from, to, offending)
+}
+
+fn error_quoting_all(
+    kind: u8,
+    code: u8,
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    offending: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0, 0];
     icmp.extend_from_slice(offending);
     let c = checksum(&icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
@@ -312,4 +322,42 @@ fn a_quoted_udp_checksum_is_translated_with_its_addresses_and_ports() {
     let out = dp.test_run(Hook::UplinkEgress, &err, 1).unwrap().frame;
     assert_eq!(error_tuple(&out), (HOST, PEER, PEER, HOST, 33001, 5353));
     assert_eq!(verify_ipv4_frame(&quoted_frame(&out)), Ok(()));
+}
+
+#[test]
+fn quoted_tcp_and_echo_checksums_follow_the_translation() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = setup();
+    // A masqueraded SYN whose whole header a router quotes …
+    let syn = tcp4_frame((C1, 40002), (PEER, 443), TCP_SYN, b"");
+    let sent = dp.test_run(Hook::UplinkEgress, &syn, 1).unwrap().frame;
+    let err = error_quoting_all(11, 0, ROUTER, HOST, ip_of(&sent));
+    let out = dp.test_run(Hook::UplinkIngress, &err, 1).unwrap().frame;
+    assert_eq!(quoted_frame(&out), syn, "the segment as C1 sent it");
+    // … and a masqueraded ping whose id was rewritten (another container
+    // holds the first one's id).
+    let ping = |from: Ipv4Addr| {
+        ethernet(
+            MAC_B,
+            MAC_A,
+            ETH_P_IP,
+            &ipv4(from, PEER, PROTO_ICMP, &icmp_echo(8, 0x4343, 1, b"ttl")),
+        )
+    };
+    dp.test_run(Hook::UplinkEgress, &ping(Ipv4Addr::new(198, 19, 1, 3)), 1)
+        .unwrap();
+    let sent = dp.test_run(Hook::UplinkEgress, &ping(C1), 1).unwrap().frame;
+    assert_ne!(echo_id(&sent), 0x4343, "id kept: nothing to test");
+    let err = error_quoting_all(11, 0, ROUTER, HOST, ip_of(&sent));
+    let out = dp.test_run(Hook::UplinkIngress, &err, 1).unwrap().frame;
+    assert_eq!(quoted_frame(&out), ping(C1), "the echo as C1 sent it");
+}
+
+/// The id of an Ethernet + IPv4 + ICMP echo frame.
+fn echo_id(frame: &[u8]) -> u16 {
+    let ip = ip_of(frame);
+    let icmp = &ip[usize::from(ip[0] & 0xf) * 4..];
+    u16::from_be_bytes([icmp[4], icmp[5]])
 }

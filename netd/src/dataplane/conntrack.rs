@@ -95,12 +95,16 @@ fn snapshot<T: std::borrow::Borrow<MapData>>(
             flags: 0,
         };
         let rc = super::pins::sys_bpf_mut(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        // The kernel wrote `count` entries (also with ENOENT: the last ones).
-        let n = (attr.count as usize).min(BATCH);
-        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        // On success, and with ENOENT (the end), the kernel wrote `count`
+        // entries; on other errors `count` may be what we passed in.
+        let end = matches!(&rc, Err(e) if e.raw_os_error() == Some(libc::ENOENT));
+        if rc.is_ok() || end {
+            let n = (attr.count as usize).min(BATCH);
+            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        }
         match rc {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(_) if end => return Ok(out),
             Err(e) if first && e.raw_os_error() == Some(libc::EINVAL) => {
                 return Ok(ct.iter().filter_map(Result::ok).collect());
             }
