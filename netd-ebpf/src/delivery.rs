@@ -67,9 +67,9 @@ struct FibParams {
 const AF_INET: u8 = 2;
 
 /// Where the host's routing would send a packet from a container: the
-/// uplink, with the neighbour resolved. `None` for anything else (another
-/// interface, the host itself, an unresolved neighbour): the kernel path
-/// takes those.
+/// uplink, with the neighbour resolved and the packet within its MTU.
+/// `None` for anything else (another interface, the host itself, an
+/// unresolved neighbour, too big): the kernel path takes those.
 #[inline(always)]
 pub fn route_via_uplink(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8) -> Option<Route> {
     let uplink = CONFIG.get(0)?.uplink_ifindex;
@@ -86,6 +86,10 @@ pub fn route_via_uplink(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8) 
         l4_protocol: proto,
         sport: [0; 2],
         dport: [0; 2],
+        // 0: the helper checks the skb itself against the egress device's
+        // MTU (is_skb_forwardable, GSO-aware) and answers FRAG_NEEDED, which
+        // sends the packet down the kernel path, where a DF packet gets its
+        // "fragmentation needed".
         tot_len: 0,
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         tos: 0,

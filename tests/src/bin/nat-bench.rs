@@ -82,6 +82,7 @@ fn run() -> Result<()> {
     ];
     lan.plain_switch()?;
     targets[2].host.start_netd(&bench)?;
+    let _empty_rules = EmptyRuleTablesOnDrop(&targets);
     for t in &targets {
         let mount = format!("{}:/echo:ro", echo.display());
         t.host.dockerd().run(
@@ -185,21 +186,28 @@ fn run() -> Result<()> {
     let costs = program_costs()?;
     print_table(&results, &costs, &reachable);
     write_outputs(&results, &costs, &reachable)?;
-    // Removing the containers makes Docker delete its thousands of iptables
-    // rules one `iptables` run at a time (as long as adding them took);
-    // the hosts' namespaces go away with the bench, so empty their tables
-    // first and Docker's deletions fail fast.
-    for t in targets.iter().filter(|t| t.name != "netd") {
-        for table in ["nat", "filter"] {
-            let _ = t
-                .host
-                .ns
-                .command("iptables")
-                .args(["-w", "-t", table, "-F"])
-                .status();
+    Ok(())
+}
+
+/// Removing the containers makes Docker delete its thousands of iptables
+/// rules one `iptables` run at a time (as long as adding them took); the
+/// hosts' namespaces go away with the bench, so their tables are emptied
+/// first, however the bench ends, and Docker's deletions fail fast.
+struct EmptyRuleTablesOnDrop<'a>(&'a [Target]);
+
+impl Drop for EmptyRuleTablesOnDrop<'_> {
+    fn drop(&mut self) {
+        for t in self.0.iter().filter(|t| t.name != "netd") {
+            for table in ["nat", "filter"] {
+                let _ = t
+                    .host
+                    .ns
+                    .command("iptables")
+                    .args(["-w", "-t", table, "-F"])
+                    .status();
+            }
         }
     }
-    Ok(())
 }
 
 /// Milliseconds from `docker run -d -p` returning (the container is started)
@@ -218,9 +226,17 @@ fn start_to_reachable(
         for i in 0..REPEATS {
             let port = 7100 + i as u16;
             let addr = SocketAddrV4::new(t.host.ip, port);
+            let name = format!("late{i}");
             t.host.dockerd().run(
-                &format!("late{i}"),
-                &["-v", &mount, "-p", &format!("{port}:7")],
+                &name,
+                &[
+                    "--cpuset-cpus",
+                    &bench::CPU.to_string(),
+                    "-v",
+                    &mount,
+                    "-p",
+                    &format!("{port}:7"),
+                ],
                 &["/echo"],
             )?;
             let started = Instant::now();
@@ -236,6 +252,7 @@ fn start_to_reachable(
                 std::thread::sleep(Duration::from_millis(1));
             })?;
             v.push(started.elapsed().as_secs_f64() * 1e3);
+            t.host.dockerd().docker(&["rm", "-f", &name])?;
         }
         out.insert(t.name, median(v));
     }
