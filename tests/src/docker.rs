@@ -170,6 +170,14 @@ impl Dockerd {
         self.docker(&args)
     }
 
+    /// The network namespace of a running container (/proc/<pid>/ns/net),
+    /// for tests that serve or send from inside it with their own sockets
+    /// (the busybox image has no UDP tools).
+    pub fn netns_of(&self, container: &str) -> Result<std::path::PathBuf> {
+        let pid = self.docker(&["inspect", "--format", "{{.State.Pid}}", container])?;
+        Ok(format!("/proc/{}/ns/net", pid.trim()).into())
+    }
+
     /// The container's IP address on the default bridge.
     pub fn container_ip(&self, name: &str) -> Result<String> {
         self.docker(&[

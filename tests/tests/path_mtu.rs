@@ -55,15 +55,8 @@ fn a_too_big_packet_from_a_container_gets_fragmentation_needed() {
     }
     host.start_netd(&bench).unwrap();
     host.dockerd().run("c1", &[], &["sleep", "3600"]).unwrap();
-    let pid = host
-        .dockerd()
-        .docker(&["inspect", "--format", "{{.State.Pid}}", "c1"])
-        .unwrap();
-    let container = netd_tests::netns::NetNs::open(std::path::Path::new(&format!(
-        "/proc/{}/ns/net",
-        pid.trim()
-    )))
-    .unwrap();
+    let container =
+        netd_tests::netns::NetNs::open(&host.dockerd().netns_of("c1").unwrap()).unwrap();
 
     let to = SocketAddr::from((server.ip, 9999));
     let learned = container

@@ -45,11 +45,7 @@ fn a_published_udp_port_answers_from_the_published_address() {
     host.dockerd()
         .run("dns", &["-p", "5353:53/udp"], &["sleep", "3600"])
         .unwrap();
-    let pid = host
-        .dockerd()
-        .docker(&["inspect", "--format", "{{.State.Pid}}", "dns"])
-        .unwrap();
-    let netns = std::fs::File::open(format!("/proc/{}/ns/net", pid.trim())).unwrap();
+    let netns = std::fs::File::open(host.dockerd().netns_of("dns").unwrap()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let server = udp_peer_echo(netns, stop.clone());
 
