@@ -14,8 +14,8 @@ use network_types::ip::Ipv4Hdr;
 use crate::{
     maps::NAT_CT,
     parsing::{
-        ptr_at, Frame, Ip, ICMP_CSUM, ICMP_ECHO_ID, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_CSUM, UDP_CSUM,
+        echo_ports, ptr_at, Frame, Ip, ICMP_CSUM, ICMP_ECHO_ID, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_CSUM, UDP_CSUM,
     },
 };
 
@@ -229,17 +229,10 @@ fn read_quote(ctx: &TcContext, l3: usize) -> Result<Option<Quote>, Counter> {
             let id = [p[4], p[5]];
             q.src_port_offset = l4 + ICMP_ECHO_ID;
             q.dst_port_offset = l4 + ICMP_ECHO_ID;
-            match p[0] {
-                ICMP_ECHO_REQUEST => {
-                    q.src_port = id;
-                    q.dst_port = [0, 0];
-                }
-                ICMP_ECHO_REPLY => {
-                    q.src_port = [0, 0];
-                    q.dst_port = id;
-                }
-                _ => return Ok(None),
-            }
+            let Some((src, dst)) = echo_ports(p[0], id) else {
+                return Ok(None);
+            };
+            (q.src_port, q.dst_port) = (src, dst);
         }
         _ => return Ok(None),
     }

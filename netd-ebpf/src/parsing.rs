@@ -31,6 +31,17 @@ pub const ICMP_ECHO_ID: usize = 4;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 
+/// An ICMP echo's id in the place a flow key holds ports: the source side
+/// for a request, the destination side for a reply. `None` for other types.
+#[inline(always)]
+pub fn echo_ports(kind: u8, id: [u8; 2]) -> Option<([u8; 2], [u8; 2])> {
+    match kind {
+        ICMP_ECHO_REQUEST => Some((id, [0, 0])),
+        ICMP_ECHO_REPLY => Some(([0, 0], id)),
+        _ => None,
+    }
+}
+
 /// Returns a pointer to a `T` at `offset` in the linear packet data, or
 /// `None` when the packet is too short.
 #[inline(always)]
@@ -191,18 +202,11 @@ pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Cou
             flow.l4_csum_offset = l4 + ICMP_CSUM;
             flow.src_port_offset = l4 + ICMP_ECHO_ID;
             flow.dst_port_offset = l4 + ICMP_ECHO_ID;
-            match (h[0], h[1]) {
-                (ICMP_ECHO_REQUEST, 0) => {
-                    flow.src_port = id;
-                    flow.dst_port = [0, 0];
-                }
-                (ICMP_ECHO_REPLY, 0) => {
-                    flow.src_port = [0, 0];
-                    flow.dst_port = id;
-                }
-                // Errors and other types: not a flow of their own.
-                _ => return Ok(None),
-            }
+            // Errors and other types (or codes): not a flow of their own.
+            let Some((src, dst)) = echo_ports(h[0], id).filter(|_| h[1] == 0) else {
+                return Ok(None);
+            };
+            (flow.src_port, flow.dst_port) = (src, dst);
         }
         _ => {}
     }
