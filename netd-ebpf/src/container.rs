@@ -26,15 +26,12 @@ const ARP_LEN: usize = 28;
 pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(ep) = ENDPOINTS.get_ptr(&ifindex) else {
-        // Not (or not yet) a known endpoint: leave it to the kernel, saying
-        // what it is.
-        return Ok((
-            match parse_frame(ctx) {
-                Ok(frame) => unmatched(&frame),
-                Err(reason) => reason,
-            },
-            None,
-        ));
+        // netd attaches to a container's veth as soon as Docker enslaves it
+        // to a bridge, before it knows the endpoint. Until it does, nothing
+        // may take the kernel's path: the checks and translations would be
+        // skipped, and a hairpin SYN would be answered by the listening
+        // socket dockerd keeps on the published port, then never served.
+        return Err(Counter::UnknownEndpoint);
     };
     let ep: Endpoint = unsafe { *ep };
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;

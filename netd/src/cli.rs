@@ -60,6 +60,10 @@ pub enum Command {
         /// the root of the cgroup2 mount.
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Seconds between full reconciles with Docker (besides the ones
+        /// events trigger): retries whatever a failed pass left undone.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        resync_interval: u64,
     },
     /// Show attachments, map fill levels and packet counters (works while
     /// the daemon is down: it reads the pinned objects).
@@ -125,9 +129,22 @@ pub fn main() -> i32 {
     }
 }
 
+/// netlink-packet-route warns, on every link it parses, when the kernel
+/// sends more IPv6 per-device fields (IFLA_INET6_CONF, _STATS) than the
+/// crate knows: true of every kernel newer than the crate, and nothing netd
+/// reads (it never looks at IPv6 device settings). Every link dump (each
+/// endpoint on each resync) would repeat it. Only errors from that module
+/// are kept, whatever NETD_LOG says; the more specific directive wins.
+const QUIET_DEPENDENCY_NOISE: &str = "netlink_packet_route::link::buffer_tool=error";
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive(
+            QUIET_DEPENDENCY_NOISE
+                .parse()
+                .expect("a valid static directive"),
+        );
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -149,6 +166,7 @@ fn dispatch(command: Command) -> Result<()> {
             ct_timeout_tcp_closing,
             ct_timeout_other,
             cgroup,
+            resync_interval,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -168,6 +186,7 @@ fn dispatch(command: Command) -> Result<()> {
                     other: ct_timeout_other,
                 },
                 cgroup,
+                resync_interval: std::time::Duration::from_secs(resync_interval),
             }))
         }
         Command::Status { json, pin_dir } => {

@@ -281,8 +281,16 @@ pub async fn bridge_networks(docker: &Docker) -> Result<Vec<Network>> {
                     .get("com.docker.network.bridge.enable_ip_masquerade")
                     .is_none_or(|v| v != "false");
             let ipam = n.ipam.and_then(|i| i.config).unwrap_or_default();
+            let id = n.id.unwrap_or_default();
+            // Docker names a user-defined network's bridge br-<12 hex of its
+            // id> unless the option says otherwise (the default bridge's does).
+            let bridge = options
+                .get("com.docker.network.bridge.name")
+                .cloned()
+                .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
             Network {
-                id: n.id.unwrap_or_default(),
+                bridge,
+                id,
                 name,
                 subnets: ipam
                     .iter()

@@ -4,10 +4,13 @@
 //! - [`cli`]: argument parsing and human/JSON output.
 //! - [`daemon`]: `netd run`, wiring the rooms together.
 //! - [`docker`]: the Docker source (bollard).
-//! - [`netlink`]: interface and route queries (rtnetlink).
+//! - [`netlink`]: interface and route queries, link events (rtnetlink).
+//! - [`arrivals`]: container veths between their appearance and Docker's
+//!   report of the container.
 //! - [`state`]: the desired state derived from Docker (pure data).
 //! - [`reconcile`]: diffs desired state against the maps, applies the difference.
 //! - [`dataplane`]: the only code that loads programs and touches maps.
+pub mod arrivals;
 pub mod cli;
 pub mod daemon;
 pub mod dataplane;

@@ -3,7 +3,7 @@
 use anyhow::{anyhow, Context as _, Result};
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
-    link::LinkAttribute,
+    link::{LinkAttribute, LinkMessage},
     route::{RouteAttribute, RouteMessage},
 };
 use rtnetlink::IpVersion;
@@ -152,4 +152,179 @@ pub fn host_side_of_veth(sandbox_key: &str, mac: [u8; 6]) -> Result<u32> {
         .join()
         .unwrap_or_else(|_| Err(anyhow!("namespace thread panicked")))
     })
+}
+
+/// A veth enslaved to a bridge in netd's namespace: where a Docker
+/// container's host-side interface shows up, before Docker reports the
+/// container as started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgePort {
+    pub ifindex: u32,
+    pub name: String,
+    /// The bridge's ifindex.
+    pub master: u32,
+    /// Both ends are up. Docker brings the container's end up only after
+    /// giving it its MAC and address, so from here on those can be read.
+    pub carrier: bool,
+    /// The other end, once it has been moved to another namespace: that
+    /// namespace's id as netd's namespace knows it, and its ifindex there.
+    pub peer: Option<(i32, u32)>,
+}
+
+/// What a link event says about bridge ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkChange {
+    /// A veth on a bridge was created or changed.
+    Port(BridgePort),
+    /// An interface was deleted.
+    Gone(u32),
+    /// Notifications were lost: rescan.
+    Overrun,
+}
+
+/// The bridge port a link message describes, if it is a veth with a master.
+fn bridge_port(link: &LinkMessage) -> Option<BridgePort> {
+    use netlink_packet_route::link::{InfoKind, LinkFlag, LinkInfo};
+    let mut port = BridgePort {
+        ifindex: link.header.index,
+        name: String::new(),
+        master: 0,
+        carrier: link.header.flags.contains(&LinkFlag::LowerUp),
+        peer: None,
+    };
+    let (mut veth, mut peer_index, mut peer_ns) = (false, None, None);
+    for a in &link.attributes {
+        match *a {
+            LinkAttribute::IfName(ref n) => port.name = n.clone(),
+            LinkAttribute::Controller(m) => port.master = m,
+            LinkAttribute::Link(i) => peer_index = Some(i),
+            LinkAttribute::NetnsId(ns) => peer_ns = Some(ns),
+            LinkAttribute::LinkInfo(ref infos) => {
+                veth |= infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+            }
+            _ => {}
+        }
+    }
+    if !veth || port.master == 0 || port.name.is_empty() {
+        return None;
+    }
+    port.peer = peer_ns.zip(peer_index);
+    Some(port)
+}
+
+/// Every veth enslaved to a bridge in this namespace.
+pub async fn bridge_ports() -> Result<Vec<BridgePort>> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("listing interfaces")?;
+    Ok(links.iter().filter_map(bridge_port).collect())
+}
+
+/// Sends what link notifications (RTMGRP_LINK) say about bridge ports on
+/// `tx` until it is closed: a container's veth is attached the moment
+/// Docker enslaves it, not when Docker's start event arrives, after the
+/// container's process has already begun sending.
+pub fn watch_links(tx: tokio::sync::mpsc::UnboundedSender<LinkChange>) -> Result<()> {
+    use futures::StreamExt as _;
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_sys::AsyncSocket as _;
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_connection().context("opening rtnetlink")?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&netlink_sys::SocketAddr::new(
+            0,
+            rtnetlink::constants::RTMGRP_LINK,
+        ))
+        .context("subscribing to link changes")?;
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        let _handle = handle;
+        while let Some((msg, _)) = messages.next().await {
+            let change = match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    bridge_port(&link).map(LinkChange::Port)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                    Some(LinkChange::Gone(link.header.index))
+                }
+                NetlinkPayload::Overrun(_) => Some(LinkChange::Overrun),
+                _ => None,
+            };
+            if let Some(change) = change {
+                if tx.send(change).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The MAC and IPv4 addresses of interface `ifindex` in the namespace this
+/// one knows as `nsid` (a container's), read without entering it
+/// (IFLA_TARGET_NETNSID / IFA_TARGET_NETNSID; address dumps honour the
+/// target only on a socket with strict checking).
+pub async fn peer_identity(nsid: i32, ifindex: u32) -> Result<([u8; 6], Vec<std::net::Ipv4Addr>)> {
+    use netlink_packet_route::{
+        address::{AddressAttribute, AddressMessage},
+        AddressFamily,
+    };
+    use netlink_sys::AsyncSocket as _;
+    /// IFA_TARGET_NETNSID, which netlink-packet-route 0.19 does not name.
+    const IFA_TARGET_NETNSID: u16 = 10;
+    let (mut conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    conn.socket_mut()
+        .socket_mut()
+        .set_netlink_get_strict_chk(true)
+        .context("enabling strict netlink checks")?;
+    tokio::spawn(conn);
+    let mut get = handle.link().get().match_index(ifindex);
+    get.message_mut()
+        .attributes
+        .push(LinkAttribute::IfNetnsId(nsid));
+    let link = get
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("reading interface {ifindex} of namespace id {nsid}"))?
+        .ok_or_else(|| anyhow!("no interface {ifindex} in namespace id {nsid}"))?;
+    let mac = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("interface {ifindex} of namespace id {nsid} has no MAC"))?;
+    let mut get = handle.address().get().set_link_index_filter(ifindex);
+    let msg = get.message_mut();
+    msg.header.family = AddressFamily::Inet;
+    msg.attributes.push(AddressAttribute::Other(
+        netlink_packet_utils::nla::DefaultNla::new(IFA_TARGET_NETNSID, nsid.to_ne_bytes().to_vec()),
+    ));
+    let addrs: Vec<AddressMessage> = get
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("reading addresses in namespace id {nsid}"))?;
+    let v4 = addrs
+        .iter()
+        .filter(|m| m.header.index == ifindex)
+        .flat_map(|m| m.attributes.iter())
+        .filter_map(|a| match a {
+            AddressAttribute::Local(std::net::IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        })
+        .collect();
+    Ok((mac, v4))
 }

@@ -69,13 +69,16 @@ pub fn networks(
     Ok(applied)
 }
 
-/// Brings `netd_endpoints` and the container-egress attachments to
-/// `desired` (host-side veth ifindex → (veth name, endpoint)). The map entry
-/// is written before the program is attached, so the program never sees an
-/// endpoint's traffic without knowing the endpoint.
+/// Brings `netd_endpoints` and the container veth attachments to `desired`
+/// (host-side veth ifindex → (veth name, endpoint)) plus `attach_only`:
+/// veths that keep their programs while their endpoint is not known yet
+/// (their traffic is dropped until it is). The map entry is written before
+/// a program is attached, so a known endpoint's traffic is never dropped as
+/// unknown.
 pub fn endpoints(
     dp: &mut Dataplane,
     desired: &HashMap<u32, (String, Endpoint)>,
+    attach_only: &[String],
 ) -> Result<Applied> {
     let current: HashMap<u32, Endpoint> = dp.endpoints()?.into_iter().collect();
     let mut applied = Applied::default();
@@ -94,7 +97,8 @@ pub fn endpoints(
     }
     for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
         let attached: Vec<String> = dp.attached_targets(att)?;
-        for (ifname, _) in desired.values() {
+        let wanted = || desired.values().map(|(name, _)| name).chain(attach_only);
+        for ifname in wanted() {
             if !attached.contains(ifname) {
                 // One veth vanishing mid-pass must not stop the others.
                 if let Err(e) = dp.attach(att, ifname) {
@@ -103,7 +107,7 @@ pub fn endpoints(
             }
         }
         for ifname in &attached {
-            if !desired.values().any(|(name, _)| name == ifname) {
+            if !wanted().any(|name| name == ifname) {
                 if let Err(e) = dp.detach(att, ifname) {
                     tracing::warn!("{e:#}");
                 }

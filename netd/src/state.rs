@@ -162,6 +162,9 @@ pub struct Network {
     pub internal: bool,
     /// The bridge's addresses (the host's own, inside the subnets).
     pub gateways: Vec<Ipv4Addr>,
+    /// The Linux bridge Docker made for it (docker0, br-<id>): where its
+    /// containers' veths are enslaved.
+    pub bridge: String,
 }
 
 /// Parses "198.19.1.0/24" (IPv6 subnets yield `None`).
@@ -247,6 +250,7 @@ mod network_tests {
             masquerade,
             internal,
             gateways: vec![Ipv4Addr::new(198, 19, third, 1)],
+            bridge: format!("br-{third}"),
         };
         let d = desired_networks(&[
             net("a", 1, true, false),

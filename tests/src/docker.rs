@@ -170,6 +170,55 @@ impl Dockerd {
         self.docker(&args)
     }
 
+    /// Runs a container in the foreground (`docker run --rm`) and returns its
+    /// output once it exits, or an error if it has not exited within
+    /// `limit` (then it is removed). The bound is kept here, outside the
+    /// container: busybox `timeout` execs its command as the container's
+    /// PID 1, which ignores SIGTERM.
+    pub fn run_to_completion(
+        &self,
+        name: &str,
+        extra: &[&str],
+        command: &[&str],
+        limit: Duration,
+    ) -> Result<String> {
+        let mut child = Command::new("docker")
+            .arg("-H")
+            .arg(self.host())
+            .args(["run", "--rm", "--pull=never", "--name", name])
+            .args(extra)
+            .arg(TEST_IMAGE)
+            .args(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running the docker CLI")?;
+        let deadline = Instant::now() + limit;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.docker_raw(&["rm", "-f", name]);
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "container {name} ({}) still running after {limit:?}",
+                    command.join(" ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "container {name} ({}) failed ({}): {}",
+                command.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The network namespace of a running container (/proc/<pid>/ns/net),
     /// for tests that serve or send from inside it with their own sockets
     /// (the busybox image has no UDP tools).

@@ -114,6 +114,33 @@ impl Bench {
         &self.bpffs
     }
 
+    /// A copy of `program` that any user can run: in this bench's state dir,
+    /// with every directory from `/` down to it traversable by others (the
+    /// original may be in a checkout below /root or a 0700 temp dir).
+    pub fn world_executable(&self, program: &Path) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = self.state_dir.join("bin");
+        std::fs::create_dir_all(&dir)?;
+        let name = program
+            .file_name()
+            .context("program path has no file name")?;
+        let copy = dir.join(name);
+        std::fs::copy(program, &copy)
+            .with_context(|| format!("copying {} to {}", program.display(), copy.display()))?;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+        // The bench made these directories; a umask may have closed them.
+        for d in [Path::new(STATE_ROOT), &self.state_dir, &dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        }
+        for ancestor in copy.ancestors().skip(1) {
+            let mode = std::fs::metadata(ancestor)?.permissions().mode();
+            if mode & 0o001 == 0 {
+                bail!("{} is not traversable by other users", ancestor.display());
+            }
+        }
+        Ok(copy)
+    }
+
     /// A fresh namespace named after this bench and `role`.
     pub fn netns(&self, role: &str) -> Result<NetNs> {
         let n = self.names.fetch_add(1, Ordering::Relaxed);

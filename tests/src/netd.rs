@@ -74,6 +74,25 @@ pub struct Netd {
     uplink: String,
     pin_dir: PathBuf,
     state_dir: PathBuf,
+    options: NetdOptions,
+}
+
+/// How a test runs `netd run`.
+#[derive(Clone, Debug)]
+pub struct NetdOptions {
+    /// NETD_LOG.
+    pub log: String,
+    /// More `netd run` flags.
+    pub args: Vec<String>,
+}
+
+impl Default for NetdOptions {
+    fn default() -> Self {
+        Self {
+            log: "debug".into(),
+            args: Vec::new(),
+        }
+    }
 }
 
 impl Netd {
@@ -83,8 +102,10 @@ impl Netd {
         uplink: &str,
         pin_dir: &Path,
         state_dir: &Path,
+        options: NetdOptions,
     ) -> Result<Self> {
         let mut netd = Self {
+            options,
             child: None,
             ns_path: ns.path().into(),
             binary: netd_binary()?,
@@ -118,7 +139,8 @@ impl Netd {
             .arg(&self.uplink)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .env("NETD_LOG", "debug")
+            .args(&self.options.args)
+            .env("NETD_LOG", &self.options.log)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use crate::{
     docker::{DockerMode, Dockerd},
-    netd::Netd,
+    netd::{Netd, NetdOptions},
     netlink::{add_address, add_route, veth_between, with_netlink},
     netns::NetNs,
     Bench,
@@ -133,6 +133,11 @@ impl Host {
     /// Starts netd in this host against its dockerd, pinned on the bench's
     /// private bpffs.
     pub fn start_netd(&mut self, bench: &Bench) -> Result<()> {
+        self.start_netd_with(bench, NetdOptions::default())
+    }
+
+    /// [`Self::start_netd`] with a log filter and flags of the test's own.
+    pub fn start_netd_with(&mut self, bench: &Bench, options: NetdOptions) -> Result<()> {
         let pin_dir = bench.bpffs().join(self.ns.name());
         let netd = Netd::start(
             &self.ns,
@@ -140,6 +145,7 @@ impl Host {
             UPLINK,
             &pin_dir,
             &self.state_dir,
+            options,
         )?;
         self.netd = Some(netd);
         Ok(())

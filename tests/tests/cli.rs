@@ -55,11 +55,16 @@ fn unknown_interface_missing_socket_and_no_privileges() {
         .unwrap();
     one_line_error(&out, "no Docker socket at /nonexistent/docker.sock");
 
-    let out = Command::new(&netd)
+    // The real binary as an unprivileged user. The checkout may sit below a
+    // directory that user cannot traverse (/root, a mktemp -d dir), so it
+    // runs a copy from the bench's state dir, which is world-traversable.
+    let copy = bench.world_executable(&netd).unwrap();
+    let out = Command::new(&copy)
         .args(["status", "--pin-dir", &pin])
         .uid(65534)
+        .gid(65534)
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("running {} as uid 65534: {e}", copy.display()));
     one_line_error(&out, "needs root");
 
     for inspect in ["status", "ports", "endpoints", "ct"] {

@@ -1,6 +1,12 @@
 //! The real daemon in an emulated Docker host: attach, pin, count real
 //! packets, keep forwarding while down, adopt on restart, uninstall.
-use netd_tests::{netd::counter, privileged, Bench, DockerMode, Host};
+use std::time::Duration;
+
+use netd_tests::{
+    eventually,
+    netd::{counter, NetdOptions},
+    privileged, Bench, DockerMode, Host,
+};
 
 /// Packets a hook handled, whatever the verdict.
 fn seen_by(status: &serde_json::Value, hook: &str) -> u64 {
@@ -135,4 +141,62 @@ fn daemon_attaches_survives_restart_and_uninstalls() {
     }
     // With netd gone (and Docker's iptables off) nothing serves the port.
     assert!(client.http_get_within(&url, 3).is_err());
+}
+
+/// At steady state the daemon's journal is quiet: passes that change
+/// nothing log nothing at info level or above, and neither does a
+/// dependency (netlink-packet-route warns about every link it parses from
+/// a kernel newer than itself).
+#[test]
+fn a_steady_state_daemon_logs_nothing_at_info_level() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(11).unwrap();
+    let mut host = Host::docker(&bench, &lan, "dh", 1, [198, 19, 13], DockerMode::Netd).unwrap();
+    // A container with a published port: each pass lists it, inspects it and
+    // reads its veth over rtnetlink.
+    host.dockerd()
+        .run(
+            "web",
+            &["-p", "8080:80"],
+            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
+        )
+        .unwrap();
+    host.start_netd_with(
+        &bench,
+        NetdOptions {
+            // The daemon's own debug line marks each resync.
+            log: "info,netd::daemon=debug".into(),
+            args: vec!["--resync-interval".into(), "1".into()],
+        },
+    )
+    .unwrap();
+    let log_path = host.netd().log_path();
+    let mark = std::fs::read_to_string(&log_path).unwrap().len();
+    let after_mark = || std::fs::read_to_string(&log_path).unwrap()[mark..].to_owned();
+    // Three resyncs begun: at least two complete passes in between.
+    assert!(
+        eventually(Duration::from_secs(20), || after_mark()
+            .matches("periodic resync")
+            .count()
+            >= 3),
+        "no resyncs: {}",
+        after_mark()
+    );
+    let loud: Vec<String> = after_mark()
+        .lines()
+        .filter(|l| {
+            [" INFO ", " WARN ", " ERROR "]
+                .iter()
+                .any(|lvl| l.contains(lvl))
+        })
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "logged at steady state:\n{}",
+        loud.join("\n")
+    );
 }

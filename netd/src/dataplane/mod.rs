@@ -312,6 +312,15 @@ impl Dataplane {
         }
     }
 
+    /// Is an endpoint registered behind host-side veth `ifindex`?
+    pub fn has_endpoint(&mut self, ifindex: u32) -> Result<bool> {
+        match self.endpoints_map()?.get(&ifindex, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Every registered endpoint: (host-side veth ifindex, endpoint).
     pub fn endpoints(&mut self) -> Result<Vec<(u32, Endpoint)>> {
         Ok(self.endpoints_map()?.iter().collect::<Result<_, _>>()?)

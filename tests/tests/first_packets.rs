@@ -1,0 +1,106 @@
+//! A container's first packets: a client whose command connects the moment
+//! it starts must get what it would get a second later. Docker starts the
+//! container's process before it reports the start, so these connections
+//! race netd's reaction to the event; each case runs 20 fresh containers in
+//! a row and every one must succeed.
+use std::time::Duration;
+
+use netd_tests::{netd::counter, privileged, Bench, DockerMode, Host};
+
+/// Containers per case.
+const RUNS: usize = 20;
+/// One client container's whole life: start, connect, fetch, exit. A
+/// connection that hangs (half-translated) shows up as this bound passing.
+const CLIENT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs `RUNS` containers on `network` that each fetch `url` as their first
+/// act, and checks every body. Returns the failures, so that all cases are
+/// reported together.
+fn fetch_at_start(host: &Host, case: &str, network: &str, url: &str, body: &str) -> Vec<String> {
+    let d = host.dockerd();
+    let mut failures = Vec::new();
+    for i in 0..RUNS {
+        let name = format!("{case}-{i}");
+        let started = std::time::Instant::now();
+        let result = d.run_to_completion(
+            &name,
+            &["--network", network],
+            &["wget", "-q", "-O", "-", url],
+            CLIENT_LIMIT,
+        );
+        eprintln!("{name}: {:?}", started.elapsed());
+        match result {
+            Ok(got) if got == body => {}
+            Ok(got) => failures.push(format!("{case} run {i}: got {got:?}, want {body:?}")),
+            Err(e) => failures.push(format!("{case} run {i}: {e:#}")),
+        }
+    }
+    failures
+}
+
+#[test]
+fn connections_opened_at_container_start_behave_as_later_ones() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(10).unwrap();
+    let mut host = Host::docker(&bench, &lan, "dh", 1, [198, 19, 10], DockerMode::Netd).unwrap();
+    let lan_server = Host::plain(&bench, &lan, "lan-web", 100).unwrap();
+    let _lan_http = lan_server.serve_http().unwrap();
+    let d = host.dockerd();
+    d.docker(&["network", "create", "--subnet", "198.19.11.0/24", "clients"])
+        .unwrap();
+    d.docker(&["network", "create", "--subnet", "198.19.12.0/24", "servers"])
+        .unwrap();
+    let httpd = ["httpd", "-f", "-p", "80", "-h", "/var/www"];
+    // Published, on another network than the clients.
+    d.run("web", &["--network", "servers", "-p", "8080:80"], &httpd)
+        .unwrap();
+    // Published, on the clients' own network: the reply is switched by the
+    // bridge, never routed by the host.
+    d.run("near", &["--network", "clients", "-p", "8081:80"], &httpd)
+        .unwrap();
+    let near_ip = d.container_ip("near").unwrap();
+    host.start_netd(&bench).unwrap();
+
+    let hello = "hello from netd-test\n";
+    let cases = [
+        ("hairpin", format!("http://{}:8080/", host.ip), hello),
+        (
+            "hairpin-same-net",
+            format!("http://{}:8081/", host.ip),
+            hello,
+        ),
+        (
+            "masquerade",
+            format!("http://{}/", lan_server.ip),
+            "hello from the LAN\n",
+        ),
+        ("peer", format!("http://{near_ip}/"), hello),
+    ];
+    let mut failures = Vec::new();
+    for (case, url, body) in &cases {
+        failures.extend(fetch_at_start(&host, case, "clients", url, body));
+    }
+    let status = host.netd().status().unwrap();
+    // The mechanism, not luck: every client's endpoint was registered from
+    // its veth, before Docker reported the container.
+    let log = std::fs::read_to_string(host.netd().log_path()).unwrap();
+    let early = log.matches("registered before Docker's report").count();
+    eprintln!(
+        "{early} endpoints registered from their veth; {} packets dropped as from an unknown endpoint",
+        counter(&status, "container-egress", "unknown-endpoint")
+    );
+    assert!(
+        early >= RUNS * cases.len(),
+        "only {early} endpoints registered before Docker's report"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} containers failed:\n{}\nstatus: {status:#}",
+        failures.len(),
+        RUNS * cases.len(),
+        failures.join("\n")
+    );
+}
