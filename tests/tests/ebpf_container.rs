@@ -246,3 +246,39 @@ fn replies_to_outside_clients_are_left_to_the_uplink() {
     let out = dp.test_run(Hook::UplinkEgress, &synack, 1).unwrap();
     assert_eq!(tuple(&out.frame), (HOST, OUTSIDE, 8080, 50000));
 }
+
+#[test]
+fn a_veth_whose_endpoint_is_unknown_sends_nothing() {
+    if !privileged() {
+        return;
+    }
+    // netd attaches when Docker enslaves the veth, before it knows the
+    // endpoint: a hairpin SYN, an ARP request, anything is dropped and
+    // counted until it does, then passes.
+    let mut dp = Dataplane::load_unpinned(&LoadOptions::default()).unwrap();
+    nat_network(&mut dp, (Ipv4Addr::new(198, 19, 1, 0), 24), 1);
+    publish(&mut dp, HOST, 8080, PROTO_TCP, C2, 80);
+    let syn = tcp4_frame((C1, 40000), (HOST, 8080), TCP_SYN, b"");
+    let who_has = arp(MAC_A, C1, Ipv4Addr::new(198, 19, 1, 1));
+    for frame in [&syn, &who_has] {
+        let out = dp.test_run(Hook::ContainerEgress, frame, 1).unwrap();
+        assert_eq!(out.action, SHOT);
+        assert_eq!(out.frame, *frame, "dropped frames are not rewritten");
+    }
+    assert_eq!(
+        count(&dp, Hook::ContainerEgress, Counter::UnknownEndpoint),
+        2
+    );
+    be(&mut dp, C1);
+    let out = dp.test_run(Hook::ContainerEgress, &syn, 1).unwrap();
+    assert_eq!(out.action, PASS);
+    assert_eq!(
+        tuple(&out.frame),
+        (C1, C2, 40000, 80),
+        "hairpin DNAT once known"
+    );
+    assert_eq!(
+        count(&dp, Hook::ContainerEgress, Counter::UnknownEndpoint),
+        2
+    );
+}
