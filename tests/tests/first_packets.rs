@@ -1,5 +1,8 @@
 //! A container's first packets: a client whose command connects the moment
-//! it starts must get what it would get a second later. Docker starts the
+//! it starts must get what it would get a second later: hairpin to a
+//! published port (through the host's LAN address or its own gateway, to a
+//! container on another network or its own), masquerade to the LAN, and a
+//! same-network peer. Docker starts the
 //! container's process before it reports the start, so these connections
 //! race netd's reaction to the event; each case runs 20 fresh containers in
 //! a row and every one must succeed.
@@ -72,6 +75,8 @@ fn connections_opened_at_container_start_behave_as_later_ones() {
             format!("http://{}:8081/", host.ip),
             hello,
         ),
+        // Through the clients' own gateway: the host's address on their bridge.
+        ("via-gateway", "http://198.19.11.1:8080/".to_owned(), hello),
         (
             "masquerade",
             format!("http://{}/", lan_server.ip),
