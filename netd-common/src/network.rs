@@ -44,6 +44,17 @@ pub struct EndpointLocation {
     pub _pad: [u8; 2],
 }
 
+impl EndpointLocation {
+    /// Where `endpoint`, behind host-side veth `ifindex`, is delivered.
+    pub const fn of(ifindex: u32, endpoint: &Endpoint) -> Self {
+        Self {
+            ifindex,
+            mac: endpoint.mac,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// The network id netd uses for a Docker network id (64 hex digits): its
 /// first 8 hex digits, so it survives daemon restarts without a registry.
 pub fn network_id(docker_id: &str) -> u32 {

@@ -3,7 +3,7 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{Context as _, Result};
-use netd_common::{CtTimeouts, EndpointLocation, NatConfig};
+use netd_common::{CtTimeouts, Endpoint, EndpointLocation, NatConfig};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -43,21 +43,41 @@ struct Snapshot {
     host_addrs: Vec<std::net::Ipv4Addr>,
     networks: Vec<state::Network>,
     containers: docker::Containers,
-    /// Docker's endpoints by host-side veth. None when one could not be
-    /// resolved (gone meanwhile, or its namespace not ready): applying a
-    /// partial picture could strip a running container's checks, so the
-    /// endpoints are left as they are; the next pass retries.
-    endpoints: Option<HashMap<u32, (String, netd_common::Endpoint)>>,
+    /// Docker's endpoints by host-side veth.
+    endpoints: HashMap<u32, (String, Endpoint)>,
+    /// False when one could not be resolved (gone meanwhile, or its
+    /// namespace not ready): the picture is partial, and applying what is
+    /// missing from it as removals could strip a running container's checks.
+    complete: bool,
+}
+
+/// Docker's bridge networks, each with its gateways. Docker leaves a
+/// network's gateway out of its IPAM config when the network was created
+/// with `--subnet` and no `--gateway`; it is then the address it gave the
+/// bridge, read from the bridge itself.
+async fn bridge_networks(docker: &bollard::Docker) -> Result<Vec<state::Network>> {
+    let mut networks = docker::bridge_networks(docker).await?;
+    for n in networks.iter_mut().filter(|n| n.gateways.is_empty()) {
+        // A bridge not there (yet): no gateway to serve on.
+        if let Ok(addrs) = netlink::ipv4_addresses(&n.bridge).await {
+            n.gateways = addrs
+                .into_iter()
+                .filter(|a| n.subnets.iter().any(|s| state::subnet_contains(*s, *a)))
+                .collect();
+        }
+    }
+    Ok(networks)
 }
 
 async fn fetch_snapshot(docker: bollard::Docker, uplink: String) -> Result<Snapshot> {
     let host_addrs = netlink::ipv4_addresses(&uplink).await?;
-    let networks = docker::bridge_networks(&docker).await?;
+    let networks = bridge_networks(&docker).await?;
     let containers = docker::containers(&docker, &networks).await?;
     let specs = containers.endpoints.clone();
     // Entering namespaces blocks: keep it off the runtime's workers.
-    let endpoints = tokio::task::spawn_blocking(move || {
+    let (endpoints, complete) = tokio::task::spawn_blocking(move || {
         let mut endpoints = HashMap::new();
+        let mut complete = true;
         for spec in &specs {
             match host_veth(spec) {
                 Ok((ifindex, ifname)) => {
@@ -65,11 +85,11 @@ async fn fetch_snapshot(docker: bollard::Docker, uplink: String) -> Result<Snaps
                 }
                 Err(e) => {
                     tracing::warn!("endpoint of {}: {e:#}", short(&spec.container));
-                    return None;
+                    complete = false;
                 }
             }
         }
-        Some(endpoints)
+        (endpoints, complete)
     })
     .await?;
     Ok(Snapshot {
@@ -77,21 +97,128 @@ async fn fetch_snapshot(docker: bollard::Docker, uplink: String) -> Result<Snaps
         networks,
         containers,
         endpoints,
+        complete,
     })
 }
 
-/// The daemon's own state besides the maps.
+/// Runs `work` in a task and sends its result on `tx`, a panic included as
+/// an error: whoever waits for the result is never left waiting.
+fn spawn_reporting<T: Send + 'static>(
+    tx: &mpsc::Sender<Result<T>>,
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let result = match tokio::spawn(work).await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("the task panicked: {e}")),
+        };
+        let _ = tx.send(result).await;
+    });
+}
+
+/// One read of something at a time; a request during a read makes one more
+/// after it.
+#[derive(Default)]
+struct Reads {
+    running: bool,
+    again: bool,
+}
+
+impl Reads {
+    /// True when the caller should start a read now.
+    fn request(&mut self) -> bool {
+        if self.running {
+            self.again = true;
+            return false;
+        }
+        self.running = true;
+        true
+    }
+
+    /// A read ended; true when another should start.
+    fn done(&mut self) -> bool {
+        self.running = false;
+        if std::mem::take(&mut self.again) {
+            self.running = true;
+            return true;
+        }
+        false
+    }
+}
+
+/// The daemon's own state besides the maps, and its reads of Docker.
 struct Daemon {
     dp: Dataplane,
+    docker: bollard::Docker,
     uplink: String,
     snat_ports: (u16, u16),
     netns_cookie: u64,
-    /// The bridges of the networks netd serves, by ifindex.
-    bridges: HashMap<u32, ServedBridge>,
     arrivals: Arrivals,
+    snapshots: Reads,
+    snapshot_tx: mpsc::Sender<Result<Snapshot>>,
+    /// Networks only (one API call): for a veth on a bridge just created.
+    network_reads: Reads,
+    networks_tx: mpsc::Sender<Result<Vec<state::Network>>>,
 }
 
 impl Daemon {
+    /// Asks for a full reconcile: a read of Docker's state, then
+    /// [`Self::apply`].
+    fn read_snapshot(&mut self) {
+        if self.snapshots.request() {
+            self.spawn_snapshot_read();
+        }
+    }
+
+    fn spawn_snapshot_read(&self) {
+        let work = fetch_snapshot(self.docker.clone(), self.uplink.clone());
+        spawn_reporting(&self.snapshot_tx, work);
+    }
+
+    /// A snapshot read ended (its result is applied by the caller).
+    fn snapshot_done(&mut self) {
+        if self.snapshots.done() {
+            self.spawn_snapshot_read();
+        }
+    }
+
+    fn read_networks(&mut self) {
+        if self.network_reads.request() {
+            self.spawn_networks_read();
+        }
+    }
+
+    fn spawn_networks_read(&self) {
+        let docker = self.docker.clone();
+        spawn_reporting(
+            &self.networks_tx,
+            async move { bridge_networks(&docker).await },
+        );
+    }
+
+    /// Docker's networks, read because a veth appeared on a bridge not
+    /// known yet: serve them at once (their subnets and flags too, which
+    /// masquerade and isolation need), then look at the waiting veths.
+    async fn networks_read(&mut self, networks: Result<Vec<state::Network>>) {
+        if self.network_reads.done() {
+            self.spawn_networks_read();
+        }
+        let networks = match networks {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("reading Docker's networks failed: {e:#}");
+                return;
+            }
+        };
+        if let Err(e) = reconcile::networks(&mut self.dp, &state::desired_networks(&networks)) {
+            tracing::warn!("{e:#}");
+        }
+        let waiting = self.arrivals.set_bridges(served_bridges(&networks));
+        self.rescan(|_| None, |ifindex| waiting.contains(&ifindex))
+            .await;
+    }
+
     /// One reconcile pass: brings every map to `snap`, writing only the
     /// difference.
     async fn apply(&mut self, snap: Snapshot) -> Result<()> {
@@ -117,23 +244,20 @@ impl Daemon {
         }
         let networks = &snap.networks;
         let net_applied = reconcile::networks(dp, &state::desired_networks(networks))?;
-        self.bridges = served_bridges(networks);
+        self.arrivals.set_bridges(served_bridges(networks));
+        // A veth that died after the read: its address may be a new veth's.
+        let mut endpoints = snap.endpoints;
+        endpoints.retain(|ifindex, (name, _)| interface_name(*ifindex).as_ref() == Some(name));
         // Veths Docker enslaved whose events were missed (netd started, or
-        // a network became known, after they appeared).
-        for port in netlink::bridge_ports().await? {
-            self.on_bridge_port(&port).await;
-        }
+        // a network became known, after they appeared), and a previous
+        // daemon's arrivals. Docker's report rules where it has one.
+        self.rescan(|ifindex| Some(endpoints.contains_key(&ifindex)), |_| true)
+            .await;
+        let attach_only =
+            self.arrivals
+                .merge(&mut endpoints, interface_name, std::time::Instant::now());
         let dp = &mut self.dp;
-        let ep_applied = match snap.endpoints {
-            Some(mut endpoints) => {
-                let attach_only =
-                    self.arrivals
-                        .merge(&mut endpoints, interface_name, std::time::Instant::now());
-                let applied = reconcile::endpoints(dp, &endpoints, &attach_only)?;
-                (applied, endpoints.len())
-            }
-            None => (reconcile::Applied::default(), 0),
-        };
+        let ep_applied = reconcile::endpoints(dp, &endpoints, &attach_only, snap.complete)?;
         // "Every address" publishes are also served on the bridges' gateway
         // addresses, where containers reach the host.
         let mut served_addrs = host_addrs.clone();
@@ -141,35 +265,56 @@ impl Daemon {
         let desired = state::desired_ports(&snap.containers.publishes, &served_addrs);
         let applied = reconcile::ports(dp, &desired)?;
         let nothing = reconcile::Applied::default();
-        if applied != nothing || net_applied != nothing || ep_applied.0 != nothing {
+        if applied != nothing || net_applied != nothing || ep_applied != nothing {
             tracing::info!(
                 "ports {}; networks {}; endpoints {}; in {:?}",
                 summary(&applied, desired.len()),
                 summary(&net_applied, networks.len()),
-                summary(&ep_applied.0, ep_applied.1),
+                summary(&ep_applied, endpoints.len()),
                 started.elapsed()
             );
         }
         Ok(())
     }
 
+    /// Looks at every bridge port `which` selects, from a dump: the
+    /// catch-up for link events missed or not actionable when they came.
+    async fn rescan(
+        &mut self,
+        reported: impl Fn(u32) -> Option<bool>,
+        which: impl Fn(u32) -> bool,
+    ) {
+        let ports = match netlink::bridge_ports().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("listing bridge ports: {e:#}");
+                return;
+            }
+        };
+        for port in ports.iter().filter(|p| which(p.ifindex)) {
+            self.on_bridge_port(port, reported(port.ifindex), "rescan")
+                .await;
+        }
+    }
+
     /// A veth on a bridge appeared or changed: attach at once, register its
     /// endpoint as soon as the container's end is configured. Failures are
     /// logged; Docker's report of the container still registers it.
-    async fn on_bridge_port(&mut self, port: &BridgePort) {
+    async fn on_bridge_port(&mut self, port: &BridgePort, reported: Option<bool>, how: &str) {
         loop {
-            let registered = match self.dp.has_endpoint(port.ifindex) {
+            let registered = match self.dp.endpoint(port.ifindex) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!("reading the endpoint of {}: {e:#}", port.name);
                     return;
                 }
             };
-            let step =
-                self.arrivals
-                    .step(port, &self.bridges, registered, std::time::Instant::now());
+            let step = self
+                .arrivals
+                .step(port, registered, reported, std::time::Instant::now());
             match step {
                 Step::Nothing => return,
+                Step::AskDocker => return self.read_networks(),
                 Step::Attach => {
                     for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
                         if let Err(e) = self.dp.attach(att, &port.name) {
@@ -178,10 +323,10 @@ impl Daemon {
                             return;
                         }
                     }
-                    tracing::debug!("veth {} on a Docker bridge: attached", port.name);
+                    tracing::debug!("veth {} on a Docker bridge: attached ({how})", port.name);
                 }
-                Step::Identify(nsid, peer) => {
-                    if let Err(e) = self.identify(port, nsid, peer).await {
+                Step::Identify { nsid, peer } => {
+                    if let Err(e) = self.identify(port, nsid, peer, how).await {
                         tracing::debug!("veth {}: {e:#}; waiting for Docker", port.name);
                     }
                     return;
@@ -190,46 +335,43 @@ impl Daemon {
         }
     }
 
-    async fn identify(&mut self, port: &BridgePort, nsid: i32, peer: u32) -> Result<()> {
+    async fn identify(&mut self, port: &BridgePort, nsid: i32, peer: u32, how: &str) -> Result<()> {
         let (mac, addrs) = netlink::peer_identity(nsid, peer).await?;
         let bridge = self
-            .bridges
-            .get(&port.master)
+            .arrivals
+            .bridge(port.master)
             .ok_or_else(|| anyhow::anyhow!("its bridge is no longer served"))?;
         let endpoint = arrivals::endpoint_of(mac, &addrs, bridge).ok_or_else(|| {
             anyhow::anyhow!("no single address of its network on the other end ({addrs:?})")
         })?;
+        let addr = std::net::Ipv4Addr::from(endpoint.addr);
+        // Another endpoint's address (a container that set it itself):
+        // not taken from the kernel; Docker's report decides.
+        if let Some(other) = self.dp.endpoint_location(addr)? {
+            if other.ifindex != port.ifindex && interface_name(other.ifindex).is_some() {
+                anyhow::bail!(
+                    "{addr} is the address of the endpoint behind ifindex {}",
+                    other.ifindex
+                );
+            }
+        }
         // Location first: the endpoint entry is what lets its packets through.
-        self.dp.set_endpoint_location(
-            endpoint.addr.into(),
-            EndpointLocation {
-                ifindex: port.ifindex,
-                mac: endpoint.mac,
-                _pad: [0; 2],
-            },
-        )?;
+        self.dp
+            .set_endpoint_location(addr, EndpointLocation::of(port.ifindex, &endpoint))?;
         self.dp.set_endpoint(port.ifindex, endpoint)?;
         self.arrivals.identified(port.ifindex, endpoint);
         tracing::debug!(
-            "veth {}: endpoint {} registered before Docker's report",
-            port.name,
-            std::net::Ipv4Addr::from(endpoint.addr)
+            "veth {}: endpoint {addr} registered from its {how}",
+            port.name
         );
         Ok(())
     }
 
     async fn on_link_change(&mut self, change: LinkChange) {
         match change {
-            LinkChange::Port(port) => self.on_bridge_port(&port).await,
+            LinkChange::Port(port) => self.on_bridge_port(&port, None, "link event").await,
             LinkChange::Gone(ifindex) => self.arrivals.forget(ifindex),
-            LinkChange::Overrun => match netlink::bridge_ports().await {
-                Ok(ports) => {
-                    for port in ports {
-                        self.on_bridge_port(&port).await;
-                    }
-                }
-                Err(e) => tracing::warn!("rescanning bridge ports: {e:#}"),
-            },
+            LinkChange::Overrun => self.rescan(|_| None, |_| true).await,
         }
     }
 }
@@ -244,6 +386,7 @@ fn served_bridges(networks: &[state::Network]) -> HashMap<u32, ServedBridge> {
             let bridge = ServedBridge {
                 network: netd_common::network::network_id(&n.id),
                 subnets: n.subnets.clone(),
+                gateways: n.gateways.clone(),
             };
             Some((ifindex, bridge))
         })
@@ -267,10 +410,8 @@ fn short(id: &str) -> &str {
 /// The host-side veth (ifindex, name) of a container endpoint.
 fn host_veth(spec: &state::EndpointSpec) -> Result<(u32, String)> {
     let ifindex = netlink::host_side_of_veth(&spec.sandbox_key, spec.mac)?;
-    let ifname = nix::net::if_::if_indextoname(ifindex)
-        .with_context(|| format!("no interface with index {ifindex}"))?
-        .to_string_lossy()
-        .into_owned();
+    let ifname =
+        interface_name(ifindex).with_context(|| format!("no interface with index {ifindex}"))?;
     Ok((ifindex, ifname))
 }
 
@@ -392,29 +533,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (addr_tx, mut addr_rx) = mpsc::channel(16);
     netlink::watch_ipv4_addresses(addr_tx)?;
 
+    let (snapshot_tx, mut snapshot_rx) = mpsc::channel(1);
+    let (networks_tx, mut networks_rx) = mpsc::channel(1);
     let mut daemon = Daemon {
         dp,
+        docker,
         uplink,
         snat_ports: opts.snat_ports,
         netns_cookie,
-        bridges: HashMap::new(),
         arrivals: Arrivals::default(),
-    };
-    // One read of Docker at a time, in a task of its own; a request while
-    // one runs is served by one more read after it.
-    let (snap_tx, mut snap_rx) = mpsc::channel::<Result<Snapshot>>(1);
-    let mut fetching = false;
-    let mut fetch_again = false;
-    let fetch = |fetching: &mut bool, fetch_again: &mut bool, uplink: &str| {
-        if *fetching {
-            *fetch_again = true;
-            return;
-        }
-        *fetching = true;
-        let (docker, uplink, snap_tx) = (docker.clone(), uplink.to_owned(), snap_tx.clone());
-        tokio::spawn(async move {
-            let _ = snap_tx.send(fetch_snapshot(docker, uplink).await).await;
-        });
+        snapshots: Reads::default(),
+        snapshot_tx,
+        network_reads: Reads::default(),
+        networks_tx,
     };
 
     let mut log_tick = tokio::time::interval(std::time::Duration::from_millis(200));
@@ -426,15 +557,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tokio::select! {
             // Ahead of everything else: a container may be about to send.
             biased;
-            Some(change) = link_rx.recv() => {
-                // Before the first pass the served bridges are unknown; that
-                // pass rescans the bridge ports.
-                if in_sync {
-                    daemon.on_link_change(change).await;
-                }
-            }
-            Some(result) = snap_rx.recv() => {
-                fetching = false;
+            Some(change) = link_rx.recv() => daemon.on_link_change(change).await,
+            Some(networks) = networks_rx.recv() => daemon.networks_read(networks).await,
+            Some(result) = snapshot_rx.recv() => {
+                daemon.snapshot_done();
                 match result {
                     Ok(snap) => match daemon.apply(snap).await {
                         Ok(()) if !in_sync => {
@@ -447,14 +573,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     // The watcher resyncs once Docker is back.
                     Err(e) => tracing::warn!("reading Docker's state failed: {e:#}"),
                 }
-                if std::mem::take(&mut fetch_again) {
-                    fetch(&mut fetching, &mut fetch_again, &daemon.uplink);
-                }
             }
             _ = log_tick.tick(), if opts.debug_datapath => daemon.dp.flush_logs(),
-            _ = resync_tick.tick(), if in_sync => {
+            // Also before the first pass succeeds: it may have failed for a
+            // reason of netd's own.
+            _ = resync_tick.tick() => {
                 tracing::debug!("periodic resync");
-                fetch(&mut fetching, &mut fetch_again, &daemon.uplink);
+                daemon.read_snapshot();
             }
             _ = gc_tick.tick() => {
                 match daemon.dp.gc_nat_flows(dataplane::monotonic_now_ns(), &opts.ct_timeouts) {
@@ -469,7 +594,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 // One pass for a burst (an interface brought up with several).
                 while addr_rx.try_recv().is_ok() {}
                 tracing::debug!("IPv4 addresses changed; reconciling");
-                fetch(&mut fetching, &mut fetch_again, &daemon.uplink);
+                daemon.read_snapshot();
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT"); break; }
@@ -494,7 +619,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     }
                 }
                 if needed {
-                    fetch(&mut fetching, &mut fetch_again, &daemon.uplink);
+                    daemon.read_snapshot();
                 }
             }
         }

@@ -231,14 +231,64 @@ pub async fn bridge_ports() -> Result<Vec<BridgePort>> {
 /// Sends what link notifications (RTMGRP_LINK) say about bridge ports on
 /// `tx` until it is closed: a container's veth is attached the moment
 /// Docker enslaves it, not when Docker's start event arrives, after the
-/// container's process has already begun sending.
+/// container's process has already begun sending. Should the notifications
+/// stop, it subscribes again and sends [`LinkChange::Overrun`] (rescan).
 pub fn watch_links(tx: tokio::sync::mpsc::UnboundedSender<LinkChange>) -> Result<()> {
     use futures::StreamExt as _;
     use netlink_packet_core::NetlinkPayload;
     use netlink_packet_route::RouteNetlinkMessage;
+    let mut subscription = Some(subscribe_links()?);
+    tokio::spawn(async move {
+        loop {
+            let (handle, mut messages) = match subscription.take() {
+                Some(s) => s,
+                None => match subscribe_links() {
+                    Ok(s) => {
+                        if tx.send(LinkChange::Overrun).is_err() {
+                            return;
+                        }
+                        s
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e:#}; retrying in 1 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+            };
+            // The connection lives as long as a handle does.
+            let _handle = handle;
+            while let Some((msg, _)) = messages.next().await {
+                let change = match msg.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                        bridge_port(&link).map(LinkChange::Port)
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                        Some(LinkChange::Gone(link.header.index))
+                    }
+                    NetlinkPayload::Overrun(_) => Some(LinkChange::Overrun),
+                    _ => None,
+                };
+                if let Some(change) = change {
+                    if tx.send(change).is_err() {
+                        return;
+                    }
+                }
+            }
+            tracing::warn!("link notifications stopped; subscribing again");
+        }
+    });
+    Ok(())
+}
+
+type LinkMessages = futures::channel::mpsc::UnboundedReceiver<(
+    netlink_packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
+    netlink_sys::SocketAddr,
+)>;
+
+fn subscribe_links() -> Result<(rtnetlink::Handle, LinkMessages)> {
     use netlink_sys::AsyncSocket as _;
-    let (mut conn, handle, mut messages) =
-        rtnetlink::new_connection().context("opening rtnetlink")?;
+    let (mut conn, handle, messages) = rtnetlink::new_connection().context("opening rtnetlink")?;
     conn.socket_mut()
         .socket_mut()
         .bind(&netlink_sys::SocketAddr::new(
@@ -247,27 +297,7 @@ pub fn watch_links(tx: tokio::sync::mpsc::UnboundedSender<LinkChange>) -> Result
         ))
         .context("subscribing to link changes")?;
     tokio::spawn(conn);
-    tokio::spawn(async move {
-        let _handle = handle;
-        while let Some((msg, _)) = messages.next().await {
-            let change = match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                    bridge_port(&link).map(LinkChange::Port)
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
-                    Some(LinkChange::Gone(link.header.index))
-                }
-                NetlinkPayload::Overrun(_) => Some(LinkChange::Overrun),
-                _ => None,
-            };
-            if let Some(change) = change {
-                if tx.send(change).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    Ok(())
+    Ok((handle, messages))
 }
 
 /// The MAC and IPv4 addresses of interface `ifindex` in the namespace this
@@ -309,6 +339,8 @@ pub async fn peer_identity(nsid: i32, ifindex: u32) -> Result<([u8; 6], Vec<std:
     let mut get = handle.address().get().set_link_index_filter(ifindex);
     let msg = get.message_mut();
     msg.header.family = AddressFamily::Inet;
+    // With strict checking the kernel filters the dump by index itself.
+    msg.header.index = ifindex;
     msg.attributes.push(AddressAttribute::Other(
         netlink_packet_utils::nla::DefaultNla::new(IFA_TARGET_NETNSID, nsid.to_ne_bytes().to_vec()),
     ));

@@ -74,11 +74,14 @@ pub fn networks(
 /// veths that keep their programs while their endpoint is not known yet
 /// (their traffic is dropped until it is). The map entry is written before
 /// a program is attached, so a known endpoint's traffic is never dropped as
-/// unknown.
+/// unknown. With `complete` false the picture is partial (an endpoint of
+/// Docker's could not be resolved): only additions and changes are applied,
+/// since removing what is missing could strip a running container's checks.
 pub fn endpoints(
     dp: &mut Dataplane,
     desired: &HashMap<u32, (String, Endpoint)>,
     attach_only: &[String],
+    complete: bool,
 ) -> Result<Applied> {
     let current: HashMap<u32, Endpoint> = dp.endpoints()?.into_iter().collect();
     let mut applied = Applied::default();
@@ -106,7 +109,7 @@ pub fn endpoints(
                 }
             }
         }
-        for ifname in &attached {
+        for ifname in attached.iter().filter(|_| complete) {
             if !wanted().any(|name| name == ifname) {
                 if let Err(e) = dp.detach(att, ifname) {
                     tracing::warn!("{e:#}");
@@ -114,21 +117,16 @@ pub fn endpoints(
             }
         }
     }
-    for ifindex in current.keys().filter(|i| !desired.contains_key(i)) {
-        dp.remove_endpoint(*ifindex)?;
-        applied.removed += 1;
+    if complete {
+        for ifindex in current.keys().filter(|i| !desired.contains_key(i)) {
+            dp.remove_endpoint(*ifindex)?;
+            applied.removed += 1;
+        }
     }
     // Direct delivery by container address follows the same endpoints.
     let locations: HashMap<std::net::Ipv4Addr, EndpointLocation> = desired
         .iter()
-        .map(|(ifindex, (_, ep))| {
-            let loc = EndpointLocation {
-                ifindex: *ifindex,
-                mac: ep.mac,
-                _pad: [0; 2],
-            };
-            (ep.addr.into(), loc)
-        })
+        .map(|(ifindex, (_, ep))| (ep.addr.into(), EndpointLocation::of(*ifindex, ep)))
         .collect();
     let current: HashMap<std::net::Ipv4Addr, EndpointLocation> =
         dp.endpoint_locations()?.into_iter().collect();
@@ -137,8 +135,10 @@ pub fn endpoints(
             dp.set_endpoint_location(*addr, *loc)?;
         }
     }
-    for addr in current.keys().filter(|a| !locations.contains_key(a)) {
-        dp.remove_endpoint_location(*addr)?;
+    if complete {
+        for addr in current.keys().filter(|a| !locations.contains_key(a)) {
+            dp.remove_endpoint_location(*addr)?;
+        }
     }
     Ok(applied)
 }

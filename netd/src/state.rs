@@ -175,6 +175,12 @@ pub fn parse_subnet(s: &str) -> Option<(Ipv4Addr, u8)> {
     Some((addr.parse().ok()?, prefix))
 }
 
+/// Is `addr` inside `subnet` (address, prefix length)?
+pub fn subnet_contains((net, prefix): (Ipv4Addr, u8), addr: Ipv4Addr) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(addr) & mask == u32::from(net) & mask
+}
+
 /// What `netd_networks` must hold: subnet → network info.
 pub fn desired_networks(networks: &[Network]) -> HashMap<(Ipv4Addr, u8), NetworkInfo> {
     let mut out = HashMap::new();
@@ -268,6 +274,21 @@ mod network_tests {
         assert_eq!((at(1).id, at(2).id), (1, 2));
         let gw = d[&(Ipv4Addr::new(198, 19, 1, 1), 32)];
         assert_eq!((gw.flags, gw.id), (NETWORK_HOST_ADDR, 1));
+    }
+
+    #[test]
+    fn subnets_contain_their_addresses_only() {
+        let net = (Ipv4Addr::new(198, 19, 1, 0), 24);
+        assert!(subnet_contains(net, Ipv4Addr::new(198, 19, 1, 255)));
+        assert!(!subnet_contains(net, Ipv4Addr::new(198, 19, 2, 1)));
+        assert!(subnet_contains(
+            (Ipv4Addr::UNSPECIFIED, 0),
+            Ipv4Addr::new(1, 2, 3, 4)
+        ));
+        assert!(!subnet_contains(
+            (Ipv4Addr::new(198, 19, 1, 1), 32),
+            Ipv4Addr::new(198, 19, 1, 2)
+        ));
     }
 
     #[test]

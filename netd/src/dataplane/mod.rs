@@ -312,11 +312,11 @@ impl Dataplane {
         }
     }
 
-    /// Is an endpoint registered behind host-side veth `ifindex`?
-    pub fn has_endpoint(&mut self, ifindex: u32) -> Result<bool> {
+    /// The endpoint registered behind host-side veth `ifindex`, if any.
+    pub fn endpoint(&mut self, ifindex: u32) -> Result<Option<Endpoint>> {
         match self.endpoints_map()?.get(&ifindex, 0) {
-            Ok(_) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Ok(ep) => Ok(Some(ep)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -343,6 +343,18 @@ impl Dataplane {
         self.locations_map()?
             .insert(addr.octets(), loc, 0)
             .context("writing netd_endpoint_addrs (full? raise its size)")
+    }
+
+    /// Where packets for `addr` are delivered directly, if anywhere.
+    pub fn endpoint_location(
+        &mut self,
+        addr: std::net::Ipv4Addr,
+    ) -> Result<Option<EndpointLocation>> {
+        match self.locations_map()?.get(&addr.octets(), 0) {
+            Ok(loc) => Ok(Some(loc)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn remove_endpoint_location(&mut self, addr: std::net::Ipv4Addr) -> Result<()> {
