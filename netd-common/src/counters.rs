@@ -115,7 +115,8 @@ pub enum Counter {
     /// From a veth on a Docker bridge netd serves whose endpoint (address,
     /// MAC, network) it does not know yet: dropped, so that no packet takes
     /// the kernel's path untranslated (a hairpin SYN would land in the
-    /// socket dockerd holds on the published port). The sender retries.
+    /// socket dockerd holds on the published port). TCP and ARP retry;
+    /// a lone UDP datagram or an unsolicited announcement is lost.
     UnknownEndpoint = 21,
 }
 

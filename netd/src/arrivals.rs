@@ -13,8 +13,10 @@
 //! veth's traffic while its endpoint is unknown — and registers the endpoint
 //! when the veth's carrier comes up, which Docker does only after giving the
 //! container's end its MAC and address; netd reads those from the
-//! container's namespace by its id, without entering it. Docker's report
-//! then confirms (and, being the authority, overrides) what was read.
+//! container's namespace by its id, without entering it. A new container's
+//! process has not run yet then, so what its end holds is Docker's doing.
+//! Docker's report then confirms (and, being the authority, overrides) what
+//! was read.
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
