@@ -170,6 +170,12 @@ impl Dockerd {
         self.docker(&args)
     }
 
+    /// Starts a detached container serving the test image's page over HTTP
+    /// on port 80 ("hello from netd-test"); returns its id.
+    pub fn run_httpd(&self, name: &str, extra: &[&str]) -> Result<String> {
+        self.run(name, extra, &["httpd", "-f", "-p", "80", "-h", "/var/www"])
+    }
+
     /// Runs a container in the foreground (`docker run --rm`) and returns its
     /// output once it exits, or an error if it has not exited within
     /// `limit` (then it is removed). The bound is kept here, outside the

@@ -29,13 +29,7 @@ fn daemon_attaches_survives_restart_and_uninstalls() {
     let lan = bench.lan(1).unwrap();
     let mut host = Host::docker(&bench, &lan, "dh", 1, [198, 19, 1], DockerMode::Netd).unwrap();
     let client = Host::plain(&bench, &lan, "client", 100).unwrap();
-    host.dockerd()
-        .run(
-            "web",
-            &["-p", "8080:80"],
-            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-        )
-        .unwrap();
+    host.dockerd().run_httpd("web", &["-p", "8080:80"]).unwrap();
     let url = format!("http://{}:8080/", host.ip);
 
     host.start_netd(&bench).unwrap();
@@ -157,13 +151,7 @@ fn a_steady_state_daemon_logs_nothing_at_info_level() {
     let mut host = Host::docker(&bench, &lan, "dh", 1, [198, 19, 13], DockerMode::Netd).unwrap();
     // A container with a published port: each pass lists it, inspects it and
     // reads its veth over rtnetlink.
-    host.dockerd()
-        .run(
-            "web",
-            &["-p", "8080:80"],
-            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-        )
-        .unwrap();
+    host.dockerd().run_httpd("web", &["-p", "8080:80"]).unwrap();
     host.start_netd_with(
         &bench,
         NetdOptions {

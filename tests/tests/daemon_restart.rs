@@ -23,13 +23,7 @@ fn established_connections_survive_a_killed_and_restarted_daemon() {
             &["nc", "-ll", "-p", "7", "-e", "cat"],
         )
         .unwrap();
-    host.dockerd()
-        .run(
-            "web",
-            &["-p", "8080:80"],
-            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-        )
-        .unwrap();
+    host.dockerd().run_httpd("web", &["-p", "8080:80"]).unwrap();
     let url = format!("http://{}:8080/", host.ip);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while client.http_get_within(&url, 2).is_err() {
@@ -71,13 +65,7 @@ fn netd_follows_docker_through_a_dockerd_restart() {
     let mut host = Host::docker(&bench, &lan, "dh", 1, [198, 19, 6], DockerMode::Netd).unwrap();
     let client = Host::plain(&bench, &lan, "client", 100).unwrap();
     host.start_netd(&bench).unwrap();
-    host.dockerd()
-        .run(
-            "web",
-            &["-p", "8080:80"],
-            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-        )
-        .unwrap();
+    host.dockerd().run_httpd("web", &["-p", "8080:80"]).unwrap();
     let host_ip = host.ip;
     let reachable = |port: u16| {
         client
@@ -112,11 +100,7 @@ fn netd_follows_docker_through_a_dockerd_restart() {
     assert!(!reachable(8080));
     // … and it follows the new daemon's events.
     host.dockerd()
-        .run(
-            "web2",
-            &["-p", "9090:80"],
-            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-        )
+        .run_httpd("web2", &["-p", "9090:80"])
         .unwrap();
     assert!(
         eventually(Duration::from_secs(15), || reachable(9090)),

@@ -58,13 +58,12 @@ fn connections_opened_at_container_start_behave_as_later_ones() {
         .unwrap();
     d.docker(&["network", "create", "--subnet", "198.19.12.0/24", "servers"])
         .unwrap();
-    let httpd = ["httpd", "-f", "-p", "80", "-h", "/var/www"];
     // Published, on another network than the clients.
-    d.run("web", &["--network", "servers", "-p", "8080:80"], &httpd)
+    d.run_httpd("web", &["--network", "servers", "-p", "8080:80"])
         .unwrap();
     // Published, on the clients' own network: the reply is switched by the
     // bridge, never routed by the host.
-    d.run("near", &["--network", "clients", "-p", "8081:80"], &httpd)
+    d.run_httpd("near", &["--network", "clients", "-p", "8081:80"])
         .unwrap();
     let near_ip = d.container_ip("near").unwrap();
     host.start_netd(&bench).unwrap();

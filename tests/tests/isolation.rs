@@ -34,12 +34,8 @@ fn networks_are_isolated_hairpin_works_and_spoofing_is_dropped() {
     .unwrap();
     d.run("a2", &["--network", "net-a"], &["sleep", "3600"])
         .unwrap();
-    d.run(
-        "b1",
-        &["--network", "net-b", "-p", "8080:80"],
-        &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-    )
-    .unwrap();
+    d.run_httpd("b1", &["--network", "net-b", "-p", "8080:80"])
+        .unwrap();
     let a2 = d.container_ip("a2").unwrap();
     let b1 = d.container_ip("b1").unwrap();
     // Without netd (and without Docker's iptables) nothing isolates them.

@@ -40,13 +40,7 @@ fn published_port_follows_the_container_lifecycle() {
     assert!(client.http_get(&url).is_err());
 
     // Published after netd started: the event path.
-    host.dockerd()
-        .run(
-            "web",
-            &["-p", "8080:80"],
-            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-        )
-        .unwrap();
+    host.dockerd().run_httpd("web", &["-p", "8080:80"]).unwrap();
     let web_ip = host.dockerd().container_ip("web").unwrap();
     assert!(eventually(Duration::from_secs(10), || client
         .http_get_within(&url, 2)
@@ -139,11 +133,7 @@ fn published_port_follows_the_container_lifecycle() {
 
     // A port published on one host address only.
     host.dockerd()
-        .run(
-            "web2",
-            &["-p", &format!("{}:8081:80", host.ip)],
-            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-        )
+        .run_httpd("web2", &["-p", &format!("{}:8081:80", host.ip)])
         .unwrap();
     let url2 = format!("http://{}:8081/", host.ip);
     let ok = eventually(Duration::from_secs(10), || {
@@ -190,11 +180,7 @@ fn published_port_follows_the_container_lifecycle() {
 
     // A new container on the same port takes it over.
     host.dockerd()
-        .run(
-            "web3",
-            &["-p", "8080:80"],
-            &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-        )
+        .run_httpd("web3", &["-p", "8080:80"])
         .unwrap();
     assert!(eventually(Duration::from_secs(10), || client
         .http_get_within(&url, 2)

@@ -89,11 +89,7 @@ fn demo(hold: bool) -> Result<()> {
     let pin = host.netd().pin_dir().display().to_string();
 
     step("docker run -p 8080:80 web (busybox httpd)")?;
-    host.dockerd().run(
-        "web",
-        &["-p", "8080:80"],
-        &["httpd", "-f", "-p", "80", "-h", "/var/www"],
-    )?;
+    host.dockerd().run_httpd("web", &["-p", "8080:80"])?;
     let web = host.dockerd().container_ip("web")?;
     println!("container web at {web}");
     std::thread::sleep(Duration::from_millis(300));
