@@ -10,8 +10,10 @@
 //! - [`state`]: the desired state derived from Docker (pure data).
 //! - [`reconcile`]: diffs desired state against the maps, applies the difference.
 //! - [`dataplane`]: the only code that loads programs and touches maps.
+//! - [`cluster`]: the cluster store (etcd): networks, VNIs, address claims.
 pub mod arrivals;
 pub mod cli;
+pub mod cluster;
 pub mod daemon;
 pub mod dataplane;
 pub mod docker;

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod docker;
 pub mod ebpf;
+pub mod etcd;
 pub mod netd;
 pub mod netlink;
 pub mod netns;
@@ -189,7 +190,7 @@ fn sweep_leftovers() {
                 continue;
             }
             let dir = e.path();
-            for pidfile in find_files(&dir, &["docker.pid", "netd.pid"]) {
+            for pidfile in find_files(&dir, &["docker.pid", "netd.pid", "etcd.pid"]) {
                 if let Some(pid) = std::fs::read_to_string(&pidfile)
                     .ok()
                     .and_then(|s| s.trim().parse::<i32>().ok())

@@ -25,6 +25,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iptables",
     "tar",
     "coreutils",
+    // The cluster store: a real etcd for the multi-host tests, and what the
+    // etcd-client crate's build needs to compile etcd's protos.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 #[derive(Parser)]

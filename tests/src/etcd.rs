@@ -1,0 +1,150 @@
+//! A real etcd member in a namespace of its own on a LAN: the cluster store
+//! the multi-host suites run against. Debian's etcd-server (3.4, v3 API).
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{netns::NetNs, topology::Lan, Bench};
+
+pub const CLIENT_PORT: u16 = 2379;
+const PEER_PORT: u16 = 2380;
+
+pub struct Etcd {
+    child: Option<Child>,
+    /// Its own host on the LAN.
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    /// Starts a one-member cluster at `.host` on `lan` and waits until it
+    /// answers.
+    pub fn start(bench: &Bench, lan: &Lan, host: u8) -> Result<Self> {
+        let ns = bench.netns("etcd")?;
+        let ip = lan.attach(&ns, host)?;
+        let dir = bench.state_dir().join(ns.name());
+        std::fs::create_dir_all(&dir)?;
+        let mut etcd = Self {
+            child: None,
+            ns,
+            ip,
+            dir,
+        };
+        etcd.spawn()?;
+        Ok(etcd)
+    }
+
+    /// `http://IP:2379`, for `--etcd`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:{CLIENT_PORT}", self.ip)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))?;
+        let client = self.endpoint();
+        let peer = format!("http://{}:{PEER_PORT}", self.ip);
+        let child = self
+            .ns
+            .command("etcd")
+            .arg("--name")
+            .arg("e1")
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("e1={peer}")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (is etcd-server installed? run `cargo xtask setup`)")?;
+        std::fs::write(self.dir.join("etcd.pid"), child.id().to_string())?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.ctl(&["endpoint", "health"]).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("etcd exited ({status}): {}", self.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("etcd did not answer in 30 s: {}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+
+    /// `etcdctl` (v3 API) against this member, from its own namespace;
+    /// stdout on success.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .ns
+            .command("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint(), "--dial-timeout", "2s"])
+            .args(args)
+            .output()
+            .context("running etcdctl (is etcd-client installed? run `cargo xtask setup`)")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Stops the member (SIGTERM, then SIGKILL), keeping its data: the
+    /// store going away.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            crate::process::terminate(child, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts it again on the same data.
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("etcd is still running");
+        }
+        self.spawn()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

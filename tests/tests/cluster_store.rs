@@ -1,0 +1,156 @@
+//! The cluster store against a real etcd on an emulated LAN: networks get
+//! cluster-unique VNIs and non-overlapping subnets, and hosts claiming
+//! addresses at the same moment never get the same one.
+use std::{net::Ipv4Addr, time::Duration};
+
+use netd::cluster::{AddressClaim, NetworkRequest, Store};
+use netd_tests::{etcd::Etcd, privileged, Bench, Host, NetNs};
+
+/// Runs `f` with a store client opened from inside `ns` (a host's view of
+/// the LAN), on a runtime of its own.
+fn from_host<T: Send>(
+    ns: &NetNs,
+    endpoint: &str,
+    f: impl AsyncFnOnce(&mut Store) -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut store = Store::connect(&[endpoint.to_owned()], Duration::from_secs(3)).await?;
+            f(&mut store).await
+        })
+    })
+}
+
+fn request(name: &str, subnet: (Ipv4Addr, u8)) -> NetworkRequest {
+    NetworkRequest {
+        name: name.into(),
+        mode: "overlay".into(),
+        subnet,
+        gateway: None,
+        vni: None,
+        internal: false,
+    }
+}
+
+#[test]
+fn networks_and_addresses_are_unique_across_hosts() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(12).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = Host::plain(&bench, &lan, "a", 1).unwrap();
+    let b = Host::plain(&bench, &lan, "b", 2).unwrap();
+    let ep = etcd.endpoint();
+
+    // Nobody at that address: a clear error, in bounded time.
+    let err = from_host(&a.ns, "http://198.18.12.99:2379", async |_| Ok(()))
+        .expect_err("connecting to nothing must fail")
+        .to_string();
+    assert!(err.contains("198.18.12.99:2379"), "{err}");
+
+    let ov = (Ipv4Addr::new(198, 19, 66, 0), 24);
+    let record = from_host(&a.ns, &ep, async |s| {
+        s.create_network(&request("ov", ov)).await
+    })
+    .unwrap();
+    assert_eq!(record.vni, 4096);
+    assert_eq!(record.gateway, Ipv4Addr::new(198, 19, 66, 1));
+    // The same request from another host is the same network.
+    let again = from_host(&b.ns, &ep, async |s| {
+        s.create_network(&request("ov", ov)).await
+    })
+    .unwrap();
+    assert_eq!(again, record);
+    // What clashes is refused with the reason.
+    let half = (Ipv4Addr::new(198, 19, 66, 128), 25);
+    let err = from_host(&b.ns, &ep, async |s| {
+        s.create_network(&request("ov2", half)).await
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("overlaps network ov"), "{err}");
+    let mut clash = request("ov3", (Ipv4Addr::new(198, 19, 67, 0), 24));
+    clash.vni = Some(4096);
+    let err = from_host(&b.ns, &ep, async |s| s.create_network(&clash).await)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("VNI 4096"), "{err}");
+
+    // Two hosts claim from a /26 (61 addresses besides the gateway) at
+    // once, 40 each: 61 claims succeed, all different; the rest are told
+    // the pool is exhausted.
+    let small = (Ipv4Addr::new(198, 19, 68, 0), 26);
+    from_host(&a.ns, &ep, async |s| {
+        s.create_network(&request("small", small)).await
+    })
+    .unwrap();
+    let claim = |host: &Host, name: &'static str| {
+        let ns = NetNs::open(host.ns.path()).unwrap();
+        let ep = ep.clone();
+        std::thread::spawn(move || {
+            from_host(&ns, &ep, async |s| {
+                let mut got = Vec::new();
+                let mut refusals = Vec::new();
+                for i in 0..40 {
+                    let who = AddressClaim {
+                        host: name.into(),
+                        owner: format!("{name}-{i}"),
+                    };
+                    match s.claim_address("small", &who).await {
+                        Ok(addr) => got.push(addr),
+                        Err(e) => refusals.push(e.to_string()),
+                    }
+                }
+                Ok((got, refusals))
+            })
+            .unwrap()
+        })
+    };
+    let (ta, tb) = (claim(&a, "a"), claim(&b, "b"));
+    let (got_a, refused_a) = ta.join().unwrap();
+    let (got_b, refused_b) = tb.join().unwrap();
+    let mut all: Vec<Ipv4Addr> = got_a.iter().chain(&got_b).copied().collect();
+    assert_eq!(all.len(), 61, "a got {got_a:?}, b got {got_b:?}");
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 61, "an address was handed out twice");
+    assert!(!all.contains(&Ipv4Addr::new(198, 19, 68, 1)), "the gateway");
+    for r in refused_a.iter().chain(&refused_b) {
+        assert!(r.contains("exhausted"), "{r}");
+    }
+    // What the store holds is readable with etcdctl.
+    let keys = etcd
+        .ctl(&["get", "--prefix", "--keys-only", "/netd/v1/addrs/small/"])
+        .unwrap();
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 61);
+
+    // A released address is handed out again; a deleted network takes its
+    // claims and VNI with it.
+    let freed = all[10];
+    from_host(&a.ns, &ep, async |s| {
+        s.release_address("small", freed).await
+    })
+    .unwrap();
+    let who = AddressClaim {
+        host: "b".into(),
+        owner: "late".into(),
+    };
+    let reused = from_host(&b.ns, &ep, async |s| s.claim_address("small", &who).await).unwrap();
+    assert_eq!(reused, freed);
+    from_host(&b.ns, &ep, async |s| s.delete_network("small").await).unwrap();
+    assert!(etcd
+        .ctl(&["get", "--prefix", "--keys-only", "/netd/v1/addrs/small/"])
+        .unwrap()
+        .trim()
+        .is_empty());
+    let vni = from_host(&a.ns, &ep, async |s| {
+        Ok(s.create_network(&request("small", small)).await?.vni)
+    })
+    .unwrap();
+    assert_eq!(vni, 4097, "the lowest free VNI");
+}
