@@ -351,6 +351,13 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
         assert!(Cli::try_parse_from(["netd", "run", "--bogus"]).is_err());
+        match Cli::try_parse_from(["netd", "run"]).unwrap().command {
+            Command::Run {
+                resync_interval, ..
+            } => assert_eq!(resync_interval, 30),
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["netd", "run", "--resync-interval", "0"]).is_err());
         assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
         assert!(parse_port_range("9-1").is_err());
         assert!(parse_port_range("0-10").is_err());
