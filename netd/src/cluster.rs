@@ -1,8 +1,9 @@
 //! The cluster store: what every netd host agrees on, kept in etcd (v3 API).
 //! Networks (with a cluster-unique VNI and a subnet that overlaps no other
 //! network's) and address claims (one holder per address across all hosts)
-//! are created by transactions that fail when anybody else wrote in
-//! between; the loser reads again and retries.
+//! are created by transactions that fail when what they were planned on
+//! changed meanwhile (any network, for a creation; the network and the
+//! address, for a claim); the loser reads again and retries.
 //!
 //! Layout, below [`PREFIX`]:
 //! ```text
@@ -96,11 +97,14 @@ impl Store {
             )
             .await
             .context("reading networks from etcd")?;
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let revision = resp
+            .header()
+            .map(|h| h.revision())
+            .ok_or_else(|| anyhow!("etcd's answer has no revision"))?;
         let networks = resp
             .kvs()
             .iter()
-            .map(|kv| serde_json::from_slice(kv.value()).context("a malformed network record"))
+            .map(|kv| parse_record(kv.key(), kv.value()))
             .collect::<Result<_>>()?;
         Ok((networks, revision))
     }
@@ -110,6 +114,7 @@ impl Store {
     /// name taken by another definition, a subnet overlapping another
     /// network's, a VNI in use, no VNI left.
     pub async fn create_network(&mut self, req: &NetworkRequest) -> Result<NetworkRecord> {
+        check_name(&req.name)?;
         for _ in 0..ATTEMPTS {
             let (existing, revision) = self.networks().await?;
             let record = match plan_network(req, &existing)? {
@@ -118,15 +123,17 @@ impl Store {
             };
             let net_key = key(&["networks", &record.name]);
             let vni_key = key(&["vnis", &record.vni.to_string()]);
-            // Nobody created or changed a network since the read, and the
-            // VNI is still free.
+            // No network was created or changed since the read the plan
+            // was made on (a range compare: etcd >= 3.3). That alone
+            // serialises creations; `vnis/` is a record of who holds a VNI
+            // for operators, not a lock.
             let txn = Txn::new()
-                .when([
-                    Compare::mod_revision(key(&["networks", ""]), CompareOp::Less, revision + 1)
-                        .with_prefix(),
-                    Compare::create_revision(net_key.clone(), CompareOp::Equal, 0),
-                    Compare::create_revision(vni_key.clone(), CompareOp::Equal, 0),
-                ])
+                .when([Compare::mod_revision(
+                    key(&["networks", ""]),
+                    CompareOp::Less,
+                    revision + 1,
+                )
+                .with_prefix()])
                 .and_then([
                     TxnOp::put(net_key, serde_json::to_vec(&record)?, None),
                     TxnOp::put(vni_key, record.name.clone(), None),
@@ -144,28 +151,48 @@ impl Store {
         bail!("creating network {}: too much contention in etcd", req.name)
     }
 
-    /// Deletes a network, its VNI and its address claims. Nothing to delete
-    /// is not an error.
+    /// Deletes a network and its VNI record. Refused while any host holds
+    /// an address of it (naming the hosts): Docker checks only its own
+    /// host's containers. Nothing to delete is not an error.
     pub async fn delete_network(&mut self, name: &str) -> Result<()> {
-        let Some(record) = self.network(name).await? else {
-            return Ok(());
-        };
-        let txn = Txn::new().and_then([
-            TxnOp::delete(key(&["networks", name]), None),
-            TxnOp::delete(key(&["vnis", &record.vni.to_string()]), None),
-            TxnOp::delete(
-                key(&["addrs", name, ""]),
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            ),
-        ]);
-        self.client
-            .txn(txn)
-            .await
-            .with_context(|| format!("deleting network {name} from etcd"))?;
-        Ok(())
+        check_name(name)?;
+        for _ in 0..ATTEMPTS {
+            let Some((record, revision)) = self.network(name).await? else {
+                return Ok(());
+            };
+            let holders = self.holders(name).await?;
+            if !holders.is_empty() {
+                bail!(
+                    "network {name} still has endpoints on {}",
+                    holders.join(", ")
+                );
+            }
+            let net_key = key(&["networks", name]);
+            let vni_key = key(&["vnis", &record.vni.to_string()]);
+            // The network read, not one re-created meanwhile, and still no
+            // claims.
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(net_key.clone(), CompareOp::Equal, revision),
+                    Compare::create_revision(key(&["addrs", name, ""]), CompareOp::Equal, 0)
+                        .with_prefix(),
+                ])
+                .and_then([TxnOp::delete(net_key, None), TxnOp::delete(vni_key, None)]);
+            if self
+                .client
+                .txn(txn)
+                .await
+                .with_context(|| format!("deleting network {name} from etcd"))?
+                .succeeded()
+            {
+                return Ok(());
+            }
+        }
+        bail!("deleting network {name}: too much contention in etcd")
     }
 
-    pub async fn network(&mut self, name: &str) -> Result<Option<NetworkRecord>> {
+    /// The network `name` and its key's mod revision.
+    pub async fn network(&mut self, name: &str) -> Result<Option<(NetworkRecord, i64)>> {
         let resp = self
             .client
             .get(key(&["networks", name]), None)
@@ -173,7 +200,7 @@ impl Store {
             .context("reading a network from etcd")?;
         resp.kvs()
             .first()
-            .map(|kv| serde_json::from_slice(kv.value()).context("a malformed network record"))
+            .map(|kv| Ok((parse_record(kv.key(), kv.value())?, kv.mod_revision())))
             .transpose()
     }
 
@@ -181,12 +208,13 @@ impl Store {
     /// address nobody holds, never the network's gateway. Unique across
     /// the cluster; refused when the pool is exhausted.
     pub async fn claim_address(&mut self, name: &str, claim: &AddressClaim) -> Result<Ipv4Addr> {
-        let record = self
-            .network(name)
-            .await?
-            .ok_or_else(|| anyhow!("no netd network named {name:?}"))?;
-        for _ in 0..ATTEMPTS {
-            let held = self.claimed(name).await?;
+        check_name(name)?;
+        let gone = || anyhow!("no netd network named {name:?}");
+        let (mut record, mut revision) = self.network(name).await?.ok_or_else(gone)?;
+        let mut held = self.claimed(name).await?;
+        // Each lost race means somebody else got an address: bounded by
+        // the pool, not by a number of tries.
+        for _ in 0..pool_size(record.subnet) + ATTEMPTS as u64 {
             let addr = free_address(&record, &held).ok_or_else(|| {
                 anyhow!(
                     "the address pool of network {name} ({}/{}) is exhausted",
@@ -198,8 +226,8 @@ impl Store {
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(addr_key.clone(), CompareOp::Equal, 0),
-                    // The network still exists (deleted meanwhile: no claim).
-                    Compare::create_revision(key(&["networks", name]), CompareOp::Greater, 0),
+                    // The network read, not one deleted or re-created since.
+                    Compare::mod_revision(key(&["networks", name]), CompareOp::Equal, revision),
                 ])
                 .and_then([TxnOp::put(addr_key, serde_json::to_vec(claim)?, None)]);
             if self
@@ -211,8 +239,14 @@ impl Store {
             {
                 return Ok(addr);
             }
-            if self.network(name).await?.is_none() {
-                bail!("network {name} was deleted meanwhile");
+            match self.network(name).await? {
+                None => bail!("network {name} was deleted meanwhile"),
+                Some((r, rev)) if rev != revision => {
+                    (record, revision) = (r, rev);
+                    held = self.claimed(name).await?;
+                }
+                // Taken by somebody else: the next one.
+                Some(_) => held.push(addr),
             }
         }
         bail!("claiming an address of {name}: too much contention in etcd")
@@ -220,6 +254,7 @@ impl Store {
 
     /// Gives an address back. Not held is not an error.
     pub async fn release_address(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {
+        check_name(name)?;
         self.client
             .delete(key(&["addrs", name, &addr.to_string()]), None)
             .await
@@ -244,6 +279,56 @@ impl Store {
             .filter_map(|kv| kv.key_str().ok()?.strip_prefix(&prefix)?.parse().ok())
             .collect())
     }
+
+    /// The hosts holding addresses of `name`, each once.
+    async fn holders(&mut self, name: &str) -> Result<Vec<String>> {
+        let resp = self
+            .client
+            .get(
+                key(&["addrs", name, ""]),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .context("reading address claims from etcd")?;
+        let mut hosts: Vec<String> = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice::<AddressClaim>(kv.value())
+                    .map_or_else(|_| "an unknown host".to_owned(), |c| c.host)
+            })
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        Ok(hosts)
+    }
+}
+
+/// A network key part: not empty, and no '/' (it would reach into another
+/// network's keys).
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') {
+        bail!("{name:?} is not a valid network key (empty, or holding '/')");
+    }
+    Ok(())
+}
+
+/// A network record read from etcd, checked as a request would be: the
+/// subnet math elsewhere relies on it.
+fn parse_record(key: &[u8], value: &[u8]) -> Result<NetworkRecord> {
+    let key = String::from_utf8_lossy(key);
+    let record: NetworkRecord = serde_json::from_slice(value)
+        .with_context(|| format!("malformed network record at {key}"))?;
+    check_subnet(record.subnet).with_context(|| format!("network record at {key}"))?;
+    if !is_host_address(record.subnet, record.gateway) {
+        bail!("network record at {key}: gateway outside its subnet");
+    }
+    Ok(record)
+}
+
+/// Host addresses in `subnet`.
+fn pool_size(subnet: (Ipv4Addr, u8)) -> u64 {
+    (1u64 << (32 - u32::from(subnet.1))).saturating_sub(2)
 }
 
 fn key(parts: &[&str]) -> String {
@@ -259,12 +344,7 @@ enum Plan {
 /// What creating `req` among `existing` means, or why it is refused.
 fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan> {
     let (net, prefix) = req.subnet;
-    if prefix > 30 {
-        bail!("subnet {net}/{prefix} is too small for a network (at most /30)");
-    }
-    if !subnet_contains(req.subnet, net) || u32::from(net) & !mask(prefix) != 0 {
-        bail!("{net}/{prefix} is not a subnet address (host bits set)");
-    }
+    check_subnet(req.subnet)?;
     let gateway = match req.gateway {
         Some(gw) if !is_host_address(req.subnet, gw) => {
             bail!("gateway {gw} is not a host address of {net}/{prefix}")
@@ -278,21 +358,26 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         }
     }
     if let Some(same) = existing.iter().find(|n| n.name == req.name) {
-        let matches = same.mode == req.mode
-            && same.subnet == req.subnet
-            && same.internal == req.internal
-            && req.gateway.is_none_or(|g| g == same.gateway)
-            && req.vni.is_none_or(|v| v == same.vni);
-        if matches {
-            return Ok(Plan::Exists(same.clone()));
-        }
-        bail!(
-            "a netd network named {} already exists with another definition ({}/{}, VNI {})",
-            same.name,
-            same.subnet.0,
-            same.subnet.1,
-            same.vni
-        );
+        let differs = if same.mode != req.mode {
+            Some(format!("mode {}", same.mode))
+        } else if same.subnet != req.subnet {
+            Some(format!("subnet {}/{}", same.subnet.0, same.subnet.1))
+        } else if same.internal != req.internal {
+            Some(format!("internal {}", same.internal))
+        } else if req.gateway.is_some_and(|g| g != same.gateway) {
+            Some(format!("gateway {}", same.gateway))
+        } else if req.vni.is_some_and(|v| v != same.vni) {
+            Some(format!("VNI {}", same.vni))
+        } else {
+            None
+        };
+        return match differs {
+            None => Ok(Plan::Exists(same.clone())),
+            Some(what) => bail!(
+                "a netd network named {} already exists with another definition ({what})",
+                same.name
+            ),
+        };
     }
     if let Some(other) = existing.iter().find(|n| overlaps(n.subnet, req.subnet)) {
         bail!(
@@ -322,6 +407,27 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
     }))
 }
 
+/// Shortest and longest prefix a network may have: a /8 is 16 million
+/// addresses; a /30 the smallest with two hosts.
+const PREFIX_RANGE: std::ops::RangeInclusive<u8> = 8..=30;
+
+fn check_subnet((net, prefix): (Ipv4Addr, u8)) -> Result<()> {
+    if prefix > 32 {
+        bail!("/{prefix} is not a prefix length");
+    }
+    if !PREFIX_RANGE.contains(&prefix) {
+        bail!(
+            "subnet {net}/{prefix}: a network's prefix is /{} to /{}",
+            PREFIX_RANGE.start(),
+            PREFIX_RANGE.end()
+        );
+    }
+    if u32::from(net) & !mask(prefix) != 0 {
+        bail!("{net}/{prefix} is not a subnet address (host bits set)");
+    }
+    Ok(())
+}
+
 fn mask(prefix: u8) -> u32 {
     u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
 }
@@ -341,6 +447,7 @@ fn is_host_address(subnet: (Ipv4Addr, u8), addr: Ipv4Addr) -> bool {
 /// The lowest host address of `network` that is not its gateway and not in
 /// `held`.
 fn free_address(network: &NetworkRecord, held: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    let held: std::collections::HashSet<&Ipv4Addr> = held.iter().collect();
     let net = u32::from(network.subnet.0) & mask(network.subnet.1);
     let broadcast = net | !mask(network.subnet.1);
     (net + 1..broadcast)
@@ -397,12 +504,39 @@ mod tests {
         assert!(err(vni.clone()).contains("VNI 4096 is already network a's"));
         vni.vni = Some(1 << 24);
         assert!(err(vni).contains("out of range"));
+        let mut tiny = req("t", 6);
+        tiny.subnet = (Ipv4Addr::new(198, 0, 0, 0), 4);
+        assert!(err(tiny.clone()).contains("prefix is /8 to /30"));
+        tiny.subnet = (Ipv4Addr::new(198, 19, 6, 0), 33);
+        assert!(err(tiny).contains("not a prefix length"));
+        let mut other_mode = req("a", 1);
+        other_mode.mode = "routed".into();
+        assert!(err(other_mode).contains("(mode overlay)"));
         let mut host_bits = req("h", 4);
         host_bits.subnet = (Ipv4Addr::new(198, 19, 4, 5), 24);
         assert!(err(host_bits).contains("host bits"));
         let mut gw = req("g", 5);
         gw.gateway = Some(Ipv4Addr::new(198, 19, 5, 255));
         assert!(err(gw).contains("not a host address"));
+    }
+
+    #[test]
+    fn keys_and_records_are_checked() {
+        assert!(check_name("ov").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a/b").is_err());
+        let good = created(plan_network(&req("a", 1), &[]));
+        let json = serde_json::to_vec(&good).unwrap();
+        assert_eq!(parse_record(b"k", &json).unwrap(), good);
+        let mut bad = good.clone();
+        bad.subnet.1 = 40;
+        let err = parse_record(b"k", &serde_json::to_vec(&bad).unwrap()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a prefix length"),
+            "{err:#}"
+        );
+        assert!(parse_record(b"k", b"{").is_err());
+        assert_eq!(pool_size((Ipv4Addr::new(198, 19, 1, 0), 24)), 254);
     }
 
     #[test]

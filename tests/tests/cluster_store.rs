@@ -81,48 +81,85 @@ fn networks_and_addresses_are_unique_across_hosts() {
         .to_string();
     assert!(err.contains("VNI 4096"), "{err}");
 
-    // Two hosts claim from a /26 (61 addresses besides the gateway) at
-    // once, 40 each: 61 claims succeed, all different; the rest are told
-    // the pool is exhausted.
+    // Six creations at once from both hosts, all for one subnet: exactly
+    // one wins, the others are told which network has it. Six more for
+    // distinct subnets: all win, with six different VNIs.
+    let race = |i: usize, third: u8| {
+        let ns = NetNs::open([&a, &b][i % 2].ns.path()).unwrap();
+        let ep = ep.clone();
+        std::thread::spawn(move || {
+            let req = request(
+                &format!("race-{third}-{i}"),
+                (Ipv4Addr::new(198, 19, third, 0), 24),
+            );
+            from_host(&ns, &ep, async move |s| s.create_network(&req).await)
+        })
+    };
+    let same: Vec<_> = (0..6).map(|i| race(i, 70)).collect();
+    let results: Vec<_> = same.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(e.to_string().contains("overlaps network race-70-"), "{e}");
+    }
+    let distinct: Vec<_> = (0..6).map(|i| race(i, 71 + i as u8)).collect();
+    let mut vnis: Vec<u32> = distinct
+        .into_iter()
+        .map(|t| t.join().unwrap().unwrap().vni)
+        .collect();
+    vnis.sort();
+    vnis.dedup();
+    assert_eq!(vnis.len(), 6, "a VNI was handed out twice");
+
+    // Eight claimers, from both hosts, at once, ten claims each on a /26
+    // (61 addresses besides the gateway): 61 claims succeed, all
+    // different; the rest are told the pool is exhausted.
     let small = (Ipv4Addr::new(198, 19, 68, 0), 26);
     from_host(&a.ns, &ep, async |s| {
         s.create_network(&request("small", small)).await
     })
     .unwrap();
-    let claim = |host: &Host, name: &'static str| {
-        let ns = NetNs::open(host.ns.path()).unwrap();
-        let ep = ep.clone();
-        std::thread::spawn(move || {
-            from_host(&ns, &ep, async |s| {
-                let mut got = Vec::new();
-                let mut refusals = Vec::new();
-                for i in 0..40 {
-                    let who = AddressClaim {
-                        host: name.into(),
-                        owner: format!("{name}-{i}"),
-                    };
-                    match s.claim_address("small", &who).await {
-                        Ok(addr) => got.push(addr),
-                        Err(e) => refusals.push(e.to_string()),
+    let claimers: Vec<_> = (0..8)
+        .map(|i| {
+            let host = if i % 2 == 0 { "a" } else { "b" };
+            let ns = NetNs::open([&a, &b][i % 2].ns.path()).unwrap();
+            let ep = ep.clone();
+            std::thread::spawn(move || {
+                from_host(&ns, &ep, async move |s| {
+                    let mut got = Vec::new();
+                    let mut refusals = Vec::new();
+                    for j in 0..10 {
+                        let who = AddressClaim {
+                            host: host.into(),
+                            owner: format!("{i}-{j}"),
+                        };
+                        match s.claim_address("small", &who).await {
+                            Ok(addr) => got.push(addr),
+                            Err(e) => refusals.push(e.to_string()),
+                        }
                     }
-                }
-                Ok((got, refusals))
+                    Ok((got, refusals))
+                })
+                .unwrap()
             })
-            .unwrap()
         })
-    };
-    let (ta, tb) = (claim(&a, "a"), claim(&b, "b"));
-    let (got_a, refused_a) = ta.join().unwrap();
-    let (got_b, refused_b) = tb.join().unwrap();
-    let mut all: Vec<Ipv4Addr> = got_a.iter().chain(&got_b).copied().collect();
-    assert_eq!(all.len(), 61, "a got {got_a:?}, b got {got_b:?}");
+        .collect();
+    let mut all = Vec::new();
+    for t in claimers {
+        let (got, refused) = t.join().unwrap();
+        all.extend(got);
+        for r in refused {
+            assert!(r.contains("exhausted"), "{r}");
+        }
+    }
+    assert_eq!(all.len(), 61, "{all:?}");
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 61, "an address was handed out twice");
     assert!(!all.contains(&Ipv4Addr::new(198, 19, 68, 1)), "the gateway");
-    for r in refused_a.iter().chain(&refused_b) {
-        assert!(r.contains("exhausted"), "{r}");
-    }
     // What the store holds is readable with etcdctl.
     let keys = etcd
         .ctl(&["get", "--prefix", "--keys-only", "/netd/v1/addrs/small/"])
@@ -142,6 +179,19 @@ fn networks_and_addresses_are_unique_across_hosts() {
     };
     let reused = from_host(&b.ns, &ep, async |s| s.claim_address("small", &who).await).unwrap();
     assert_eq!(reused, freed);
+    // Not deleted while hosts hold addresses of it (Docker checks only its
+    // own host's containers).
+    let err = from_host(&b.ns, &ep, async |s| s.delete_network("small").await)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("still has endpoints on a, b"), "{err}");
+    from_host(&a.ns, &ep, async |s| {
+        for addr in s.claimed("small").await? {
+            s.release_address("small", addr).await?;
+        }
+        Ok(())
+    })
+    .unwrap();
     from_host(&b.ns, &ep, async |s| s.delete_network("small").await).unwrap();
     assert!(etcd
         .ctl(&["get", "--prefix", "--keys-only", "/netd/v1/addrs/small/"])
@@ -152,5 +202,11 @@ fn networks_and_addresses_are_unique_across_hosts() {
         Ok(s.create_network(&request("small", small)).await?.vni)
     })
     .unwrap();
-    assert_eq!(vni, 4097, "the lowest free VNI");
+    assert!(
+        !vnis.contains(&vni),
+        "the lowest free VNI ({vni}) is nobody else's"
+    );
+    // 4096 ov, 4097 the race's winner, 4098-4103 the six others, 4104 the
+    // deleted network's, free again.
+    assert_eq!(vni, 4104, "the lowest free VNI");
 }
