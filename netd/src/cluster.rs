@@ -7,6 +7,7 @@
 //!
 //! Layout, below [`PREFIX`]:
 //! ```text
+//! hosts/<node>             HostRecord (JSON), on the host's lease
 //! networks/<name>          NetworkRecord (JSON)
 //! vnis/<vni>               <name>: the VNI's holder
 //! addrs/<name>/<ip>        AddressClaim (JSON)
@@ -304,11 +305,138 @@ impl Store {
     }
 }
 
+/// A netd host as the cluster sees it, on that host's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub node: String,
+    /// Where its VXLAN traffic comes from and goes to.
+    pub vtep: Ipv4Addr,
+}
+
+/// A host's registration: its record lives as long as this keeps the lease
+/// alive. Dropped (or the process gone), the lease runs out after its TTL
+/// and etcd deletes the record, and with it whatever else was put on the
+/// lease: that is how a vanished host is withdrawn everywhere.
+pub struct HostLease {
+    keeper: tokio::task::JoinHandle<()>,
+    lease: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl HostLease {
+    /// The current lease id (it changes when the lease had to be granted
+    /// again).
+    pub fn id(&self) -> i64 {
+        self.lease.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for HostLease {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+impl Store {
+    /// Registers `host` on a lease of `ttl` and keeps it alive (every third
+    /// of the TTL) until the returned [`HostLease`] is dropped. A lease
+    /// lost meanwhile (etcd unreachable for longer than the TTL) is granted
+    /// again and the record put back: a host that returns, returns.
+    pub async fn register_host(&mut self, host: &HostRecord, ttl: Duration) -> Result<HostLease> {
+        check_name(&host.node)?;
+        let ttl_s = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let id = put_on_new_lease(&mut self.client, host, ttl_s).await?;
+        let lease = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(id));
+        let (mut client, host, shared) = (self.client.clone(), host.clone(), lease.clone());
+        let keeper = tokio::spawn(async move {
+            let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
+            loop {
+                let id = shared.load(std::sync::atomic::Ordering::Relaxed);
+                let renewed = async {
+                    let (mut keeper, mut answers) = client.lease_keep_alive(id).await?;
+                    loop {
+                        keeper.keep_alive().await?;
+                        match answers.message().await? {
+                            Some(a) if a.ttl() > 0 => {}
+                            // Expired: etcd has already deleted the record.
+                            _ => return Ok::<(), etcd_client::Error>(()),
+                        }
+                        tokio::time::sleep(period).await;
+                    }
+                }
+                .await;
+                if let Err(e) = renewed {
+                    tracing::warn!("keeping host {}'s lease alive: {e}", host.node);
+                    tokio::time::sleep(period).await;
+                }
+                match put_on_new_lease(&mut client, &host, ttl_s).await {
+                    Ok(id) => {
+                        tracing::info!("host {} registered again in etcd", host.node);
+                        shared.store(id, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!("registering host {} again: {e:#}", host.node);
+                        tokio::time::sleep(period).await;
+                    }
+                }
+            }
+        });
+        Ok(HostLease { keeper, lease })
+    }
+
+    /// Withdraws a host at once (a clean shutdown): its lease is revoked.
+    pub async fn withdraw_host(&mut self, lease: HostLease) -> Result<()> {
+        let id = lease.id();
+        drop(lease);
+        self.client
+            .lease_revoke(id)
+            .await
+            .context("revoking the host's lease")?;
+        Ok(())
+    }
+
+    /// Every registered host.
+    pub async fn hosts(&mut self) -> Result<Vec<HostRecord>> {
+        let resp = self
+            .client
+            .get(key(&["hosts", ""]), Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading hosts from etcd")?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).with_context(|| {
+                    format!(
+                        "malformed host record at {}",
+                        String::from_utf8_lossy(kv.key())
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+async fn put_on_new_lease(client: &mut Client, host: &HostRecord, ttl_s: i64) -> Result<i64> {
+    let id = client
+        .lease_grant(ttl_s, None)
+        .await
+        .context("granting the host's lease")?
+        .id();
+    client
+        .put(
+            key(&["hosts", &host.node]),
+            serde_json::to_vec(host)?,
+            Some(etcd_client::PutOptions::new().with_lease(id)),
+        )
+        .await
+        .context("registering the host")?;
+    Ok(id)
+}
+
 /// A network key part: not empty, and no '/' (it would reach into another
 /// network's keys).
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.contains('/') {
-        bail!("{name:?} is not a valid network key (empty, or holding '/')");
+        bail!("{name:?} is not a valid key (empty, or holding '/')");
     }
     Ok(())
 }

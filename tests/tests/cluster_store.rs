@@ -1,10 +1,11 @@
 //! The cluster store against a real etcd on an emulated LAN: networks get
-//! cluster-unique VNIs and non-overlapping subnets, and hosts claiming
-//! addresses at the same moment never get the same one.
+//! cluster-unique VNIs and non-overlapping subnets, hosts claiming
+//! addresses at the same moment never get the same one, and a host's record
+//! lives on its lease.
 use std::{net::Ipv4Addr, time::Duration};
 
-use netd::cluster::{AddressClaim, NetworkRequest, Store};
-use netd_tests::{etcd::Etcd, privileged, Bench, Host, NetNs};
+use netd::cluster::{AddressClaim, HostRecord, NetworkRequest, Store};
+use netd_tests::{etcd::Etcd, eventually, privileged, Bench, Host, NetNs};
 
 /// Runs `f` with a store client opened from inside `ns` (a host's view of
 /// the LAN), on a runtime of its own.
@@ -209,4 +210,73 @@ fn networks_and_addresses_are_unique_across_hosts() {
     // 4096 ov, 4097 the race's winner, 4098-4103 the six others, 4104 the
     // deleted network's, free again.
     assert_eq!(vni, 4104, "the lowest free VNI");
+}
+
+/// A host's record lives on its lease: kept while its netd keeps the lease
+/// alive, gone within the TTL once it stops, gone at once when withdrawn.
+#[test]
+fn hosts_come_and_go_with_their_lease() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(13).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = Host::plain(&bench, &lan, "a", 1).unwrap();
+    let b = Host::plain(&bench, &lan, "b", 2).unwrap();
+    let ep = etcd.endpoint();
+    let nodes = || {
+        from_host(&b.ns, &ep, async |s| {
+            Ok(s.hosts()
+                .await?
+                .into_iter()
+                .map(|h| h.node)
+                .collect::<Vec<_>>())
+        })
+        .unwrap()
+    };
+
+    // Host a registers with a 2 s lease and keeps it until told to stop,
+    // then vanishes without a word (as a crash would).
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let a_ns = NetNs::open(a.ns.path()).unwrap();
+    let a_ep = ep.clone();
+    let host_a = std::thread::spawn(move || {
+        from_host(&a_ns, &a_ep, async move |s| {
+            let record = HostRecord {
+                node: "a".into(),
+                vtep: Ipv4Addr::new(198, 18, 13, 1),
+            };
+            let lease = s.register_host(&record, Duration::from_secs(2)).await?;
+            while stop_rx.try_recv().is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            drop(lease);
+            Ok(())
+        })
+    });
+    assert!(eventually(Duration::from_secs(10), || nodes() == ["a"]));
+    // Longer than the TTL: kept alive.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(nodes(), ["a"]);
+    stop_tx.send(()).unwrap();
+    host_a.join().unwrap().unwrap();
+    assert!(
+        eventually(Duration::from_secs(8), || nodes().is_empty()),
+        "a's record outlived its lease"
+    );
+
+    // A clean shutdown withdraws at once.
+    from_host(&b.ns, &ep, async |s| {
+        let record = HostRecord {
+            node: "b".into(),
+            vtep: Ipv4Addr::new(198, 18, 13, 2),
+        };
+        let lease = s.register_host(&record, Duration::from_secs(30)).await?;
+        anyhow::ensure!(s.hosts().await?.len() == 1, "b not registered");
+        s.withdraw_host(lease).await?;
+        anyhow::ensure!(s.hosts().await?.is_empty(), "b still registered");
+        Ok(())
+    })
+    .unwrap();
 }
