@@ -64,6 +64,21 @@ pub enum Command {
         /// events trigger): retries whatever a failed pass left undone.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
         resync_interval: u64,
+        /// The cluster store: etcd client URLs, comma-separated
+        /// (http://IP:2379,...). Without it netd serves this host alone.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// This host's name in the cluster. Defaults to the hostname.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// The address other hosts send this host's VXLAN traffic to.
+        /// Defaults to the uplink's first IPv4 address.
+        #[arg(long)]
+        vtep_addr: Option<std::net::Ipv4Addr>,
+        /// Seconds this host's record (and, later, its endpoints) outlives
+        /// it in etcd: a host gone longer is withdrawn everywhere.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        etcd_lease_ttl: u64,
     },
     /// Show attachments, map fill levels and packet counters (works while
     /// the daemon is down: it reads the pinned objects).
@@ -167,6 +182,10 @@ fn dispatch(command: Command) -> Result<()> {
             ct_timeout_other,
             cgroup,
             resync_interval,
+            etcd,
+            node_name,
+            vtep_addr,
+            etcd_lease_ttl,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -187,6 +206,12 @@ fn dispatch(command: Command) -> Result<()> {
                 },
                 cgroup,
                 resync_interval: std::time::Duration::from_secs(resync_interval),
+                cluster: (!etcd.is_empty()).then(|| daemon::ClusterOptions {
+                    etcd,
+                    node_name,
+                    vtep_addr,
+                    lease_ttl: std::time::Duration::from_secs(etcd_lease_ttl),
+                }),
             }))
         }
         Command::Status { json, pin_dir } => {

@@ -12,8 +12,9 @@
 //! vnis/<vni>               <name>: the VNI's holder
 //! addrs/<name>/<ip>        AddressClaim (JSON)
 //! ```
-//! This is the first piece of the multi-host work: the daemon and the
-//! Docker plugin (IPAM) are not wired to it yet.
+//! This is the first piece of the multi-host work: `netd run --etcd`
+//! registers its host; networks and the Docker plugin (IPAM) are not wired
+//! to it yet.
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};

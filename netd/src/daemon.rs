@@ -11,6 +11,7 @@ use tokio::{
 
 use crate::{
     arrivals::{self, Arrivals, ServedBridge, Step},
+    cluster,
     dataplane::{self, Attachment, Dataplane, LoadOptions},
     docker::{self, DockerEvent, SourceUpdate},
     netlink::{self, BridgePort, LinkChange},
@@ -430,6 +431,63 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     /// A full reconcile even without Docker events or address changes.
     pub resync_interval: std::time::Duration,
+    /// Multi-host: the cluster store and this host's place in it.
+    pub cluster: Option<ClusterOptions>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub etcd: Vec<String>,
+    /// None: the hostname.
+    pub node_name: Option<String>,
+    /// None: the uplink's first IPv4 address.
+    pub vtep_addr: Option<std::net::Ipv4Addr>,
+    pub lease_ttl: std::time::Duration,
+}
+
+/// How long connecting to etcd at start may take before netd gives up.
+const ETCD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Joins the cluster: connects to etcd (an unreachable store at start is an
+/// error, not a wait) and registers this host on its lease. The lease is
+/// not revoked when netd exits: a restart within the TTL must not withdraw
+/// the host everywhere; the next daemon puts the record on a lease of its
+/// own.
+async fn join_cluster(opts: &ClusterOptions, uplink: &str) -> Result<cluster::HostLease> {
+    let node = match &opts.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname (pass --node-name)")?
+            .trim()
+            .to_owned(),
+    };
+    let vtep = match opts.vtep_addr {
+        Some(a) => a,
+        None => *netlink::ipv4_addresses(uplink)
+            .await?
+            .first()
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "uplink {uplink} has no IPv4 address to be the VTEP (pass --vtep-addr)"
+                )
+            })?,
+    };
+    let mut store = cluster::Store::connect(&opts.etcd, ETCD_CONNECT_TIMEOUT).await?;
+    let lease = store
+        .register_host(
+            &cluster::HostRecord {
+                node: node.clone(),
+                vtep,
+            },
+            opts.lease_ttl,
+        )
+        .await?;
+    tracing::info!(
+        "joined the cluster at {} as {node} (VTEP {vtep}, lease TTL {:?})",
+        opts.etcd.join(","),
+        opts.lease_ttl
+    );
+    Ok(lease)
 }
 
 /// Where cgroup2 is mounted (hybrid hosts mount it at /sys/fs/cgroup/unified).
@@ -477,6 +535,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     dataplane::interface_index(&uplink)?;
     // Local checks first, so a bad pin dir is reported before Docker is tried.
     dataplane::PinDir::check(&opts.pin_dir)?;
+    // Kept for the daemon's life: dropping it stops renewing the lease.
+    let _host_lease = match &opts.cluster {
+        Some(c) => Some(join_cluster(c, &uplink).await?),
+        None => None,
+    };
     let docker = docker::connect(&opts.docker_host).await?;
     let netns_cookie = own_netns_cookie()?;
 

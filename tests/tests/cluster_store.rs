@@ -5,7 +5,12 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use netd::cluster::{AddressClaim, HostRecord, NetworkRequest, Store};
-use netd_tests::{etcd::Etcd, eventually, privileged, Bench, Host, NetNs};
+use netd_tests::{
+    etcd::Etcd,
+    eventually,
+    netd::{netd_binary, NetdOptions},
+    privileged, Bench, DockerMode, Host, NetNs,
+};
 
 /// Runs `f` with a store client opened from inside `ns` (a host's view of
 /// the LAN), on a runtime of its own.
@@ -279,4 +284,69 @@ fn hosts_come_and_go_with_their_lease() {
         Ok(())
     })
     .unwrap();
+}
+
+/// `netd run --etcd`: an unreachable store at start is a one-line error; a
+/// running daemon's host record is in etcd, and it is withdrawn within the
+/// lease TTL once the daemon is killed, and back when it restarts.
+#[test]
+fn a_daemon_joins_the_cluster_and_is_withdrawn_with_its_lease() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(14).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let mut host = Host::docker(&bench, &lan, "h1", 1, [198, 19, 14], DockerMode::Netd).unwrap();
+
+    let pin = bench.bpffs().join("unreachable").display().to_string();
+    let docker_host = host.dockerd().host();
+    let out = host
+        .ns
+        .command(netd_binary().unwrap())
+        .args(["run", "--uplink", "eth0", "--pin-dir", &pin])
+        .args(["--docker-host", &docker_host])
+        .args(["--etcd", "http://198.18.14.99:2379", "--node-name", "h1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    assert!(
+        stderr.starts_with("netd: etcd at http://198.18.14.99:2379"),
+        "{stderr}"
+    );
+
+    host.start_netd_with(
+        &bench,
+        NetdOptions {
+            args: [
+                "--etcd",
+                &etcd.endpoint(),
+                "--node-name",
+                "h1",
+                "--etcd-lease-ttl",
+                "2",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..NetdOptions::default()
+        },
+    )
+    .unwrap();
+    let record = || {
+        etcd.ctl(&["get", "--print-value-only", "/netd/v1/hosts/h1"])
+            .unwrap()
+    };
+    assert!(record().contains("198.18.14.1"), "{}", record());
+    // Alive past the TTL while the daemon runs.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(record().contains("198.18.14.1"));
+    host.netd().kill();
+    assert!(
+        eventually(Duration::from_secs(10), || record().trim().is_empty()),
+        "a killed daemon's host record outlived its lease"
+    );
+    host.netd().start_again().unwrap();
+    assert!(eventually(Duration::from_secs(10), || record().contains("198.18.14.1")));
 }
