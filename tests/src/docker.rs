@@ -101,33 +101,21 @@ impl Dockerd {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if self
-                .docker_raw(&["version", "--format", "{{.Server.Version}}"])?
-                .status
-                .success()
-            {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("dockerd exited ({status}): {}", self.log_tail());
-            }
-            if Instant::now() > deadline {
-                bail!("dockerd did not come up in 60 s: {}", self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(5)..].join(" | ")
+        let host = self.host();
+        let ready = || {
+            Command::new("docker")
+                .args(["-H", &host, "version", "--format", "{{.Server.Version}}"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        let log = self.dir.join("dockerd.log");
+        crate::process::wait_ready(
+            self.child.as_mut(),
+            "dockerd",
+            Duration::from_secs(60),
+            ready,
+            || crate::process::log_tail(&log, 5),
+        )
     }
 
     /// The API endpoint for netd's --docker-host.

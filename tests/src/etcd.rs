@@ -2,9 +2,9 @@
 //! the multi-host suites run against. Debian's etcd-server (3.4, v3 API).
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -75,50 +75,43 @@ impl Etcd {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.ctl(&["endpoint", "health"]).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("etcd exited ({status}): {}", self.log_tail());
-            }
-            if Instant::now() > deadline {
-                bail!("etcd did not answer in 30 s: {}", self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let endpoint = self.endpoint();
+        let probe = Self::ctl_in(&self.ns, &endpoint);
+        let log = self.dir.join("etcd.log");
+        crate::process::wait_ready(
+            self.child.as_mut(),
+            "etcd",
+            Duration::from_secs(30),
+            || probe(&["endpoint", "health"]).is_ok(),
+            || crate::process::log_tail(&log, 5),
+        )
     }
 
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(5)..].join(" | ")
+    /// etcdctl against `endpoint` from `ns`.
+    fn ctl_in<'a>(ns: &'a NetNs, endpoint: &'a str) -> impl Fn(&[&str]) -> Result<String> + 'a {
+        move |args| {
+            let out = ns
+                .command("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", endpoint, "--dial-timeout", "2s"])
+                .args(args)
+                .output()
+                .context("running etcdctl (is etcd-client installed? run `cargo xtask setup`)")?;
+            if !out.status.success() {
+                bail!(
+                    "etcdctl {} failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
     }
 
     /// `etcdctl` (v3 API) against this member, from its own namespace;
     /// stdout on success.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
-        let out = self
-            .ns
-            .command("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint(), "--dial-timeout", "2s"])
-            .args(args)
-            .output()
-            .context("running etcdctl (is etcd-client installed? run `cargo xtask setup`)")?;
-        if !out.status.success() {
-            bail!(
-                "etcdctl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Self::ctl_in(&self.ns, &self.endpoint())(args)
     }
 
     /// Stops the member (SIGTERM, then SIGKILL), keeping its data: the
@@ -135,10 +128,6 @@ impl Etcd {
             bail!("etcd is still running");
         }
         self.spawn()
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -2,7 +2,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -153,25 +153,18 @@ impl Netd {
 
     /// Ready = this run's log says it reconciled with Docker once.
     fn wait_ready(&mut self, log_start: usize) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-            let log = log.get(log_start..).unwrap_or_default().to_owned();
-            if log.contains("in sync with Docker") {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("netd run exited ({status}): {}", log.trim());
-            }
-            if Instant::now() > deadline {
-                bail!("netd run not ready in 30 s: {}", log.trim());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let path = self.log_path();
+        let this_run = || {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            log.get(log_start..).unwrap_or_default().trim().to_owned()
+        };
+        crate::process::wait_ready(
+            self.child.as_mut(),
+            "netd run",
+            Duration::from_secs(30),
+            || this_run().contains("in sync with Docker"),
+            this_run,
+        )
     }
 
     pub fn log_path(&self) -> PathBuf {

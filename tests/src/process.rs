@@ -40,6 +40,38 @@ pub fn terminate(child: Child, grace: Duration) {
     terminate_group(child, grace, false)
 }
 
+/// Polls `ready` until it holds; fails, saying `what` and `tail()` (the end
+/// of its log), when `child` exits first or `limit` passes.
+pub fn wait_ready(
+    child: Option<&mut Child>,
+    what: &str,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+    tail: impl Fn() -> String,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut child = child;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            anyhow::bail!("{what} exited ({status}): {}", tail());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{what} not ready in {limit:?}: {}", tail());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last `n` lines of the log at `path`, on one line.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
 /// Is `pid` alive (and not a zombie)?
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
