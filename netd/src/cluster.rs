@@ -89,6 +89,11 @@ impl Store {
         Ok(Self { client })
     }
 
+    /// Runs `txn`: true when its comparisons held and it was applied.
+    async fn commit(&mut self, txn: Txn, what: &'static str) -> Result<bool> {
+        Ok(self.client.txn(txn).await.context(what)?.succeeded())
+    }
+
     /// Every network, and the store revision they were read at.
     pub async fn networks(&mut self) -> Result<(Vec<NetworkRecord>, i64)> {
         let resp = self
@@ -140,13 +145,7 @@ impl Store {
                     TxnOp::put(net_key, serde_json::to_vec(&record)?, None),
                     TxnOp::put(vni_key, record.name.clone(), None),
                 ]);
-            if self
-                .client
-                .txn(txn)
-                .await
-                .context("creating the network in etcd")?
-                .succeeded()
-            {
+            if self.commit(txn, "creating the network in etcd").await? {
                 return Ok(record);
             }
         }
@@ -180,13 +179,7 @@ impl Store {
                         .with_prefix(),
                 ])
                 .and_then([TxnOp::delete(net_key, None), TxnOp::delete(vni_key, None)]);
-            if self
-                .client
-                .txn(txn)
-                .await
-                .with_context(|| format!("deleting network {name} from etcd"))?
-                .succeeded()
-            {
+            if self.commit(txn, "deleting a network from etcd").await? {
                 return Ok(());
             }
         }
@@ -232,13 +225,7 @@ impl Store {
                     Compare::mod_revision(key(&["networks", name]), CompareOp::Equal, revision),
                 ])
                 .and_then([TxnOp::put(addr_key, serde_json::to_vec(claim)?, None)]);
-            if self
-                .client
-                .txn(txn)
-                .await
-                .context("claiming an address in etcd")?
-                .succeeded()
-            {
+            if self.commit(txn, "claiming an address in etcd").await? {
                 return Ok(addr);
             }
             match self.network(name).await? {

@@ -79,15 +79,8 @@ pub fn watch_ipv4_addresses(tx: tokio::sync::mpsc::Sender<()>) -> Result<()> {
     use futures::StreamExt as _;
     use netlink_packet_core::NetlinkPayload;
     use netlink_packet_route::RouteNetlinkMessage;
-    use netlink_sys::AsyncSocket as _;
-    let (mut conn, handle, mut messages) =
-        rtnetlink::new_connection().context("opening rtnetlink")?;
-    let groups = rtnetlink::constants::RTMGRP_IPV4_IFADDR;
-    conn.socket_mut()
-        .socket_mut()
-        .bind(&netlink_sys::SocketAddr::new(0, groups))
-        .context("subscribing to address changes")?;
-    tokio::spawn(conn);
+    let (handle, mut messages) =
+        subscribe(rtnetlink::constants::RTMGRP_IPV4_IFADDR, "address changes")?;
     tokio::spawn(async move {
         // The connection lives as long as a handle does.
         let _handle = handle;
@@ -237,12 +230,15 @@ pub fn watch_links(tx: tokio::sync::mpsc::UnboundedSender<LinkChange>) -> Result
     use futures::StreamExt as _;
     use netlink_packet_core::NetlinkPayload;
     use netlink_packet_route::RouteNetlinkMessage;
-    let mut subscription = Some(subscribe_links()?);
+    let mut subscription = Some(subscribe(
+        rtnetlink::constants::RTMGRP_LINK,
+        "link changes",
+    )?);
     tokio::spawn(async move {
         loop {
             let (handle, mut messages) = match subscription.take() {
                 Some(s) => s,
-                None => match subscribe_links() {
+                None => match subscribe(rtnetlink::constants::RTMGRP_LINK, "link changes") {
                     Ok(s) => {
                         if tx.send(LinkChange::Overrun).is_err() {
                             return;
@@ -281,21 +277,20 @@ pub fn watch_links(tx: tokio::sync::mpsc::UnboundedSender<LinkChange>) -> Result
     Ok(())
 }
 
-type LinkMessages = futures::channel::mpsc::UnboundedReceiver<(
+type Notifications = futures::channel::mpsc::UnboundedReceiver<(
     netlink_packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
     netlink_sys::SocketAddr,
 )>;
 
-fn subscribe_links() -> Result<(rtnetlink::Handle, LinkMessages)> {
+/// An rtnetlink connection subscribed to the multicast `groups`; its
+/// notifications arrive as long as the handle lives.
+fn subscribe(groups: u32, what: &str) -> Result<(rtnetlink::Handle, Notifications)> {
     use netlink_sys::AsyncSocket as _;
     let (mut conn, handle, messages) = rtnetlink::new_connection().context("opening rtnetlink")?;
     conn.socket_mut()
         .socket_mut()
-        .bind(&netlink_sys::SocketAddr::new(
-            0,
-            rtnetlink::constants::RTMGRP_LINK,
-        ))
-        .context("subscribing to link changes")?;
+        .bind(&netlink_sys::SocketAddr::new(0, groups))
+        .with_context(|| format!("subscribing to {what}"))?;
     tokio::spawn(conn);
     Ok((handle, messages))
 }

@@ -109,11 +109,12 @@ pub fn endpoints(
                 }
             }
         }
-        for ifname in attached.iter().filter(|_| complete) {
-            if !wanted().any(|name| name == ifname) {
-                if let Err(e) = dp.detach(att, ifname) {
-                    tracing::warn!("{e:#}");
-                }
+        if !complete {
+            continue;
+        }
+        for ifname in attached.iter().filter(|a| !wanted().any(|name| name == *a)) {
+            if let Err(e) = dp.detach(att, ifname) {
+                tracing::warn!("{e:#}");
             }
         }
     }
