@@ -27,7 +27,7 @@ pub enum DockerMode {
 
 pub struct Dockerd {
     child: Option<Child>,
-    ns_path: PathBuf,
+    ns: NetNs,
     args: Vec<std::ffi::OsString>,
     dir: PathBuf,
     sock: PathBuf,
@@ -63,7 +63,7 @@ impl Dockerd {
         args.extend(mode_args.iter().map(Into::into));
         let mut d = Self {
             child: None,
-            ns_path: ns.path().into(),
+            ns: ns.handle()?,
             args,
             dir: dir.into(),
             sock,
@@ -78,7 +78,8 @@ impl Dockerd {
             .create(true)
             .append(true)
             .open(self.dir.join("dockerd.log"))?;
-        let child = NetNs::open(&self.ns_path)?
+        let child = self
+            .ns
             .command("dockerd")
             .args(&self.args)
             .process_group(0)

@@ -68,7 +68,7 @@ fn check_fresh(binary: &Path) -> Result<()> {
 
 pub struct Netd {
     child: Option<Child>,
-    ns_path: PathBuf,
+    ns: NetNs,
     binary: PathBuf,
     docker_host: String,
     uplink: String,
@@ -107,7 +107,7 @@ impl Netd {
         let mut netd = Self {
             options,
             child: None,
-            ns_path: ns.path().into(),
+            ns: ns.handle()?,
             binary: netd_binary()?,
             docker_host: docker_host.into(),
             uplink: uplink.into(),
@@ -118,10 +118,6 @@ impl Netd {
         Ok(netd)
     }
 
-    fn ns(&self) -> Result<NetNs> {
-        NetNs::open(&self.ns_path)
-    }
-
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -130,7 +126,7 @@ impl Netd {
         // Readiness is judged on what this run writes, not earlier runs.
         let log_start = log.metadata()?.len() as usize;
         let child = self
-            .ns()?
+            .ns
             .command(&self.binary)
             .arg("run")
             .arg("--docker-host")
@@ -210,7 +206,7 @@ impl Netd {
 
     /// Runs `netd <args…>` in the host's namespace.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        self.ns()?
+        self.ns
             .command(&self.binary)
             .args(args)
             .output()

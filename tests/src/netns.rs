@@ -1,6 +1,11 @@
 //! Network namespaces: created with unshare(2) and bind-mounted under
 //! /run/netns (so `ip netns` and `nsenter --net` see them), entered with
 //! setns(2) (never `ip netns exec`, which remounts /sys and hides bpffs).
+//!
+//! An emulated host may also have a mount namespace of its own, entered by
+//! every process started in it, whose /run/docker/plugins is a directory of
+//! the host's: Docker's plugin discovery path is fixed, and each host's
+//! dockerd must find its own netd there.
 use std::{
     fs::File,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
@@ -23,7 +28,18 @@ pub struct NetNs {
     file: File,
     /// Delete on drop (false for handles from [`NetNs::open`]).
     owned: bool,
+    /// The host's mount namespace, if it has one (see [`Self::give_mounts`]).
+    mounts: Option<MountNs>,
 }
+
+/// A mount namespace held by a bind mount of its nsfs file.
+struct MountNs {
+    path: PathBuf,
+    file: File,
+}
+
+/// Docker's fixed plugin discovery directory.
+pub const DOCKER_PLUGIN_DIR: &str = "/run/docker/plugins";
 
 impl NetNs {
     /// Creates the namespace `name` with its loopback up.
@@ -61,6 +77,7 @@ impl NetNs {
             path,
             file,
             owned: true,
+            mounts: None,
         };
         crate::netlink::with_netlink(
             &ns,
@@ -81,9 +98,86 @@ impl NetNs {
             path: path.into(),
             file,
             owned: false,
+            mounts: None,
         })
     }
 
+    /// A handle to the same namespaces that does not delete them on drop,
+    /// for daemons that outlive a borrow of the host.
+    pub fn handle(&self) -> Result<Self> {
+        let mut ns = Self::open(&self.path)?;
+        if let Some(m) = &self.mounts {
+            ns.mounts = Some(MountNs {
+                path: m.path.clone(),
+                file: File::open(&m.path)?,
+            });
+        }
+        Ok(ns)
+    }
+
+    /// Gives this host a mount namespace of its own, held at `dir/mnt`, in
+    /// which [`DOCKER_PLUGIN_DIR`] is `dir/plugins`. Mounts are copied from
+    /// this process's namespace and kept from propagating either way, so
+    /// what the host's dockerd mounts stays its own.
+    pub fn give_mounts(&mut self, dir: &Path) -> Result<()> {
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins)?;
+        std::fs::create_dir_all(DOCKER_PLUGIN_DIR)?;
+        let path = dir.join("mnt");
+        File::create(&path)?;
+        // A mount namespace's nsfs file can only be bound from a namespace
+        // older than it: a scratch thread makes it and waits while this
+        // thread binds it.
+        let (made_tx, made_rx) = std::sync::mpsc::channel::<Result<i32>>();
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
+        let maker = std::thread::spawn(move || {
+            let made = (|| -> Result<i32> {
+                unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
+                mount(
+                    None::<&str>,
+                    "/",
+                    None::<&str>,
+                    MsFlags::MS_REC | MsFlags::MS_SLAVE,
+                    None::<&str>,
+                )
+                .context("making the host's mounts slaves")?;
+                mount(
+                    Some(&plugins),
+                    DOCKER_PLUGIN_DIR,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .context("binding the host's plugin directory")?;
+                Ok(nix::unistd::gettid().as_raw())
+            })();
+            let _ = made_tx.send(made);
+            let _ = bound_rx.recv();
+        });
+        let bound = made_rx
+            .recv()
+            .context("mount namespace thread died")
+            .and_then(|made| {
+                let tid = made?;
+                mount(
+                    Some(format!("/proc/self/task/{tid}/ns/mnt").as_str()),
+                    &path,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .context("bind-mounting the mount namespace")
+            });
+        let _ = bound_tx.send(());
+        let _ = maker.join();
+        if let Err(e) = bound {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let file = File::open(&path)?;
+        self.mounts = Some(MountNs { path, file });
+        Ok(())
+    }
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -92,13 +186,19 @@ impl NetNs {
         &self.path
     }
 
-    /// A command that runs inside this namespace (setns before exec).
+    /// A command that runs inside this namespace, and the host's mount
+    /// namespace if it has one (setns before exec).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         let fd = self.file.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; the fd outlives the spawn.
+        let mnt = self.mounts.as_ref().map(|m| m.file.as_raw_fd());
+        // SAFETY: setns is async-signal-safe; the fds outlive the spawn.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(mnt) = mnt {
+                    let borrowed = std::os::fd::BorrowedFd::borrow_raw(mnt);
+                    setns(borrowed, CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
+                }
                 let borrowed = std::os::fd::BorrowedFd::borrow_raw(fd);
                 setns(borrowed, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
@@ -151,12 +251,15 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         if self.owned {
             delete_netns(&self.path);
+            if let Some(m) = &self.mounts {
+                delete_netns(&m.path);
+            }
         }
     }
 }
 
-/// Unmounts and removes a namespace bind mount; the namespace itself goes
-/// away with its last user.
+/// Unmounts and removes a namespace bind mount (network or mount); the
+/// namespace itself goes away with its last user.
 pub fn delete_netns(path: &Path) {
     let _ = umount2(path, MntFlags::MNT_DETACH);
     let _ = std::fs::remove_file(path);

@@ -84,10 +84,11 @@ pub struct Host {
 impl Host {
     /// A plain host on `lan` (a client or server, no Docker).
     pub fn plain(bench: &Bench, lan: &Lan, role: &str, host: u8) -> Result<Self> {
-        let ns = bench.netns(role)?;
+        let mut ns = bench.netns(role)?;
         let ip = lan.attach(&ns, host)?;
         let state_dir = bench.state_dir().join(ns.name());
         std::fs::create_dir_all(&state_dir)?;
+        ns.give_mounts(&state_dir)?;
         Ok(Self {
             netd: None,
             docker: None,
