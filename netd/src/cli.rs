@@ -16,6 +16,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `Run` costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Load and attach the datapath and keep it in sync with Docker.
@@ -79,6 +81,10 @@ pub enum Command {
         /// it in etcd: a host gone longer is withdrawn everywhere.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
         etcd_lease_ttl: u64,
+        /// The Docker plugin socket netd serves with --etcd (driver and
+        /// IPAM `netd`); dockerd finds it by name in /run/docker/plugins.
+        #[arg(long, default_value = crate::plugin::DEFAULT_SOCKET)]
+        plugin_socket: PathBuf,
     },
     /// Show attachments, map fill levels and packet counters (works while
     /// the daemon is down: it reads the pinned objects).
@@ -186,6 +192,7 @@ fn dispatch(command: Command) -> Result<()> {
             node_name,
             vtep_addr,
             etcd_lease_ttl,
+            plugin_socket,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -211,6 +218,7 @@ fn dispatch(command: Command) -> Result<()> {
                     node_name,
                     vtep_addr,
                     lease_ttl: std::time::Duration::from_secs(etcd_lease_ttl),
+                    plugin_socket,
                 }),
             }))
         }

@@ -8,13 +8,14 @@
 //! Layout, below [`PREFIX`]:
 //! ```text
 //! hosts/<node>             HostRecord (JSON), on the host's lease
-//! networks/<name>          NetworkRecord (JSON)
-//! vnis/<vni>               <name>: the VNI's holder
-//! addrs/<name>/<ip>        AddressClaim (JSON)
+//! networks/<id>            NetworkRecord (JSON)
+//! vnis/<vni>               <id>: the VNI's holder
+//! addrs/<id>/<ip>          AddressClaim (JSON)
 //! ```
-//! This is the first piece of the multi-host work: `netd run --etcd`
-//! registers its host; networks and the Docker plugin (IPAM) are not wired
-//! to it yet.
+//! A network's id is the Docker network id it was created with on its first
+//! host: Docker tells a network driver the id, never the name, so a network
+//! is created nameless and named once that host's Docker has reported it
+//! ([`Store::name_network`]).
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -35,7 +36,13 @@ const ATTEMPTS: usize = 16;
 /// A netd network, as every host sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkRecord {
+    /// The Docker network id of its first host's copy.
+    pub id: String,
+    /// Docker's name for it; empty until its first host's Docker reported it.
+    #[serde(default)]
     pub name: String,
+    /// The node it was created on.
+    pub origin: String,
     /// "overlay" (the next modes: macvlan, ipvlan, routed).
     pub mode: String,
     pub vni: u32,
@@ -44,10 +51,22 @@ pub struct NetworkRecord {
     pub internal: bool,
 }
 
-/// What `netd network create` (through Docker) asks for.
+impl NetworkRecord {
+    /// How messages name it: its name, or its short id while it has none.
+    pub fn label(&self) -> &str {
+        if self.name.is_empty() {
+            self.id.get(..12).unwrap_or(&self.id)
+        } else {
+            &self.name
+        }
+    }
+}
+
+/// What `docker network create -d netd` asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkRequest {
-    pub name: String,
+    pub id: String,
+    pub origin: String,
     pub mode: String,
     pub subnet: (Ipv4Addr, u8),
     /// None: the subnet's first host address.
@@ -65,6 +84,7 @@ pub struct AddressClaim {
     pub owner: String,
 }
 
+#[derive(Clone)]
 pub struct Store {
     client: Client,
 }
@@ -116,19 +136,19 @@ impl Store {
         Ok((networks, revision))
     }
 
-    /// Creates a network, or returns it when one of that name and the same
+    /// Creates a network, or returns it when one of that id and the same
     /// request exists (idempotent). Refused with a one-line reason: the
-    /// name taken by another definition, a subnet overlapping another
+    /// id taken by another definition, a subnet overlapping another
     /// network's, a VNI in use, no VNI left.
     pub async fn create_network(&mut self, req: &NetworkRequest) -> Result<NetworkRecord> {
-        check_name(&req.name)?;
+        check_name(&req.id)?;
         for _ in 0..ATTEMPTS {
             let (existing, revision) = self.networks().await?;
             let record = match plan_network(req, &existing)? {
                 Plan::Exists(record) => return Ok(record),
                 Plan::Create(record) => record,
             };
-            let net_key = key(&["networks", &record.name]);
+            let net_key = key(&["networks", &record.id]);
             let vni_key = key(&["vnis", &record.vni.to_string()]);
             // No network was created or changed since the read the plan
             // was made on (a range compare: etcd >= 3.3). That alone
@@ -143,39 +163,83 @@ impl Store {
                 .with_prefix()])
                 .and_then([
                     TxnOp::put(net_key, serde_json::to_vec(&record)?, None),
-                    TxnOp::put(vni_key, record.name.clone(), None),
+                    TxnOp::put(vni_key, record.id.clone(), None),
                 ]);
             if self.commit(txn, "creating the network in etcd").await? {
                 return Ok(record);
             }
         }
-        bail!("creating network {}: too much contention in etcd", req.name)
+        bail!("creating network {}: too much contention in etcd", req.id)
+    }
+
+    /// Gives network `id` its Docker name, unique among netd networks (the
+    /// same name again is not an error).
+    pub async fn name_network(&mut self, id: &str, name: &str) -> Result<NetworkRecord> {
+        if name.is_empty() {
+            bail!("a network name cannot be empty");
+        }
+        for _ in 0..ATTEMPTS {
+            let (existing, revision) = self.networks().await?;
+            let mut record = existing
+                .iter()
+                .find(|n| n.id == id)
+                .cloned()
+                .ok_or_else(|| anyhow!("no netd network has id {id}"))?;
+            if record.name == name {
+                return Ok(record);
+            }
+            if !record.name.is_empty() {
+                bail!("network {id} is already named {}", record.name);
+            }
+            if let Some(other) = existing.iter().find(|n| n.name == name) {
+                bail!("another netd network ({}) is named {name}", other.id);
+            }
+            record.name = name.into();
+            // Names are unique: serialised as creations are.
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key(&["networks", ""]),
+                    CompareOp::Less,
+                    revision + 1,
+                )
+                .with_prefix()])
+                .and_then([TxnOp::put(
+                    key(&["networks", id]),
+                    serde_json::to_vec(&record)?,
+                    None,
+                )]);
+            if self.commit(txn, "naming the network in etcd").await? {
+                return Ok(record);
+            }
+        }
+        bail!("naming network {id}: too much contention in etcd")
     }
 
     /// Deletes a network and its VNI record. Refused while any host holds
     /// an address of it (naming the hosts): Docker checks only its own
     /// host's containers. Nothing to delete is not an error.
-    pub async fn delete_network(&mut self, name: &str) -> Result<()> {
-        check_name(name)?;
+    pub async fn delete_network(&mut self, id: &str) -> Result<()> {
+        check_name(id)?;
         for _ in 0..ATTEMPTS {
-            let Some((record, revision)) = self.network(name).await? else {
+            let Some((record, revision)) = self.network(id).await? else {
                 return Ok(());
             };
-            let holders = self.holders(name).await?;
+            let holders = self.holders(id).await?;
             if !holders.is_empty() {
                 bail!(
-                    "network {name} still has endpoints on {}",
+                    "network {} still has endpoints on {}",
+                    record.label(),
                     holders.join(", ")
                 );
             }
-            let net_key = key(&["networks", name]);
+            let net_key = key(&["networks", id]);
             let vni_key = key(&["vnis", &record.vni.to_string()]);
             // The network read, not one re-created meanwhile, and still no
             // claims.
             let txn = Txn::new()
                 .when([
                     Compare::mod_revision(net_key.clone(), CompareOp::Equal, revision),
-                    Compare::create_revision(key(&["addrs", name, ""]), CompareOp::Equal, 0)
+                    Compare::create_revision(key(&["addrs", id, ""]), CompareOp::Equal, 0)
                         .with_prefix(),
                 ])
                 .and_then([TxnOp::delete(net_key, None), TxnOp::delete(vni_key, None)]);
@@ -183,14 +247,15 @@ impl Store {
                 return Ok(());
             }
         }
-        bail!("deleting network {name}: too much contention in etcd")
+        bail!("deleting network {id}: too much contention in etcd")
     }
 
-    /// The network `name` and its key's mod revision.
-    pub async fn network(&mut self, name: &str) -> Result<Option<(NetworkRecord, i64)>> {
+    /// The network `id` and its key's mod revision.
+    pub async fn network(&mut self, id: &str) -> Result<Option<(NetworkRecord, i64)>> {
+        check_name(id)?;
         let resp = self
             .client
-            .get(key(&["networks", name]), None)
+            .get(key(&["networks", id]), None)
             .await
             .context("reading a network from etcd")?;
         resp.kvs()
@@ -199,61 +264,112 @@ impl Store {
             .transpose()
     }
 
-    /// Claims a free address of network `name` for `claim`: the lowest host
+    /// Claims a free address of network `id` for `claim`: the lowest host
     /// address nobody holds, never the network's gateway. Unique across
     /// the cluster; refused when the pool is exhausted.
-    pub async fn claim_address(&mut self, name: &str, claim: &AddressClaim) -> Result<Ipv4Addr> {
-        check_name(name)?;
-        let gone = || anyhow!("no netd network named {name:?}");
-        let (mut record, mut revision) = self.network(name).await?.ok_or_else(gone)?;
-        let mut held = self.claimed(name).await?;
+    pub async fn claim_address(&mut self, id: &str, claim: &AddressClaim) -> Result<Ipv4Addr> {
+        check_name(id)?;
+        let gone = || anyhow!("no netd network has id {id}");
+        let (mut record, mut revision) = self.network(id).await?.ok_or_else(gone)?;
+        let mut held = self.claimed(id).await?;
         // Each lost race means somebody else got an address: bounded by
         // the pool, not by a number of tries.
         for _ in 0..pool_size(record.subnet) + ATTEMPTS as u64 {
             let addr = free_address(&record, &held).ok_or_else(|| {
                 anyhow!(
-                    "the address pool of network {name} ({}/{}) is exhausted",
+                    "the address pool of network {} ({}/{}) is exhausted",
+                    record.label(),
                     record.subnet.0,
                     record.subnet.1
                 )
             })?;
-            let addr_key = key(&["addrs", name, &addr.to_string()]);
+            let addr_key = key(&["addrs", id, &addr.to_string()]);
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(addr_key.clone(), CompareOp::Equal, 0),
                     // The network read, not one deleted or re-created since.
-                    Compare::mod_revision(key(&["networks", name]), CompareOp::Equal, revision),
+                    Compare::mod_revision(key(&["networks", id]), CompareOp::Equal, revision),
                 ])
                 .and_then([TxnOp::put(addr_key, serde_json::to_vec(claim)?, None)]);
             if self.commit(txn, "claiming an address in etcd").await? {
                 return Ok(addr);
             }
-            match self.network(name).await? {
-                None => bail!("network {name} was deleted meanwhile"),
+            match self.network(id).await? {
+                None => bail!("network {id} was deleted meanwhile"),
                 Some((r, rev)) if rev != revision => {
                     (record, revision) = (r, rev);
-                    held = self.claimed(name).await?;
+                    held = self.claimed(id).await?;
                 }
                 // Taken by somebody else: the next one.
                 Some(_) => held.push(addr),
             }
         }
-        bail!("claiming an address of {name}: too much contention in etcd")
+        bail!("claiming an address of {id}: too much contention in etcd")
+    }
+
+    /// Claims `addr` of network `id` for `claim` (`docker run --ip`):
+    /// refused when it is no host address of the subnet, the gateway, or
+    /// somebody's already.
+    pub async fn claim_exact(
+        &mut self,
+        id: &str,
+        addr: Ipv4Addr,
+        claim: &AddressClaim,
+    ) -> Result<Ipv4Addr> {
+        let gone = || anyhow!("no netd network has id {id}");
+        let (record, revision) = self.network(id).await?.ok_or_else(gone)?;
+        if !is_host_address(record.subnet, addr) {
+            bail!(
+                "{addr} is not a host address of network {} ({}/{})",
+                record.label(),
+                record.subnet.0,
+                record.subnet.1
+            );
+        }
+        if addr == record.gateway {
+            bail!("{addr} is network {}'s gateway", record.label());
+        }
+        let addr_key = key(&["addrs", id, &addr.to_string()]);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(addr_key.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(key(&["networks", id]), CompareOp::Equal, revision),
+            ])
+            .and_then([TxnOp::put(
+                addr_key.clone(),
+                serde_json::to_vec(claim)?,
+                None,
+            )]);
+        if self.commit(txn, "claiming an address in etcd").await? {
+            return Ok(addr);
+        }
+        let holder = self
+            .client
+            .get(addr_key, None)
+            .await
+            .context("reading an address claim from etcd")?
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<AddressClaim>(kv.value()).ok());
+        match holder {
+            Some(h) => bail!("{addr} is already in use on {}", h.host),
+            None => bail!("network {} changed meanwhile: try again", record.label()),
+        }
     }
 
     /// Gives an address back. Not held is not an error.
-    pub async fn release_address(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {
-        check_name(name)?;
+    pub async fn release_address(&mut self, id: &str, addr: Ipv4Addr) -> Result<()> {
+        check_name(id)?;
         self.client
-            .delete(key(&["addrs", name, &addr.to_string()]), None)
+            .delete(key(&["addrs", id, &addr.to_string()]), None)
             .await
             .context("releasing an address in etcd")?;
         Ok(())
     }
 
-    /// The addresses of `name` somebody holds.
-    pub async fn claimed(&mut self, name: &str) -> Result<Vec<Ipv4Addr>> {
-        let prefix = key(&["addrs", name, ""]);
+    /// The addresses of `id` somebody holds.
+    pub async fn claimed(&mut self, id: &str) -> Result<Vec<Ipv4Addr>> {
+        let prefix = key(&["addrs", id, ""]);
         let resp = self
             .client
             .get(
@@ -269,12 +385,12 @@ impl Store {
             .collect())
     }
 
-    /// The hosts holding addresses of `name`, each once.
-    async fn holders(&mut self, name: &str) -> Result<Vec<String>> {
+    /// The hosts holding addresses of `id`, each once.
+    async fn holders(&mut self, id: &str) -> Result<Vec<String>> {
         let resp = self
             .client
             .get(
-                key(&["addrs", name, ""]),
+                key(&["addrs", id, ""]),
                 Some(GetOptions::new().with_prefix()),
             )
             .await
@@ -290,6 +406,68 @@ impl Store {
         hosts.sort();
         hosts.dedup();
         Ok(hosts)
+    }
+}
+
+impl Store {
+    /// Sends `()` on `tx` once watching and whenever a network record
+    /// changes after that (from the revision read when the watch began, so
+    /// nothing between is lost); a broken watch is set up again, with
+    /// backoff, and wakes once more. Runs until `tx` closes. `tx` should
+    /// hold one message: a burst of changes is one wake-up.
+    pub async fn watch_networks(mut self, tx: tokio::sync::mpsc::Sender<()>) {
+        let prefix = key(&["networks", ""]);
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let watched = async {
+                let revision = self
+                    .client
+                    .get(
+                        prefix.clone(),
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_keys_only()
+                                .with_limit(1),
+                        ),
+                    )
+                    .await?
+                    .header()
+                    .map_or(0, |h| h.revision());
+                let mut stream = self
+                    .client
+                    .watch(
+                        prefix.clone(),
+                        Some(
+                            etcd_client::WatchOptions::new()
+                                .with_prefix()
+                                .with_start_revision(revision + 1),
+                        ),
+                    )
+                    .await?;
+                let _ = tx.try_send(());
+                backoff = Duration::from_millis(250);
+                while let Some(resp) = stream.message().await? {
+                    if resp.canceled() {
+                        break;
+                    }
+                    if !resp.events().is_empty() {
+                        let _ = tx.try_send(());
+                    }
+                }
+                Ok::<(), etcd_client::Error>(())
+            }
+            .await;
+            if tx.is_closed() {
+                return;
+            }
+            match watched {
+                Err(e) => tracing::warn!("watching networks in etcd: {e}; again in {backoff:?}"),
+                Ok(()) => tracing::warn!("etcd ended the network watch; again in {backoff:?}"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
     }
 }
 
@@ -473,7 +651,7 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
             bail!("VNI {vni} is out of range (1-{})", VNI_AUTO.end());
         }
     }
-    if let Some(same) = existing.iter().find(|n| n.name == req.name) {
+    if let Some(same) = existing.iter().find(|n| n.id == req.id) {
         let differs = if same.mode != req.mode {
             Some(format!("mode {}", same.mode))
         } else if same.subnet != req.subnet {
@@ -490,22 +668,22 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         return match differs {
             None => Ok(Plan::Exists(same.clone())),
             Some(what) => bail!(
-                "a netd network named {} already exists with another definition ({what})",
-                same.name
+                "netd network {} already exists with another definition ({what})",
+                same.label()
             ),
         };
     }
     if let Some(other) = existing.iter().find(|n| overlaps(n.subnet, req.subnet)) {
         bail!(
             "subnet {net}/{prefix} overlaps network {} ({}/{})",
-            other.name,
+            other.label(),
             other.subnet.0,
             other.subnet.1
         );
     }
     let vni = match req.vni {
         Some(vni) => match existing.iter().find(|n| n.vni == vni) {
-            Some(other) => bail!("VNI {vni} is already network {}'s", other.name),
+            Some(other) => bail!("VNI {vni} is already network {}'s", other.label()),
             None => vni,
         },
         None => VNI_AUTO
@@ -514,7 +692,9 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
             .ok_or_else(|| anyhow!("no free VNI left"))?,
     };
     Ok(Plan::Create(NetworkRecord {
-        name: req.name.clone(),
+        id: req.id.clone(),
+        name: String::new(),
+        origin: req.origin.clone(),
         mode: req.mode.clone(),
         vni,
         subnet: req.subnet,
@@ -527,7 +707,7 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
 /// addresses; a /30 the smallest with two hosts.
 const PREFIX_RANGE: std::ops::RangeInclusive<u8> = 8..=30;
 
-fn check_subnet((net, prefix): (Ipv4Addr, u8)) -> Result<()> {
+pub fn check_subnet((net, prefix): (Ipv4Addr, u8)) -> Result<()> {
     if prefix > 32 {
         bail!("/{prefix} is not a prefix length");
     }
@@ -553,7 +733,7 @@ fn overlaps(a: (Ipv4Addr, u8), b: (Ipv4Addr, u8)) -> bool {
 }
 
 /// Inside `subnet` and neither its network nor its broadcast address.
-fn is_host_address(subnet: (Ipv4Addr, u8), addr: Ipv4Addr) -> bool {
+pub fn is_host_address(subnet: (Ipv4Addr, u8), addr: Ipv4Addr) -> bool {
     let net = u32::from(subnet.0) & mask(subnet.1);
     subnet_contains(subnet, addr)
         && u32::from(addr) != net
@@ -575,9 +755,10 @@ fn free_address(network: &NetworkRecord, held: &[Ipv4Addr]) -> Option<Ipv4Addr> 
 mod tests {
     use super::*;
 
-    fn req(name: &str, third: u8) -> NetworkRequest {
+    fn req(id: &str, third: u8) -> NetworkRequest {
         NetworkRequest {
-            name: name.into(),
+            id: id.into(),
+            origin: "h1".into(),
             mode: "overlay".into(),
             subnet: (Ipv4Addr::new(198, 19, third, 0), 24),
             gateway: None,

@@ -14,8 +14,9 @@ use crate::{
     cluster,
     dataplane::{self, Attachment, Dataplane, LoadOptions},
     docker::{self, DockerEvent, SourceUpdate},
+    mirror::Mirror,
     netlink::{self, BridgePort, LinkChange},
-    reconcile, state,
+    plugin, reconcile, state,
 };
 
 /// Container lifecycle and network attachment changes move endpoints and
@@ -443,6 +444,15 @@ pub struct ClusterOptions {
     /// None: the uplink's first IPv4 address.
     pub vtep_addr: Option<std::net::Ipv4Addr>,
     pub lease_ttl: std::time::Duration,
+    pub plugin_socket: PathBuf,
+}
+
+/// This host in the cluster: kept for the daemon's life (dropping the lease
+/// stops renewing it).
+struct Membership {
+    _lease: cluster::HostLease,
+    store: cluster::Store,
+    node: String,
 }
 
 /// How long connecting to etcd at start may take before netd gives up.
@@ -453,7 +463,7 @@ const ETCD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// not revoked when netd exits: a restart within the TTL must not withdraw
 /// the host everywhere; the next daemon puts the record on a lease of its
 /// own.
-async fn join_cluster(opts: &ClusterOptions, uplink: &str) -> Result<cluster::HostLease> {
+async fn join_cluster(opts: &ClusterOptions, uplink: &str) -> Result<Membership> {
     let node = match &opts.node_name {
         Some(n) => n.clone(),
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -487,7 +497,11 @@ async fn join_cluster(opts: &ClusterOptions, uplink: &str) -> Result<cluster::Ho
         opts.etcd.join(","),
         opts.lease_ttl
     );
-    Ok(lease)
+    Ok(Membership {
+        _lease: lease,
+        store,
+        node,
+    })
 }
 
 /// Where cgroup2 is mounted (hybrid hosts mount it at /sys/fs/cgroup/unified).
@@ -535,12 +549,40 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     dataplane::interface_index(&uplink)?;
     // Local checks first, so a bad pin dir is reported before Docker is tried.
     dataplane::PinDir::check(&opts.pin_dir)?;
-    // Kept for the daemon's life: dropping it stops renewing the lease.
-    let _host_lease = match &opts.cluster {
+    let membership = match &opts.cluster {
         Some(c) => Some(join_cluster(c, &uplink).await?),
         None => None,
     };
+    // The plugin before Docker: a dockerd starting containers of netd
+    // networks (restart policies) needs it before its API is up.
+    let local_networks = plugin::LocalNetworks::default();
+    let plugin_server = match (&membership, &opts.cluster) {
+        (Some(m), Some(c)) => {
+            let plugin = plugin::Plugin::new(
+                m.store.clone(),
+                m.node.clone(),
+                uplink.clone(),
+                local_networks.clone(),
+            );
+            let socket = c.plugin_socket.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = plugin::serve(socket, plugin).await {
+                    tracing::error!("the Docker plugin stopped: {e:#}");
+                }
+            }))
+        }
+        _ => None,
+    };
     let docker = docker::connect(&opts.docker_host).await?;
+    // One wake-up pending at most: a burst of changes is one pass.
+    let (mirror_tx, mirror_rx) = mpsc::channel(1);
+    let mirror_tasks = membership.as_ref().map(|m| {
+        let mirror = Mirror::new(docker.clone(), m.store.clone(), local_networks.clone());
+        [
+            tokio::spawn(mirror.run(mirror_rx, opts.resync_interval)),
+            tokio::spawn(m.store.clone().watch_networks(mirror_tx.clone())),
+        ]
+    });
     let netns_cookie = own_netns_cookie()?;
 
     let mut dp = Dataplane::open(
@@ -674,10 +716,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                         SourceUpdate::Resync => {
                             tracing::info!("Docker event stream up; resyncing");
                             needed = true;
+                            let _ = mirror_tx.try_send(());
                         }
                         SourceUpdate::Event(e) => {
                             tracing::debug!("docker {} {} {}", e.kind, e.action, e.id);
                             needed |= affects_datapath(e);
+                            if e.kind == "network" {
+                                let _ = mirror_tx.try_send(());
+                            }
                         }
                     }
                 }
@@ -688,6 +734,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     }
     watcher.abort();
+    for task in mirror_tasks.into_iter().flatten().chain(plugin_server) {
+        task.abort();
+    }
     tracing::info!(
         "exiting; the datapath stays attached (`netd uninstall --pin-dir {}` removes it)",
         opts.pin_dir.display()

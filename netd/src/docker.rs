@@ -306,3 +306,91 @@ pub async fn bridge_networks(docker: &Docker) -> Result<Vec<Network>> {
         })
         .collect())
 }
+
+/// A network of netd's driver in this host's Docker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetdNetwork {
+    pub docker_id: String,
+    pub name: String,
+    /// netd's id of the cluster network it stands for: the copies netd
+    /// made carry it as an option; the first host's copy has it as its id.
+    pub netd_id: String,
+}
+
+/// Docker's networks of netd's driver.
+pub async fn netd_networks(
+    docker: &Docker,
+    driver: &str,
+    id_option: &str,
+) -> Result<Vec<NetdNetwork>> {
+    let networks = docker
+        .list_networks::<String>(None)
+        .await
+        .context("listing networks")?;
+    Ok(networks
+        .into_iter()
+        .filter(|n| n.driver.as_deref() == Some(driver))
+        .map(|n| {
+            let docker_id = n.id.unwrap_or_default();
+            let netd_id = n
+                .options
+                .and_then(|mut o| o.remove(id_option))
+                .unwrap_or_else(|| docker_id.clone());
+            NetdNetwork {
+                docker_id,
+                name: n.name.unwrap_or_default(),
+                netd_id,
+            }
+        })
+        .collect())
+}
+
+/// What a copy of a cluster network is created with.
+pub struct NetworkCopy<'a> {
+    pub name: &'a str,
+    pub driver: &'a str,
+    pub subnet: String,
+    pub gateway: String,
+    pub internal: bool,
+    pub options: HashMap<String, String>,
+}
+
+/// Creates a network in Docker (driver and IPAM both `copy.driver`).
+pub async fn create_network(docker: &Docker, copy: NetworkCopy<'_>) -> Result<()> {
+    use bollard::{
+        models::{Ipam, IpamConfig},
+        network::CreateNetworkOptions,
+    };
+    docker
+        .create_network(CreateNetworkOptions {
+            name: copy.name.to_owned(),
+            check_duplicate: true,
+            driver: copy.driver.to_owned(),
+            internal: copy.internal,
+            ipam: Ipam {
+                driver: Some(copy.driver.to_owned()),
+                config: Some(vec![IpamConfig {
+                    subnet: Some(copy.subnet),
+                    gateway: Some(copy.gateway),
+                    ..Default::default()
+                }]),
+                options: None,
+            },
+            options: copy.options,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating network {} in Docker", copy.name))?;
+    Ok(())
+}
+
+/// Removes a network from Docker; already gone is not an error.
+pub async fn remove_network(docker: &Docker, id: &str) -> Result<()> {
+    match docker.remove_network(id).await {
+        Ok(()) => Ok(()),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing network {id} from Docker")),
+    }
+}

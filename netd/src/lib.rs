@@ -17,6 +17,8 @@ pub mod cluster;
 pub mod daemon;
 pub mod dataplane;
 pub mod docker;
+pub mod mirror;
 pub mod netlink;
+pub mod plugin;
 pub mod reconcile;
 pub mod state;

@@ -355,3 +355,69 @@ pub async fn peer_identity(nsid: i32, ifindex: u32) -> Result<([u8; 6], Vec<std:
         .collect();
     Ok((mac, v4))
 }
+
+/// The MTU of `ifname`.
+pub async fn mtu(ifname: &str) -> Result<u32> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let link = handle
+        .link()
+        .get()
+        .match_name(ifname.into())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("reading {ifname}"))?
+        .ok_or_else(|| anyhow!("no interface named {ifname:?}"))?;
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("{ifname} reports no MTU"))
+}
+
+/// Creates the veth pair `host`–`peer` with `mtu` on both ends, the host
+/// end up; returns the host end's ifindex. A pair left by an earlier try
+/// (same names) is replaced: Docker retries Join.
+pub async fn create_veth(host: &str, peer: &str, mtu: u32) -> Result<u32> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    if let Ok(index) = nix::net::if_::if_nametoindex(host) {
+        let _ = handle.link().del(index).execute().await;
+    }
+    handle
+        .link()
+        .add()
+        .veth(host.into(), peer.into())
+        .execute()
+        .await
+        .with_context(|| format!("creating the veth pair {host}/{peer}"))?;
+    for (name, up) in [(peer, false), (host, true)] {
+        let index =
+            nix::net::if_::if_nametoindex(name).with_context(|| format!("finding {name}"))?;
+        let set = handle.link().set(index).mtu(mtu);
+        let set = if up { set.up() } else { set };
+        set.execute()
+            .await
+            .with_context(|| format!("setting up {name}"))?;
+    }
+    nix::net::if_::if_nametoindex(host).with_context(|| format!("finding {host}"))
+}
+
+/// Deletes the interface `ifname` (a veth takes its peer with it). Not
+/// there is not an error.
+pub async fn delete_link(ifname: &str) -> Result<()> {
+    let Ok(index) = nix::net::if_::if_nametoindex(ifname) else {
+        return Ok(());
+    };
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    match handle.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        // Gone meanwhile (its container's namespace went first).
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting {ifname}")),
+    }
+}

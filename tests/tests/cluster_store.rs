@@ -30,9 +30,10 @@ fn from_host<T: Send>(
     })
 }
 
-fn request(name: &str, subnet: (Ipv4Addr, u8)) -> NetworkRequest {
+fn request(id: &str, subnet: (Ipv4Addr, u8)) -> NetworkRequest {
     NetworkRequest {
-        name: name.into(),
+        id: id.into(),
+        origin: "a".into(),
         mode: "overlay".into(),
         subnet,
         gateway: None,

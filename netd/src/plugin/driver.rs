@@ -1,0 +1,308 @@
+//! The network driver: networks are cluster store records (created on the
+//! host where `docker network create` ran, adopted by the copies the mirror
+//! makes on every other host); endpoints are veth pairs netd creates in
+//! Join, which Docker moves into the container.
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Value};
+
+use super::{field, parse_cidr, Plugin, Reply, ADDRESS_SPACE};
+use crate::{cluster::NetworkRequest, netlink};
+
+/// `-o` options netd takes. `netd.id` is set by the mirror on the copies it
+/// makes: the cluster network a copy stands for.
+pub const OPT_MODE: &str = "netd.mode";
+pub const OPT_VNI: &str = "netd.vni";
+pub const OPT_ID: &str = "netd.id";
+/// Modes `netd.mode` may name (overlay is the default).
+const MODES: &[&str] = &["overlay"];
+/// What VXLAN over IPv4 adds to a frame: outer IPv4 20, UDP 8, VXLAN 8 and
+/// the inner Ethernet header 14.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Prefix of a container's MAC: locally administered, then its IPv4
+/// address, so a MAC is unique in its network wherever the container runs.
+const MAC_PREFIX: [u8; 2] = [0x02, 0x4e];
+
+pub(super) async fn handle(plugin: &Plugin, call: &str, body: Value) -> Reply {
+    let answer = match call {
+        "GetCapabilities" => Ok(json!({"Scope": "local", "ConnectivityScope": "global"})),
+        "CreateNetwork" => create_network(plugin, &body).await,
+        "DeleteNetwork" => delete_network(plugin, &body).await,
+        "CreateEndpoint" => create_endpoint(&body),
+        "EndpointOperInfo" => Ok(json!({"Value": {}})),
+        "Join" => join(plugin, &body).await,
+        "Leave" => leave(&body).await,
+        "DeleteEndpoint" => leave(&body).await,
+        "ProgramExternalConnectivity" | "RevokeExternalConnectivity" => Ok(json!({})),
+        "DiscoverNew" | "DiscoverDelete" => Ok(json!({})),
+        _ => return Reply::not_found(),
+    };
+    match answer {
+        Ok(v) => Reply::ok(v),
+        Err(e) => {
+            tracing::warn!("network driver {call}: {e:#}");
+            Reply::error("Err", &e)
+        }
+    }
+}
+
+/// What a CreateNetwork request asks for, checked.
+#[derive(Debug, PartialEq, Eq)]
+struct Requested {
+    mode: String,
+    vni: Option<u32>,
+    /// The cluster network this copy stands for (the mirror's copies).
+    adopt: Option<String>,
+    subnet: (Ipv4Addr, u8),
+    gateway: Option<Ipv4Addr>,
+    internal: bool,
+}
+
+fn parse_create(body: &Value) -> Result<Requested> {
+    let options = body.get("Options");
+    if options
+        .and_then(|o| o.get("com.docker.network.enable_ipv6"))
+        .and_then(Value::as_bool)
+        == Some(true)
+    {
+        bail!("netd networks are IPv4 only");
+    }
+    let internal = options
+        .and_then(|o| o.get("com.docker.network.internal"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let (mut mode, mut vni, mut adopt) = ("overlay".to_owned(), None, None);
+    if let Some(generic) = options
+        .and_then(|o| o.get("com.docker.network.generic"))
+        .and_then(Value::as_object)
+    {
+        for (key, value) in generic {
+            let value = value.as_str().unwrap_or_default();
+            match key.as_str() {
+                OPT_MODE if MODES.contains(&value) => mode = value.into(),
+                OPT_MODE => bail!(
+                    "{OPT_MODE}={value} is not a netd mode ({})",
+                    MODES.join(", ")
+                ),
+                OPT_VNI => {
+                    vni = Some(
+                        value
+                            .parse::<u32>()
+                            .map_err(|_| anyhow!("{OPT_VNI}={value} is not a number"))?,
+                    )
+                }
+                OPT_ID => adopt = Some(value.to_owned()),
+                other => bail!("netd takes no option {other} (it knows {OPT_MODE}, {OPT_VNI})"),
+            }
+        }
+    }
+    let v4 = body
+        .get("IPv4Data")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let [data] = v4 else {
+        bail!(
+            "a netd network has exactly one IPv4 subnet (got {})",
+            v4.len()
+        );
+    };
+    if field(data, "AddressSpace") != ADDRESS_SPACE {
+        bail!(
+            "netd networks need --ipam-driver netd: another IPAM allocates on each host alone \
+             and would give containers on different hosts the same addresses"
+        );
+    }
+    let subnet = parse_cidr(field(data, "Pool"))?;
+    let gateway = match field(data, "Gateway") {
+        "" => None,
+        g => Some(parse_cidr(g)?.0),
+    };
+    Ok(Requested {
+        mode,
+        vni,
+        adopt,
+        subnet,
+        gateway,
+        internal,
+    })
+}
+
+async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
+    let docker_id = field(body, "NetworkID");
+    let req = parse_create(body)?;
+    let mut store = plugin.store.clone();
+    let id = match &req.adopt {
+        // A copy of a cluster network: it must be that network.
+        Some(id) => {
+            let (record, _) = store
+                .network(id)
+                .await?
+                .ok_or_else(|| anyhow!("no netd network has id {id}"))?;
+            if record.subnet != req.subnet {
+                bail!(
+                    "netd network {} has subnet {}/{}, not {}/{}",
+                    record.label(),
+                    record.subnet.0,
+                    record.subnet.1,
+                    req.subnet.0,
+                    req.subnet.1
+                );
+            }
+            record.id
+        }
+        None => {
+            let record = store
+                .create_network(&NetworkRequest {
+                    id: docker_id.into(),
+                    origin: plugin.node.clone(),
+                    mode: req.mode,
+                    subnet: req.subnet,
+                    gateway: req.gateway,
+                    vni: req.vni,
+                    internal: req.internal,
+                })
+                .await?;
+            tracing::info!(
+                "network {} created in the cluster store: {} {}/{} VNI {}",
+                record.label(),
+                record.mode,
+                record.subnet.0,
+                record.subnet.1,
+                record.vni
+            );
+            record.id
+        }
+    };
+    plugin
+        .local
+        .lock()
+        .expect("local networks lock")
+        .insert(docker_id.into(), id);
+    Ok(json!({}))
+}
+
+/// Docker removes its copy whatever the answer (it only logs a driver's
+/// error): a network other hosts still use stays in the cluster store,
+/// and the mirror puts the local copy back.
+async fn delete_network(plugin: &Plugin, body: &Value) -> Result<Value> {
+    let docker_id = field(body, "NetworkID");
+    let id = plugin.netd_id(docker_id);
+    plugin
+        .local
+        .lock()
+        .expect("local networks lock")
+        .remove(docker_id);
+    plugin.store.clone().delete_network(&id).await?;
+    Ok(json!({}))
+}
+
+/// The MAC a container with `addr` gets.
+pub fn container_mac(addr: Ipv4Addr) -> [u8; 6] {
+    let o = addr.octets();
+    [MAC_PREFIX[0], MAC_PREFIX[1], o[0], o[1], o[2], o[3]]
+}
+
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+fn create_endpoint(body: &Value) -> Result<Value> {
+    let iface = body.get("Interface").unwrap_or(&Value::Null);
+    if !field(iface, "AddressIPv6").is_empty() {
+        bail!("netd networks are IPv4 only");
+    }
+    let addr = parse_cidr(field(iface, "Address"))?.0;
+    // Docker lets a driver fill only what it left empty (--mac-address
+    // wins).
+    if field(iface, "MacAddress").is_empty() {
+        return Ok(json!({"Interface": {"MacAddress": format_mac(container_mac(addr))}}));
+    }
+    Ok(json!({}))
+}
+
+/// The host and container-side names of an endpoint's veth pair (at most
+/// 15 bytes); Docker renames the container side when it moves it.
+fn veth_names(endpoint_id: &str) -> Result<(String, String)> {
+    let short = endpoint_id
+        .get(..11)
+        .filter(|s| s.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .ok_or_else(|| anyhow!("endpoint id {endpoint_id:?} is malformed"))?;
+    Ok((format!("nd{short}"), format!("nc{short}")))
+}
+
+async fn join(plugin: &Plugin, body: &Value) -> Result<Value> {
+    let id = plugin.netd_id(field(body, "NetworkID"));
+    let (record, _) = plugin
+        .store
+        .clone()
+        .network(&id)
+        .await?
+        .ok_or_else(|| anyhow!("no netd network has id {id}"))?;
+    let (host, peer) = veth_names(field(body, "EndpointID"))?;
+    let mtu = netlink::mtu(&plugin.uplink).await? - VXLAN_OVERHEAD;
+    netlink::create_veth(&host, &peer, mtu).await?;
+    Ok(json!({
+        "InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
+        "Gateway": record.gateway.to_string(),
+    }))
+}
+
+async fn leave(body: &Value) -> Result<Value> {
+    let (host, _) = veth_names(field(body, "EndpointID"))?;
+    netlink::delete_link(&host).await?;
+    Ok(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(generic: Value, space: &str) -> Value {
+        json!({
+            "NetworkID": "abc",
+            "Options": {"com.docker.network.generic": generic, "com.docker.network.internal": true},
+            "IPv4Data": [{"AddressSpace": space, "Pool": "198.19.66.0/24", "Gateway": "198.19.66.1/24"}],
+            "IPv6Data": [],
+        })
+    }
+
+    #[test]
+    fn create_requests_are_read_and_checked() {
+        let r = parse_create(&request(json!({"netd.vni": "5000"}), ADDRESS_SPACE)).unwrap();
+        assert_eq!(
+            r,
+            Requested {
+                mode: "overlay".into(),
+                vni: Some(5000),
+                adopt: None,
+                subnet: (Ipv4Addr::new(198, 19, 66, 0), 24),
+                gateway: Some(Ipv4Addr::new(198, 19, 66, 1)),
+                internal: true,
+            }
+        );
+        let err = |b: Value| format!("{:#}", parse_create(&b).unwrap_err());
+        assert!(err(request(json!({}), "LocalDefault")).contains("--ipam-driver netd"));
+        assert!(
+            err(request(json!({"netd.mode": "bridge"}), ADDRESS_SPACE)).contains("not a netd mode")
+        );
+        assert!(err(request(json!({"netd.vni": "x"}), ADDRESS_SPACE)).contains("not a number"));
+        assert!(err(request(json!({"parent": "eth1"}), ADDRESS_SPACE)).contains("no option parent"));
+    }
+
+    #[test]
+    fn macs_and_veth_names_follow_from_ids() {
+        assert_eq!(
+            format_mac(container_mac(Ipv4Addr::new(198, 19, 66, 2))),
+            "02:4e:c6:13:42:02"
+        );
+        let (host, peer) = veth_names("0123456789abcdef").unwrap();
+        assert_eq!(
+            (host.as_str(), peer.as_str()),
+            ("nd0123456789a", "nc0123456789a")
+        );
+        assert!(veth_names("short").is_err());
+        assert!(veth_names("../../etc/passwd").is_err());
+    }
+}

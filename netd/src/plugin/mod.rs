@@ -1,0 +1,247 @@
+//! netd as a Docker plugin: one unix socket in Docker's plugin directory
+//! serving both the network driver (`-d netd`) and the IPAM driver
+//! (`--ipam-driver netd`), backed by the cluster store.
+//!
+//! Docker's plugin protocol is HTTP POST with JSON bodies. dockerd waits for
+//! each answer with no timeout, holding its own locks: handlers never call
+//! Docker's API (it could deadlock), answer from etcd and the kernel only,
+//! and are idempotent (Docker retries, and calls Leave/DeleteEndpoint for
+//! endpoints netd may not know: unknown ids get `{}`).
+pub mod driver;
+mod ipam;
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Bytes, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::cluster::{NetworkRecord, Store};
+
+/// Where dockerd looks for plugin sockets (`NAME.sock`).
+pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/netd.sock";
+/// The driver and IPAM name users pass to `-d` and `--ipam-driver`.
+pub const NAME: &str = "netd";
+/// The address space netd's IPAM answers with: a network created with
+/// another IPAM shows another one in CreateNetwork, and is refused.
+pub const ADDRESS_SPACE: &str = "netd";
+
+/// Docker's network id on this host → netd's network id. A network's copy
+/// on its first host has netd's id; the copies the mirror makes elsewhere
+/// carry it in the `netd.id` option. Shared by the plugin (CreateNetwork)
+/// and the mirror (which reads Docker's networks).
+pub type LocalNetworks = Arc<Mutex<HashMap<String, String>>>;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Plugin {
+    store: Store,
+    node: String,
+    /// Container MTUs follow its MTU.
+    uplink: String,
+    local: LocalNetworks,
+}
+
+impl Plugin {
+    pub fn new(store: Store, node: String, uplink: String, local: LocalNetworks) -> Self {
+        Self {
+            store,
+            node,
+            uplink,
+            local,
+        }
+    }
+
+    /// netd's id of Docker's network `docker_id` on this host.
+    fn netd_id(&self, docker_id: &str) -> String {
+        self.local
+            .lock()
+            .expect("local networks lock")
+            .get(docker_id)
+            .cloned()
+            .unwrap_or_else(|| docker_id.to_owned())
+    }
+
+    /// The netd network with subnet `subnet`, if any.
+    async fn network_by_subnet(&self, subnet: (Ipv4Addr, u8)) -> Result<Option<NetworkRecord>> {
+        let (networks, _) = self.store.clone().networks().await?;
+        Ok(networks.into_iter().find(|n| n.subnet == subnet))
+    }
+
+    async fn handle(&self, method: &str, body: Value) -> Reply {
+        match method {
+            "/Plugin.Activate" => Reply::ok(json!({"Implements": ["NetworkDriver", "IpamDriver"]})),
+            m if m.starts_with("/IpamDriver.") => ipam::handle(self, &m[12..], body).await,
+            m if m.starts_with("/NetworkDriver.") => driver::handle(self, &m[15..], body).await,
+            _ => Reply::not_found(),
+        }
+    }
+}
+
+/// A handler's answer. Docker reads errors from `Err` (network driver) or
+/// `Error` (IPAM), with HTTP 200 either way; 404 means "not implemented".
+struct Reply {
+    status: StatusCode,
+    body: Value,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Self {
+        Self {
+            status: StatusCode::OK,
+            body,
+        }
+    }
+
+    fn not_found() -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            body: json!({"Err": "not implemented by netd"}),
+        }
+    }
+
+    /// An error in the key the caller's protocol reads.
+    fn error(key: &str, e: &anyhow::Error) -> Self {
+        Self::ok(json!({ key: format!("{e:#}") }))
+    }
+}
+
+/// Serves the plugin on `socket` until the task is dropped. A stale socket
+/// (a previous daemon's) is replaced.
+pub async fn serve(socket: PathBuf, plugin: Plugin) -> Result<()> {
+    let listener = bind(&socket)?;
+    tracing::info!("Docker plugin {NAME} listening on {}", socket.display());
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accepting a plugin connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let plugin = plugin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let plugin = plugin.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&plugin, req).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!("plugin connection: {e}");
+            }
+        });
+    }
+}
+
+fn bind(socket: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the plugin directory {}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing the stale {}", socket.display()));
+        }
+        _ => {}
+    }
+    tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("listening on the plugin socket {}", socket.display()))
+}
+
+async fn respond(plugin: &Plugin, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let method = req.uri().path().to_owned();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return reply(Reply::error(
+                "Err",
+                &anyhow::anyhow!("reading the request: {e}"),
+            ))
+        }
+    };
+    // Some calls (Activate, GetCapabilities) come with an empty body.
+    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                let e = anyhow::anyhow!("malformed request to {method}: {e}");
+                tracing::warn!("{e}");
+                return reply(Reply::error("Err", &e));
+            }
+        }
+    };
+    let started = std::time::Instant::now();
+    let answer = plugin.handle(&method, body).await;
+    tracing::debug!(
+        "plugin {method}: {} {} in {:?}",
+        answer.status.as_u16(),
+        answer.body,
+        started.elapsed()
+    );
+    reply(answer)
+}
+
+fn reply(r: Reply) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(r.body.to_string())));
+    *resp.status_mut() = r.status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/vnd.docker.plugins.v1+json"),
+    );
+    resp
+}
+
+/// `"a.b.c.d/len"` as Docker writes addresses and pools.
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is not an IPv4 address/length"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not an IPv4 address/length"))?;
+    let len = len
+        .parse::<u8>()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| anyhow::anyhow!("{s:?} has no valid prefix length"))?;
+    Ok((addr, len))
+}
+
+/// A string field of a request, empty when absent.
+fn field<'a>(body: &'a Value, name: &str) -> &'a str {
+    body.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_are_parsed_strictly() {
+        assert_eq!(
+            parse_cidr("198.19.66.0/24").unwrap(),
+            (Ipv4Addr::new(198, 19, 66, 0), 24)
+        );
+        for bad in [
+            "198.19.66.0",
+            "198.19.66.0/33",
+            "x/24",
+            "198.19.66.0/-1",
+            "",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! netd as Docker's network and IPAM plugin across hosts: a network created
+//! on one host exists on every host, addresses are unique across them, bad
+//! requests are refused with their reason, and removal reaches every host
+//! but never takes a network from under another host's containers. Two
+//! Docker hosts, each with its own mount namespace (its own
+//! /run/docker/plugins), and a real etcd, on one emulated LAN.
+use std::time::Duration;
+
+use netd_tests::{etcd::Etcd, eventually, netd::NetdOptions, privileged, Bench, DockerMode, Host};
+
+fn cluster_host(bench: &Bench, lan: &netd_tests::Lan, etcd: &Etcd, name: &str, ip: u8) -> Host {
+    let mut host = Host::docker(bench, lan, name, ip, [198, 19, ip], DockerMode::Netd).unwrap();
+    host.start_netd_with(
+        bench,
+        NetdOptions {
+            args: ["--etcd", &etcd.endpoint(), "--node-name", name]
+                .map(String::from)
+                .to_vec(),
+            ..NetdOptions::default()
+        },
+    )
+    .unwrap();
+    host
+}
+
+fn netd_networks(host: &Host) -> Vec<String> {
+    host.dockerd()
+        .docker(&[
+            "network",
+            "ls",
+            "--filter",
+            "driver=netd",
+            "--format",
+            "{{.Name}}",
+        ])
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn create_fails(host: &Host, args: &[&str]) -> String {
+    let mut all = vec!["network", "create"];
+    all.extend_from_slice(args);
+    let err = host
+        .dockerd()
+        .docker(&all)
+        .expect_err("the network must be refused");
+    format!("{err:#}")
+}
+
+#[test]
+fn a_network_created_on_one_host_exists_on_every_host() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(15).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = cluster_host(&bench, &lan, &etcd, "a", 1);
+    let b = cluster_host(&bench, &lan, &etcd, "b", 2);
+    let ov = [
+        "-d",
+        "netd",
+        "--ipam-driver",
+        "netd",
+        "--subnet",
+        "198.19.66.0/24",
+    ];
+
+    let mut args = vec!["network", "create"];
+    args.extend_from_slice(&ov);
+    args.push("ov");
+    let created = std::time::Instant::now();
+    a.dockerd().docker(&args).unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || netd_networks(&b) == ["ov"]),
+        "ov did not reach host b within 2 s: {:?}",
+        netd_networks(&b)
+    );
+    eprintln!(
+        "network on host b {:?} after its creation on a",
+        created.elapsed()
+    );
+    let subnet = |h: &Host| {
+        h.dockerd()
+            .docker(&[
+                "network",
+                "inspect",
+                "ov",
+                "--format",
+                "{{range .IPAM.Config}}{{.Subnet}} {{.Gateway}}{{end}}",
+            ])
+            .unwrap()
+    };
+    assert_eq!(subnet(&b).trim(), "198.19.66.0/24 198.19.66.1");
+    let record = etcd
+        .ctl(&[
+            "get",
+            "--prefix",
+            "--print-value-only",
+            "/netd/v1/networks/",
+        ])
+        .unwrap();
+    assert!(record.contains("\"name\":\"ov\""), "{record}");
+    assert!(record.contains("\"vni\":4096"), "{record}");
+
+    // Refused, each with its reason.
+    let err = create_fails(
+        &a,
+        &["-d", "netd", "--subnet", "198.19.67.0/24", "plain-ipam"],
+    );
+    assert!(err.contains("--ipam-driver netd"), "{err}");
+    let err = create_fails(
+        &b,
+        &[
+            "-d",
+            "netd",
+            "--ipam-driver",
+            "netd",
+            "--subnet",
+            "198.19.66.128/25",
+            "over",
+        ],
+    );
+    assert!(err.contains("overlaps network ov"), "{err}");
+    let err = create_fails(
+        &b,
+        &[
+            "-d",
+            "netd",
+            "--ipam-driver",
+            "netd",
+            "--subnet",
+            "198.19.68.0/24",
+            "-o",
+            "netd.vni=4096",
+            "clash",
+        ],
+    );
+    assert!(err.contains("VNI 4096 is already network ov's"), "{err}");
+    let err = create_fails(
+        &a,
+        &[
+            "-d",
+            "netd",
+            "--ipam-driver",
+            "netd",
+            "--subnet",
+            "198.19.69.0/24",
+            "-o",
+            "netd.mode=bogus",
+            "bogus",
+        ],
+    );
+    assert!(err.contains("not a netd mode"), "{err}");
+    assert_eq!(netd_networks(&a), ["ov"]);
+    assert_eq!(netd_networks(&b), ["ov"]);
+
+    // Containers on both hosts get addresses nobody else has, and the
+    // uplink's MTU less the VXLAN overhead.
+    let run = |h: &Host, name: &str| {
+        h.dockerd()
+            .run(name, &["--network", "ov"], &["sleep", "600"])
+            .unwrap();
+        h.dockerd()
+            .docker(&[
+                "inspect",
+                "--format",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.MacAddress}}{{end}}",
+                name,
+            ])
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let on_b = run(&b, "c-b");
+    let on_a = run(&a, "c-a");
+    assert_eq!(on_b, "198.19.66.2 02:4e:c6:13:42:02");
+    assert_eq!(on_a, "198.19.66.3 02:4e:c6:13:42:03");
+    let mtu = a
+        .dockerd()
+        .docker(&["exec", "c-a", "cat", "/sys/class/net/eth0/mtu"])
+        .unwrap();
+    assert_eq!(mtu.trim(), "1450");
+
+    // Removed on a while b has a container on it: Docker removes its copy
+    // whatever a driver says, so the cluster keeps the network, says why,
+    // and a gets it back.
+    a.dockerd().docker(&["rm", "-f", "c-a"]).unwrap();
+    a.dockerd().docker(&["network", "rm", "ov"]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || netd_networks(&a) == ["ov"]),
+        "ov was not restored on a"
+    );
+    let log = std::fs::read_to_string(a.netd.as_ref().unwrap().log_path()).unwrap();
+    assert!(log.contains("network ov still has endpoints on b"), "{log}");
+    assert_eq!(netd_networks(&b), ["ov"]);
+
+    // Once b's container is gone, removing it on b removes it everywhere.
+    b.dockerd().docker(&["rm", "-f", "c-b"]).unwrap();
+    b.dockerd().docker(&["network", "rm", "ov"]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || netd_networks(&a).is_empty()),
+        "ov is still on a: {:?}",
+        netd_networks(&a)
+    );
+    let left = etcd
+        .ctl(&["get", "--prefix", "--keys-only", "/netd/v1/"])
+        .unwrap();
+    assert!(
+        !left.contains("networks/") && !left.contains("addrs/"),
+        "{left}"
+    );
+}
