@@ -118,10 +118,31 @@ pub enum Counter {
     /// socket dockerd holds on the published port). TCP and ARP retry;
     /// a lone UDP datagram or an unsolicited announcement is lost.
     UnknownEndpoint = 21,
+    /// A VXLAN frame for a VNI no netd network has: dropped.
+    UnknownVni = 22,
+    /// A VXLAN frame from an address that is no cluster host's VTEP:
+    /// dropped (Docker's unencrypted overlay accepts these).
+    UnknownVtep = 23,
+    /// For an overlay address no endpoint holds (here or on another host),
+    /// or an ARP request for one: dropped, never flooded.
+    NoEndpoint = 24,
+    /// Would not fit the uplink's MTU once encapsulated: dropped.
+    TooBig = 25,
+    /// Broadcast or multicast from an overlay container: dropped, since
+    /// netd switches by address and floods nothing (ARP is answered).
+    Broadcast = 26,
+    /// Encapsulated in VXLAN and sent to another host.
+    VxlanEncap = 27,
+    /// Decapsulated from VXLAN and handed to a container.
+    VxlanDecap = 28,
+    /// An overlay container's ARP request answered in place.
+    ArpReply = 29,
+    /// Handed from an overlay container to another on this host.
+    Switched = 30,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 31;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -145,6 +166,15 @@ impl Counter {
         Counter::Redirect,
         Counter::Translated,
         Counter::UnknownEndpoint,
+        Counter::UnknownVni,
+        Counter::UnknownVtep,
+        Counter::NoEndpoint,
+        Counter::TooBig,
+        Counter::Broadcast,
+        Counter::VxlanEncap,
+        Counter::VxlanDecap,
+        Counter::ArpReply,
+        Counter::Switched,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -171,6 +201,15 @@ impl Counter {
             Counter::Redirect => "redirect",
             Counter::Translated => "translated",
             Counter::UnknownEndpoint => "unknown-endpoint",
+            Counter::UnknownVni => "unknown-vni",
+            Counter::UnknownVtep => "unknown-vtep",
+            Counter::NoEndpoint => "no-endpoint",
+            Counter::TooBig => "too-big",
+            Counter::Broadcast => "broadcast",
+            Counter::VxlanEncap => "vxlan-encap",
+            Counter::VxlanDecap => "vxlan-decap",
+            Counter::ArpReply => "arp-reply",
+            Counter::Switched => "switched",
         }
     }
 
@@ -188,7 +227,11 @@ impl Counter {
             | Counter::RevDnat
             | Counter::Snat
             | Counter::RevSnat
-            | Counter::IcmpErrorNat => "action",
+            | Counter::IcmpErrorNat
+            | Counter::VxlanEncap
+            | Counter::VxlanDecap
+            | Counter::ArpReply
+            | Counter::Switched => "action",
             _ => "reason",
         }
     }

@@ -9,8 +9,10 @@ pub mod counters;
 pub mod maps;
 pub mod nat;
 pub mod network;
+pub mod overlay;
 
 pub use counters::{Counter, CounterValue, Hook};
 pub use maps::Meta;
 pub use nat::{CtEntry, CtKey, CtTimeouts, NatConfig, PortKey, PortTarget};
 pub use network::{Endpoint, EndpointLocation, NetworkInfo};
+pub use overlay::{OverlayNetwork, Peer, TunnelConfig};

@@ -20,6 +20,19 @@ pub const ENDPOINTS: &str = "netd_endpoints";
 /// Hash of container IPv4 address → [`crate::EndpointLocation`].
 pub const ENDPOINT_ADDRS: &str = "netd_endpoint_addrs";
 
+/// Hash of network id → [`crate::OverlayNetwork`].
+pub const OVERLAYS: &str = "netd_overlays";
+/// Hash of VNI → network id: which network a VXLAN frame is for.
+pub const VNIS: &str = "netd_vnis";
+/// Hash of container IPv4 address → [`crate::Peer`]: containers on other
+/// hosts.
+pub const PEERS: &str = "netd_peers";
+/// Hash of IPv4 address → 1: the cluster's hosts (VTEPs) frames are
+/// accepted from.
+pub const VTEPS: &str = "netd_vteps";
+/// One-slot array holding [`crate::TunnelConfig`].
+pub const TUNNEL: &str = "netd_tunnel";
+
 /// LRU hash of [`crate::nat::SockRevKey`] → [`crate::nat::SockRevValue`]:
 /// reverse translation for host-local UDP.
 pub const SOCK_REV: &str = "netd_sock_rev";
@@ -30,6 +43,9 @@ pub const NAT_CT_MAX: u32 = 262_144;
 pub const NETWORKS_MAX: u32 = 1024;
 pub const SOCK_REV_MAX: u32 = 65_536;
 pub const ENDPOINTS_MAX: u32 = 16_384;
+pub const OVERLAYS_MAX: u32 = 1024;
+pub const PEERS_MAX: u32 = 65_536;
+pub const VTEPS_MAX: u32 = 4096;
 
 /// Every map netd pins, in the order `netd status` lists them.
 pub const ALL: &[&str] = &[
@@ -42,11 +58,17 @@ pub const ALL: &[&str] = &[
     PORTS,
     NAT_CT,
     SOCK_REV,
+    OVERLAYS,
+    VNIS,
+    PEERS,
+    VTEPS,
+    TUNNEL,
 ];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A
 /// daemon refuses to adopt a pin dir stamped with another version instead of
-/// misreading its maps.
+/// misreading its maps. New maps and counters are not a change: a newer
+/// daemon creates the maps an older one's pin dir lacks.
 pub const LAYOUT_VERSION: u32 = 12;
 /// "netd" in ASCII: tells a netd meta map from anything else pinned there.
 pub const META_MAGIC: u32 = 0x6e65_7464;

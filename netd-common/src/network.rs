@@ -9,6 +9,9 @@ pub const NETWORK_INTERNAL: u32 = 1 << 1;
 /// A /32 entry for an address of the host inside a container subnet (the
 /// bridge's gateway): reachable from every network, never isolated.
 pub const NETWORK_HOST_ADDR: u32 = 1 << 2;
+/// A netd overlay network: its containers are switched by netd (same host:
+/// straight to the peer's veth; another host: VXLAN), with no bridge.
+pub const NETWORK_OVERLAY: u32 = 1 << 3;
 
 /// Value of `netd_networks` (LPM trie keyed by subnet).
 #[repr(C)]

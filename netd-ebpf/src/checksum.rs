@@ -43,6 +43,18 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The checksum of a 20-byte IPv4 header whose checksum field is zero.
+#[inline(always)]
+pub fn ipv4_header_checksum(header: &[u8; 20]) -> [u8; 2] {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_ne_bytes([header[i], header[i + 1]]));
+        i += 2;
+    }
+    (!fold(sum)).to_ne_bytes()
+}
+
 /// The Internet checksum `check` once the 16-bit words `old` became `new`
 /// (RFC 1624, eqn. 3). Every value as stored in the packet: the one's
 /// complement sum does not depend on byte order.

@@ -1,16 +1,19 @@
 //! What a container may send (TC ingress on its host-side veth): only from
 //! its own MAC and IPv4 address (anti-spoofing, ARP included), and not to
 //! containers of other Docker networks (isolation, as Docker's
-//! DOCKER-ISOLATION rules give it). Then hairpin NAT.
+//! DOCKER-ISOLATION rules give it). On overlay networks, ARP is answered
+//! and the network's own traffic switched here. Then hairpin NAT.
 use aya_ebpf::programs::TcContext;
 use netd_common::{network::NETWORK_HOST_ADDR, Counter, Endpoint};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    arp,
     delivery::{back_to_sender, out_uplink},
     icmp,
-    maps::{network_of, ENDPOINTS},
+    maps::{network_of, ENDPOINTS, OVERLAYS},
     nat::{self, ContainerNat},
+    overlay,
     parsing::{ipv4_flow, parse_frame, ptr_at, unmatched, ETH_P_ARP, ETH_P_IP},
 };
 
@@ -39,8 +42,17 @@ pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
     if src_mac != ep.mac {
         return Err(Counter::Spoofed);
     }
+    // A reference into the map, not a copy: an Option of a copied struct
+    // leaves registers the verifier sees as uninitialised on the None path.
+    let overlay = OVERLAYS.get_ptr(&ep.network).map(|n| unsafe { &*n });
     if ether_type == ETH_P_ARP {
-        return check_arp(ctx, &ep).map(|c| (c, None));
+        let checked = check_arp(ctx, &ep)?;
+        if let Some(net) = overlay {
+            if let Some(verdict) = arp::answer(ctx, &ep, net)? {
+                return Ok((Counter::ArpReply, Some(verdict)));
+            }
+        }
+        return Ok((checked, None));
     }
     let frame = match parse_frame(ctx) {
         Ok(frame) => frame,
@@ -59,6 +71,11 @@ pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
     let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
     if src != ep.addr {
         return Err(Counter::Spoofed);
+    }
+    if let Some(net) = overlay {
+        if let Some((action, verdict)) = overlay::switch(ctx, &ep, net, dst)? {
+            return Ok((action, Some(verdict)));
+        }
     }
     let nat = match ipv4_flow(ctx, &frame)? {
         Some(flow) => nat::container_egress(ctx, &flow)?,

@@ -49,22 +49,48 @@ fn set_macs(ctx: &TcContext, dst: [u8; 6], src: Option<[u8; 6]>) -> Option<()> {
 
 /// `struct bpf_fib_lookup` for IPv4 (64 bytes, the kernel's layout).
 #[repr(C)]
-struct FibParams {
-    family: u8,
-    l4_protocol: u8,
-    sport: [u8; 2],
-    dport: [u8; 2],
-    tot_len: u16,
-    ifindex: u32,
-    tos: u32,
-    src: [u8; 16],
-    dst: [u8; 16],
-    vlan: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
+pub struct FibParams {
+    pub family: u8,
+    pub l4_protocol: u8,
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// In: the packet's IPv4 length (0: the helper checks the skb). Out:
+    /// the egress device's MTU.
+    pub tot_len: u16,
+    pub ifindex: u32,
+    pub tos: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub vlan: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
 }
 
-const AF_INET: u8 = 2;
+impl FibParams {
+    /// A lookup of `src` → `dst` (protocol `proto`) from `ifindex`.
+    #[inline(always)]
+    pub fn new(ifindex: u32, src: [u8; 4], dst: [u8; 4], proto: u8) -> Self {
+        let mut p = Self {
+            family: AF_INET,
+            l4_protocol: proto,
+            sport: [0; 2],
+            dport: [0; 2],
+            tot_len: 0,
+            ifindex,
+            tos: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            vlan: 0,
+            smac: [0; 6],
+            dmac: [0; 6],
+        };
+        p.src[..4].copy_from_slice(&src);
+        p.dst[..4].copy_from_slice(&dst);
+        p
+    }
+}
+
+pub const AF_INET: u8 = 2;
 
 /// Where the host's routing would send a packet from a container: the
 /// uplink, with the neighbour resolved and the packet within its MTU.
@@ -81,26 +107,11 @@ pub fn route_via_uplink(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8) 
     if ttl <= 1 {
         return None;
     }
-    let mut p = FibParams {
-        family: AF_INET,
-        l4_protocol: proto,
-        sport: [0; 2],
-        dport: [0; 2],
-        // 0: the helper checks the skb itself against the egress device's
-        // MTU (is_skb_forwardable, GSO-aware) and answers FRAG_NEEDED, which
-        // sends the packet down the kernel path, where a DF packet gets its
-        // "fragmentation needed".
-        tot_len: 0,
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        tos: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        vlan: 0,
-        smac: [0; 6],
-        dmac: [0; 6],
-    };
-    p.src[..4].copy_from_slice(&src);
-    p.dst[..4].copy_from_slice(&dst);
+    // tot_len 0: the helper checks the skb itself against the egress
+    // device's MTU (is_skb_forwardable, GSO-aware) and answers FRAG_NEEDED,
+    // which sends the packet down the kernel path, where a DF packet gets
+    // its "fragmentation needed".
+    let mut p = FibParams::new(unsafe { (*ctx.skb.skb).ifindex }, src, dst, proto);
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
@@ -160,7 +171,7 @@ pub fn back_to_sender(ctx: &TcContext, l3: usize) -> Option<i32> {
 const TC_INDEX_TRANSLATED: u32 = 1 << 13;
 
 #[inline(always)]
-fn mark_translated(ctx: &TcContext) {
+pub fn mark_translated(ctx: &TcContext) {
     unsafe { (*ctx.skb.skb).tc_index |= TC_INDEX_TRANSLATED };
 }
 

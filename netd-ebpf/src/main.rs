@@ -9,6 +9,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod arp;
+#[cfg(target_arch = "bpf")]
 mod checksum;
 #[cfg(target_arch = "bpf")]
 mod container;
@@ -23,11 +25,15 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
+mod overlay;
+#[cfg(target_arch = "bpf")]
 mod parsing;
 #[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod sock;
+#[cfg(target_arch = "bpf")]
+mod tunnel;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

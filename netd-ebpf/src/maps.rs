@@ -6,10 +6,13 @@ use aya_ebpf::{
 };
 use netd_common::{
     counters::COUNTER_SLOTS,
-    maps::{ENDPOINTS_MAX, NAT_CT_MAX, NETWORKS_MAX, PORTS_MAX, SOCK_REV_MAX},
+    maps::{
+        ENDPOINTS_MAX, NAT_CT_MAX, NETWORKS_MAX, OVERLAYS_MAX, PEERS_MAX, PORTS_MAX, SOCK_REV_MAX,
+        VTEPS_MAX,
+    },
     nat::{SockRevKey, SockRevValue},
     CounterValue, CtEntry, CtKey, Endpoint, EndpointLocation, Meta, NatConfig, NetworkInfo,
-    PortKey, PortTarget,
+    OverlayNetwork, Peer, PortKey, PortTarget, TunnelConfig,
 };
 
 #[btf_map(name = "netd_counters")]
@@ -52,6 +55,27 @@ pub static ENDPOINT_ADDRS: HashMap<[u8; 4], EndpointLocation, { ENDPOINTS_MAX as
 /// Container endpoints by host-side veth ifindex; written by the daemon.
 #[btf_map(name = "netd_endpoints")]
 pub static ENDPOINTS: HashMap<u32, Endpoint, { ENDPOINTS_MAX as usize }> = HashMap::new();
+
+/// Overlay networks by network id; written by the daemon.
+#[btf_map(name = "netd_overlays")]
+pub static OVERLAYS: HashMap<u32, OverlayNetwork, { OVERLAYS_MAX as usize }> = HashMap::new();
+
+/// VNI → network id; written by the daemon.
+#[btf_map(name = "netd_vnis")]
+pub static VNIS: HashMap<u32, u32, { OVERLAYS_MAX as usize }> = HashMap::new();
+
+/// Overlay containers on other hosts, by address; written by the daemon
+/// from the cluster store.
+#[btf_map(name = "netd_peers")]
+pub static PEERS: HashMap<[u8; 4], Peer, { PEERS_MAX as usize }> = HashMap::new();
+
+/// The cluster's hosts (VTEP addresses); written by the daemon.
+#[btf_map(name = "netd_vteps")]
+pub static VTEPS: HashMap<[u8; 4], u32, { VTEPS_MAX as usize }> = HashMap::new();
+
+/// This host's tunnel end (slot 0); written by the daemon.
+#[btf_map(name = "netd_tunnel")]
+pub static TUNNEL: Array<TunnelConfig, 1> = Array::new();
 
 /// The container network whose subnet holds `addr`, if any.
 #[inline(always)]

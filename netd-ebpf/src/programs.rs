@@ -19,7 +19,7 @@ use crate::{
     icmp::{self, Side},
     nat,
     parsing::{ipv4_flow, parse_frame, unmatched, Ipv4Flow},
-    sock,
+    sock, tunnel,
 };
 
 /// "Not ours", or rewritten and ready for the kernel to route: with TCX this
@@ -91,6 +91,13 @@ pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
     // Only netd sets the mark, and only on packets it sends: one arriving
     // with it was set by someone else.
     delivery::take_translated(&ctx);
+    if tunnel::is_ours(&ctx) {
+        let outcome = match tunnel::decap(&ctx) {
+            Ok(verdict) => Outcome::Redirect(Counter::VxlanDecap, verdict),
+            Err(reason) => Outcome::Drop(reason),
+        };
+        return finish(&ctx, Hook::UplinkIngress, outcome);
+    }
     let outcome = match with_flow(&ctx, Some(Side::Ingress), nat::ingress) {
         // Now addressed to a container: deliver it there directly.
         Outcome::Pass(action @ (Counter::Dnat | Counter::RevSnat)) => {

@@ -85,6 +85,9 @@ pub enum Command {
         /// IPAM `netd`); dockerd finds it by name in /run/docker/plugins.
         #[arg(long, default_value = crate::plugin::DEFAULT_SOCKET)]
         plugin_socket: PathBuf,
+        /// UDP port of VXLAN between hosts; the same on every host.
+        #[arg(long, default_value_t = netd_common::overlay::VXLAN_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+        vxlan_port: u16,
     },
     /// Show attachments, map fill levels and packet counters (works while
     /// the daemon is down: it reads the pinned objects).
@@ -193,6 +196,7 @@ fn dispatch(command: Command) -> Result<()> {
             vtep_addr,
             etcd_lease_ttl,
             plugin_socket,
+            vxlan_port,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -219,6 +223,7 @@ fn dispatch(command: Command) -> Result<()> {
                     vtep_addr,
                     lease_ttl: std::time::Duration::from_secs(etcd_lease_ttl),
                     plugin_socket,
+                    vxlan_port,
                 }),
             }))
         }

@@ -11,6 +11,7 @@
 //! networks/<id>            NetworkRecord (JSON)
 //! vnis/<vni>               <id>: the VNI's holder
 //! addrs/<id>/<ip>          AddressClaim (JSON)
+//! endpoints/<id>/<endpoint> EndpointRecord (JSON), on its host's lease
 //! ```
 //! A network's id is the Docker network id it was created with on its first
 //! host: Docker tells a network driver the id, never the name, so a network
@@ -410,13 +411,18 @@ impl Store {
 }
 
 impl Store {
-    /// Sends `()` on `tx` once watching and whenever a network record
-    /// changes after that (from the revision read when the watch began, so
-    /// nothing between is lost); a broken watch is set up again, with
-    /// backoff, and wakes once more. Runs until `tx` closes. `tx` should
-    /// hold one message: a burst of changes is one wake-up.
-    pub async fn watch_networks(mut self, tx: tokio::sync::mpsc::Sender<()>) {
-        let prefix = key(&["networks", ""]);
+    /// Sends `()` on every `tx` once watching and whenever anything below
+    /// [`PREFIX`] changes after that (from the revision read when the watch
+    /// began, so nothing between is lost); a broken watch is set up again,
+    /// with backoff, and wakes once more. Runs until the first `tx` closes.
+    /// Each `tx` should hold one message: a burst of changes is one wake-up.
+    pub async fn watch(mut self, txs: Vec<tokio::sync::mpsc::Sender<()>>) {
+        let prefix = PREFIX.to_owned();
+        let wake = || {
+            for tx in &txs {
+                let _ = tx.try_send(());
+            }
+        };
         let mut backoff = Duration::from_millis(250);
         loop {
             let watched = async {
@@ -445,29 +451,130 @@ impl Store {
                         ),
                     )
                     .await?;
-                let _ = tx.try_send(());
+                wake();
                 backoff = Duration::from_millis(250);
                 while let Some(resp) = stream.message().await? {
                     if resp.canceled() {
                         break;
                     }
                     if !resp.events().is_empty() {
-                        let _ = tx.try_send(());
+                        wake();
                     }
                 }
                 Ok::<(), etcd_client::Error>(())
             }
             .await;
-            if tx.is_closed() {
+            if txs.first().is_none_or(|tx| tx.is_closed()) {
                 return;
             }
             match watched {
-                Err(e) => tracing::warn!("watching networks in etcd: {e}; again in {backoff:?}"),
-                Ok(()) => tracing::warn!("etcd ended the network watch; again in {backoff:?}"),
+                Err(e) => tracing::warn!("watching the cluster store: {e}; again in {backoff:?}"),
+                Ok(()) => tracing::warn!("etcd ended the watch; again in {backoff:?}"),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
+    }
+}
+
+/// A container of a netd network, as every host sees it: on its host's
+/// lease, so a host gone longer than its TTL takes its endpoints with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub network: String,
+    pub addr: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub host: String,
+    pub vtep: Ipv4Addr,
+    /// Docker's endpoint id.
+    pub endpoint: String,
+}
+
+/// Everything the datapath needs from the store, read at one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Picture {
+    pub networks: Vec<NetworkRecord>,
+    pub endpoints: Vec<EndpointRecord>,
+    pub hosts: Vec<HostRecord>,
+}
+
+impl Store {
+    /// Publishes an endpoint on `lease` (this host's).
+    pub async fn put_endpoint(&mut self, record: &EndpointRecord, lease: i64) -> Result<()> {
+        check_name(&record.network)?;
+        check_name(&record.endpoint)?;
+        self.client
+            .put(
+                key(&["endpoints", &record.network, &record.endpoint]),
+                serde_json::to_vec(record)?,
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .context("publishing the endpoint in etcd")?;
+        Ok(())
+    }
+
+    /// Withdraws an endpoint. Not there is not an error.
+    pub async fn delete_endpoint(&mut self, network: &str, endpoint: &str) -> Result<()> {
+        check_name(network)?;
+        check_name(endpoint)?;
+        self.client
+            .delete(key(&["endpoints", network, endpoint]), None)
+            .await
+            .context("withdrawing the endpoint from etcd")?;
+        Ok(())
+    }
+
+    /// The endpoint `endpoint` (Docker's id) of network `network`.
+    pub async fn endpoint(
+        &mut self,
+        network: &str,
+        endpoint: &str,
+    ) -> Result<Option<EndpointRecord>> {
+        check_name(network)?;
+        check_name(endpoint)?;
+        let resp = self
+            .client
+            .get(key(&["endpoints", network, endpoint]), None)
+            .await
+            .context("reading an endpoint from etcd")?;
+        resp.kvs()
+            .first()
+            .map(|kv| serde_json::from_slice(kv.value()).context("malformed endpoint record"))
+            .transpose()
+    }
+
+    /// Networks, endpoints and hosts, in one read (one revision). A
+    /// malformed record is skipped with a warning: one bad key must not
+    /// blind a host to the rest of the cluster.
+    pub async fn picture(&mut self) -> Result<Picture> {
+        let resp = self
+            .client
+            .get(PREFIX, Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading the cluster store")?;
+        let mut picture = Picture::default();
+        for kv in resp.kvs() {
+            let Some(rest) = kv.key_str().ok().and_then(|k| k.strip_prefix(PREFIX)) else {
+                continue;
+            };
+            let parsed: Result<()> = match rest.split('/').next() {
+                Some("networks") => {
+                    parse_record(kv.key(), kv.value()).map(|r| picture.networks.push(r))
+                }
+                Some("endpoints") => serde_json::from_slice(kv.value())
+                    .map(|r| picture.endpoints.push(r))
+                    .map_err(Into::into),
+                Some("hosts") => serde_json::from_slice(kv.value())
+                    .map(|r| picture.hosts.push(r))
+                    .map_err(Into::into),
+                _ => Ok(()),
+            };
+            if let Err(e) = parsed {
+                tracing::warn!("skipping {rest} in etcd: {e:#}");
+            }
+        }
+        Ok(picture)
     }
 }
 
@@ -493,6 +600,11 @@ impl HostLease {
     /// again).
     pub fn id(&self) -> i64 {
         self.lease.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A handle on the current lease id, for what else goes on the lease.
+    pub fn id_handle(&self) -> std::sync::Arc<std::sync::atomic::AtomicI64> {
+        self.lease.clone()
     }
 }
 

@@ -16,6 +16,7 @@ use crate::{
     docker::{self, DockerEvent, SourceUpdate},
     mirror::Mirror,
     netlink::{self, BridgePort, LinkChange},
+    overlay::{self, Overlay},
     plugin, reconcile, state,
 };
 
@@ -162,9 +163,48 @@ struct Daemon {
     /// Networks only (one API call): for a veth on a bridge just created.
     network_reads: Reads,
     networks_tx: mpsc::Sender<Result<Vec<state::Network>>>,
+    /// Docker's bridge networks, as last read.
+    bridges: Vec<state::Network>,
+    /// Multi-host: netd's own networks and endpoints.
+    overlay: Option<Overlay>,
 }
 
 impl Daemon {
+    /// `netd_networks` as it should be: Docker's bridge networks and netd's.
+    fn desired_networks(&self) -> HashMap<(std::net::Ipv4Addr, u8), netd_common::NetworkInfo> {
+        let mut desired = state::desired_networks(&self.bridges);
+        if let Some(o) = &self.overlay {
+            for (subnet, info) in o.networks() {
+                desired.entry(*subnet).or_insert(*info);
+            }
+        }
+        desired
+    }
+
+    /// A new picture of the cluster: the overlay maps follow it.
+    async fn on_picture(&mut self, picture: cluster::Picture) {
+        let Some(overlay) = self.overlay.as_mut() else {
+            return;
+        };
+        match overlay.apply(&mut self.dp, &picture).await {
+            Ok(true) => {
+                let desired = self.desired_networks();
+                if let Err(e) = reconcile::networks(&mut self.dp, &desired) {
+                    tracing::warn!("{e:#}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("applying the cluster's picture: {e:#}"),
+        }
+    }
+
+    fn on_datapath_request(&mut self, request: plugin::DatapathRequest) {
+        match self.overlay.as_mut() {
+            Some(o) => o.on_request(&mut self.dp, request),
+            None => tracing::warn!("a plugin request without a cluster"),
+        }
+    }
+
     /// Asks for a full reconcile: a read of Docker's state, then
     /// [`Self::apply`].
     fn read_snapshot(&mut self) {
@@ -213,10 +253,12 @@ impl Daemon {
                 return;
             }
         };
-        if let Err(e) = reconcile::networks(&mut self.dp, &state::desired_networks(&networks)) {
+        self.bridges = networks;
+        let desired = self.desired_networks();
+        if let Err(e) = reconcile::networks(&mut self.dp, &desired) {
             tracing::warn!("{e:#}");
         }
-        let waiting = self.arrivals.set_bridges(served_bridges(&networks));
+        let waiting = self.arrivals.set_bridges(served_bridges(&self.bridges));
         self.rescan(|_| None, |ifindex| waiting.contains(&ifindex))
             .await;
     }
@@ -244,8 +286,10 @@ impl Daemon {
                 self.snat_ports.1
             );
         }
+        self.bridges = snap.networks.clone();
         let networks = &snap.networks;
-        let net_applied = reconcile::networks(dp, &state::desired_networks(networks))?;
+        let desired_networks = self.desired_networks();
+        let net_applied = reconcile::networks(&mut self.dp, &desired_networks)?;
         self.arrivals.set_bridges(served_bridges(networks));
         // A veth that died after the read: its address may be a new veth's.
         let mut endpoints = snap.endpoints;
@@ -258,6 +302,9 @@ impl Daemon {
         let attach_only =
             self.arrivals
                 .merge(&mut endpoints, interface_name, std::time::Instant::now());
+        if let Some(o) = &self.overlay {
+            endpoints.extend(o.endpoints());
+        }
         let dp = &mut self.dp;
         let ep_applied = reconcile::endpoints(dp, &endpoints, &attach_only, snap.complete)?;
         // "Every address" publishes are also served on the bridges' gateway
@@ -271,7 +318,7 @@ impl Daemon {
             tracing::info!(
                 "ports {}; networks {}; endpoints {}; in {:?}",
                 summary(&applied, desired.len()),
-                summary(&net_applied, networks.len()),
+                summary(&net_applied, desired_networks.len()),
                 summary(&ep_applied, endpoints.len()),
                 started.elapsed()
             );
@@ -445,14 +492,17 @@ pub struct ClusterOptions {
     pub vtep_addr: Option<std::net::Ipv4Addr>,
     pub lease_ttl: std::time::Duration,
     pub plugin_socket: PathBuf,
+    /// UDP port of VXLAN, the same on every host.
+    pub vxlan_port: u16,
 }
 
 /// This host in the cluster: kept for the daemon's life (dropping the lease
 /// stops renewing it).
 struct Membership {
-    _lease: cluster::HostLease,
+    lease: cluster::HostLease,
     store: cluster::Store,
     node: String,
+    vtep: std::net::Ipv4Addr,
 }
 
 /// How long connecting to etcd at start may take before netd gives up.
@@ -498,9 +548,10 @@ async fn join_cluster(opts: &ClusterOptions, uplink: &str) -> Result<Membership>
         opts.lease_ttl
     );
     Ok(Membership {
-        _lease: lease,
+        lease,
         store,
         node,
+        vtep,
     })
 }
 
@@ -556,13 +607,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // The plugin before Docker: a dockerd starting containers of netd
     // networks (restart policies) needs it before its API is up.
     let local_networks = plugin::LocalNetworks::default();
+    // Join and Leave wait on the daemon's loop, which owns the datapath.
+    let (datapath_tx, mut datapath_rx) = mpsc::channel(64);
     let plugin_server = match (&membership, &opts.cluster) {
         (Some(m), Some(c)) => {
             let plugin = plugin::Plugin::new(
                 m.store.clone(),
-                m.node.clone(),
-                uplink.clone(),
+                plugin::HostInfo {
+                    node: m.node.clone(),
+                    vtep: m.vtep,
+                    uplink: uplink.clone(),
+                    lease: m.lease.id_handle(),
+                },
                 local_networks.clone(),
+                datapath_tx,
             );
             let socket = c.plugin_socket.clone();
             Some(tokio::spawn(async move {
@@ -576,11 +634,23 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let docker = docker::connect(&opts.docker_host).await?;
     // One wake-up pending at most: a burst of changes is one pass.
     let (mirror_tx, mirror_rx) = mpsc::channel(1);
-    let mirror_tasks = membership.as_ref().map(|m| {
+    let (picture_wake_tx, picture_wake_rx) = mpsc::channel(1);
+    let (picture_tx, mut picture_rx) = mpsc::channel(1);
+    let cluster_tasks = membership.as_ref().map(|m| {
         let mirror = Mirror::new(docker.clone(), m.store.clone(), local_networks.clone());
         [
             tokio::spawn(mirror.run(mirror_rx, opts.resync_interval)),
-            tokio::spawn(m.store.clone().watch_networks(mirror_tx.clone())),
+            tokio::spawn(overlay::read_pictures(
+                m.store.clone(),
+                picture_wake_rx,
+                picture_tx,
+                opts.resync_interval,
+            )),
+            tokio::spawn(
+                m.store
+                    .clone()
+                    .watch(vec![picture_wake_tx, mirror_tx.clone()]),
+            ),
         ]
     });
     let netns_cookie = own_netns_cookie()?;
@@ -595,6 +665,22 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     for att in [Attachment::UplinkIngress, Attachment::UplinkEgress] {
         dp.attach(att, &uplink)?;
     }
+    let overlay = match (&membership, &opts.cluster) {
+        (Some(m), Some(c)) => {
+            dp.set_tunnel(netd_common::TunnelConfig {
+                vtep: m.vtep.octets(),
+                port: c.vxlan_port.to_be_bytes(),
+                _pad: [0; 2],
+            })?;
+            Some(Overlay::new(
+                &mut dp,
+                m.node.clone(),
+                m.store.clone(),
+                m.lease.id_handle(),
+            )?)
+        }
+        _ => None,
+    };
     // Container veths attached by an earlier daemon: swap in this daemon's
     // program now (a veth gone meanwhile loses its pin); reconciling with
     // Docker then adds and removes the rest.
@@ -651,6 +737,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         snapshot_tx,
         network_reads: Reads::default(),
         networks_tx,
+        bridges: Vec::new(),
+        overlay,
     };
 
     let mut log_tick = tokio::time::interval(std::time::Duration::from_millis(200));
@@ -663,6 +751,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             // Ahead of everything else: a container may be about to send.
             biased;
             Some(change) = link_rx.recv() => daemon.on_link_change(change).await,
+            Some(request) = datapath_rx.recv() => daemon.on_datapath_request(request),
+            Some(picture) = picture_rx.recv() => daemon.on_picture(picture).await,
             Some(networks) = networks_rx.recv() => daemon.networks_read(networks).await,
             Some(result) = snapshot_rx.recv() => {
                 daemon.snapshot_done();
@@ -734,7 +824,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     }
     watcher.abort();
-    for task in mirror_tasks.into_iter().flatten().chain(plugin_server) {
+    for task in cluster_tasks.into_iter().flatten().chain(plugin_server) {
         task.abort();
     }
     tracing::info!(

@@ -19,6 +19,7 @@ pub mod dataplane;
 pub mod docker;
 pub mod mirror;
 pub mod netlink;
+pub mod overlay;
 pub mod plugin;
 pub mod reconcile;
 pub mod state;

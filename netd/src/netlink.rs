@@ -379,9 +379,9 @@ pub async fn mtu(ifname: &str) -> Result<u32> {
 }
 
 /// Creates the veth pair `host`–`peer` with `mtu` on both ends, the host
-/// end up; returns the host end's ifindex. A pair left by an earlier try
-/// (same names) is replaced: Docker retries Join.
-pub async fn create_veth(host: &str, peer: &str, mtu: u32) -> Result<u32> {
+/// end up with MAC `host_mac`; returns the host end's ifindex. A pair left
+/// by an earlier try (same names) is replaced: Docker retries Join.
+pub async fn create_veth(host: &str, peer: &str, mtu: u32, host_mac: [u8; 6]) -> Result<u32> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
     if let Ok(index) = nix::net::if_::if_nametoindex(host) {
@@ -398,12 +398,91 @@ pub async fn create_veth(host: &str, peer: &str, mtu: u32) -> Result<u32> {
         let index =
             nix::net::if_::if_nametoindex(name).with_context(|| format!("finding {name}"))?;
         let set = handle.link().set(index).mtu(mtu);
-        let set = if up { set.up() } else { set };
+        let set = if up {
+            set.address(host_mac.to_vec()).up()
+        } else {
+            set
+        };
         set.execute()
             .await
             .with_context(|| format!("setting up {name}"))?;
     }
     nix::net::if_::if_nametoindex(host).with_context(|| format!("finding {host}"))
+}
+
+/// Routes `addr`/32 to interface `ifindex` (a container behind its veth).
+pub async fn add_host_route(addr: std::net::Ipv4Addr, ifindex: u32) -> Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    handle
+        .route()
+        .add()
+        .v4()
+        .destination_prefix(addr, 32)
+        .output_interface(ifindex)
+        .scope(netlink_packet_route::route::RouteScope::Link)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("routing {addr} to ifindex {ifindex}"))
+}
+
+/// The label netd gives the addresses it puts on `lo` (overlay gateways),
+/// so that it removes only its own.
+pub const GATEWAY_LABEL: &str = "lo:netd";
+
+/// Makes netd's addresses on `lo` exactly `wanted` (/32, scope host: the
+/// host answers on them, and never picks them as a source for its own
+/// traffic).
+pub async fn sync_gateway_addresses(wanted: &[std::net::Ipv4Addr]) -> Result<bool> {
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+    let lo = nix::net::if_::if_nametoindex("lo").context("finding lo")?;
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let current: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(lo)
+        .execute()
+        .try_collect()
+        .await
+        .context("listing addresses of lo")?;
+    let ours = |m: &AddressMessage| {
+        let label = m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Label(l) if l == GATEWAY_LABEL));
+        let addr = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(std::net::IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        });
+        addr.filter(|_| label)
+    };
+    let mut changed = false;
+    for m in &current {
+        if let Some(addr) = ours(m).filter(|a| !wanted.contains(a)) {
+            handle
+                .address()
+                .del(m.clone())
+                .execute()
+                .await
+                .with_context(|| format!("removing {addr} from lo"))?;
+            changed = true;
+        }
+    }
+    let present: Vec<_> = current.iter().filter_map(ours).collect();
+    for addr in wanted.iter().filter(|a| !present.contains(a)) {
+        let mut req = handle.address().add(lo, std::net::IpAddr::V4(*addr), 32);
+        let msg = req.message_mut();
+        msg.header.scope = AddressScope::Host;
+        msg.attributes
+            .push(AddressAttribute::Label(GATEWAY_LABEL.to_owned()));
+        req.execute()
+            .await
+            .with_context(|| format!("adding gateway {addr} to lo"))?;
+        changed = true;
+    }
+    Ok(changed)
 }
 
 /// Deletes the interface `ifname` (a veth takes its peer with it). Not

@@ -5,13 +5,21 @@ use std::collections::HashMap;
 use anyhow::Result;
 use netd_common::{Endpoint, EndpointLocation, NetworkInfo, PortKey, PortTarget};
 
-use crate::dataplane::{Attachment, Dataplane};
+use crate::dataplane::{Attachment, Dataplane, Table};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub added: usize,
     pub changed: usize,
     pub removed: usize,
+}
+
+impl Applied {
+    pub fn add(&mut self, other: Applied) {
+        self.added += other.added;
+        self.changed += other.changed;
+        self.removed += other.removed;
+    }
 }
 
 /// Brings `netd_ports` to `desired`.
@@ -33,6 +41,30 @@ pub fn ports(dp: &mut Dataplane, desired: &HashMap<PortKey, PortTarget>) -> Resu
     }
     for key in current.keys().filter(|k| !desired.contains_key(k)) {
         dp.remove_port(key)?;
+        applied.removed += 1;
+    }
+    Ok(applied)
+}
+
+/// Brings the overlay table `T` to `desired`.
+pub fn table<T: Table>(dp: &mut Dataplane, desired: &HashMap<T::Key, T::Value>) -> Result<Applied> {
+    let current: HashMap<T::Key, T::Value> = dp.table_entries::<T>()?.into_iter().collect();
+    let mut applied = Applied::default();
+    for (key, value) in desired {
+        match current.get(key) {
+            Some(v) if v == value => {}
+            found => {
+                dp.table_set::<T>(*key, *value)?;
+                if found.is_some() {
+                    applied.changed += 1;
+                } else {
+                    applied.added += 1;
+                }
+            }
+        }
+    }
+    for key in current.keys().filter(|k| !desired.contains_key(k)) {
+        dp.table_remove::<T>(key)?;
         applied.removed += 1;
     }
     Ok(applied)

@@ -4,9 +4,13 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use netd_common::{
-    network::{network_id, NETWORK_HOST_ADDR, NETWORK_INTERNAL, NETWORK_MASQUERADE},
-    Endpoint, NetworkInfo, PortKey, PortTarget,
+    network::{
+        network_id, NETWORK_HOST_ADDR, NETWORK_INTERNAL, NETWORK_MASQUERADE, NETWORK_OVERLAY,
+    },
+    Endpoint, NetworkInfo, OverlayNetwork, Peer, PortKey, PortTarget,
 };
+
+use crate::cluster::Picture;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -202,6 +206,80 @@ pub fn desired_networks(networks: &[Network]) -> HashMap<(Ipv4Addr, u8), Network
                 id,
             });
         }
+    }
+    out
+}
+
+/// The MAC of overlay address `addr` (a container's, or a gateway's):
+/// locally administered, then the address, so it is the same on every host
+/// and unique within the network.
+pub fn overlay_mac(addr: Ipv4Addr) -> [u8; 6] {
+    let o = addr.octets();
+    [0x02, 0x4e, o[0], o[1], o[2], o[3]]
+}
+
+/// What the datapath holds for the cluster's overlay networks, as host
+/// `node` sees them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OverlayDesired {
+    /// Subnets (and gateways, as /32s) for `netd_networks`.
+    pub networks: HashMap<(Ipv4Addr, u8), NetworkInfo>,
+    pub overlays: HashMap<u32, OverlayNetwork>,
+    pub vnis: HashMap<u32, u32>,
+    /// Containers of other hosts.
+    pub peers: HashMap<[u8; 4], Peer>,
+    /// Other hosts.
+    pub vteps: HashMap<[u8; 4], u32>,
+    /// Gateway addresses this host answers on.
+    pub gateways: Vec<Ipv4Addr>,
+}
+
+pub fn desired_overlay(picture: &Picture, node: &str) -> OverlayDesired {
+    let mut out = OverlayDesired::default();
+    for n in &picture.networks {
+        let id = network_id(&n.id);
+        let flags = NETWORK_OVERLAY
+            | if n.internal {
+                NETWORK_INTERNAL
+            } else {
+                NETWORK_MASQUERADE
+            };
+        out.networks.insert(n.subnet, NetworkInfo { flags, id });
+        out.networks.insert(
+            (n.gateway, 32),
+            NetworkInfo {
+                flags: NETWORK_HOST_ADDR,
+                id,
+            },
+        );
+        out.overlays.insert(
+            id,
+            OverlayNetwork {
+                vni: n.vni,
+                gateway: n.gateway.octets(),
+                gateway_mac: overlay_mac(n.gateway),
+                _pad: [0; 2],
+            },
+        );
+        out.vnis.insert(n.vni, id);
+        out.gateways.push(n.gateway);
+    }
+    for e in picture.endpoints.iter().filter(|e| e.host != node) {
+        if !picture.networks.iter().any(|n| n.id == e.network) {
+            continue;
+        }
+        out.peers.insert(
+            e.addr.octets(),
+            Peer {
+                vtep: e.vtep.octets(),
+                mac: e.mac,
+                _pad: [0; 2],
+                network: network_id(&e.network),
+            },
+        );
+    }
+    for h in picture.hosts.iter().filter(|h| h.node != node) {
+        out.vteps.insert(h.vtep.octets(), 1);
     }
     out
 }

@@ -72,10 +72,12 @@ impl Lan {
 }
 
 /// A network namespace standing in for a machine: a LAN address, maybe a
-/// dockerd and a netd of its own. Dropped in field order: netd, dockerd, ns.
+/// dockerd and a netd of its own. Dropped in field order: dockerd (its
+/// containers leave their netd networks through netd's plugin, which must
+/// still answer), netd, ns.
 pub struct Host {
-    pub netd: Option<Netd>,
     pub docker: Option<Dockerd>,
+    pub netd: Option<Netd>,
     pub ns: NetNs,
     pub ip: Ipv4Addr,
     state_dir: std::path::PathBuf,

@@ -213,3 +213,100 @@ fn a_network_created_on_one_host_exists_on_every_host() {
         "{left}"
     );
 }
+
+/// Containers of one overlay network on two hosts, and one more on the
+/// first host: ping and TCP both ways across hosts, and on one host; the
+/// anycast gateway answers on each host; the LAN is reached through the
+/// local uplink, masqueraded.
+#[test]
+fn containers_on_different_hosts_reach_each_other() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(16).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = cluster_host(&bench, &lan, &etcd, "a", 1);
+    let b = cluster_host(&bench, &lan, &etcd, "b", 2);
+    let outside = Host::plain(&bench, &lan, "outside", 9).unwrap();
+    let _web = outside.serve_http().unwrap();
+    a.dockerd()
+        .docker(&[
+            "network",
+            "create",
+            "-d",
+            "netd",
+            "--ipam-driver",
+            "netd",
+            "--subnet",
+            "198.19.76.0/24",
+            "ov",
+        ])
+        .unwrap();
+    assert!(eventually(Duration::from_secs(2), || netd_networks(&b) == ["ov"]));
+
+    let ip = |h: &Host, name: &str| {
+        h.dockerd()
+            .docker(&[
+                "inspect",
+                "--format",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                name,
+            ])
+            .unwrap()
+    };
+    a.dockerd()
+        .run_httpd("web-a", &["--network", "ov"])
+        .unwrap();
+    b.dockerd()
+        .run_httpd("web-b", &["--network", "ov"])
+        .unwrap();
+    a.dockerd()
+        .run_httpd("web-a2", &["--network", "ov"])
+        .unwrap();
+    let (ip_a, ip_b, ip_a2) = (ip(&a, "web-a"), ip(&b, "web-b"), ip(&a, "web-a2"));
+    let exec = |h: &Host, name: &str, cmd: &[&str]| {
+        let mut args = vec!["exec", name];
+        args.extend_from_slice(cmd);
+        h.dockerd().docker(&args)
+    };
+    let ping = |h: &Host, name: &str, to: &str| exec(h, name, &["ping", "-c", "2", "-W", "2", to]);
+    let get = |h: &Host, name: &str, to: &str| {
+        exec(
+            h,
+            name,
+            // busybox wget's own -T crashes it (SIGSEGV) in this image.
+            &[
+                "timeout",
+                "10",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{to}"),
+            ],
+        )
+    };
+    for (h, from, to) in [
+        (&a, "web-a", &ip_b),
+        (&b, "web-b", &ip_a),
+        (&a, "web-a", &ip_a2),
+    ] {
+        ping(h, from, to).unwrap_or_else(|e| panic!("ping {from} -> {to}: {e:#}"));
+        let page =
+            get(h, from, &format!("{to}/")).unwrap_or_else(|e| panic!("GET {from} -> {to}: {e:#}"));
+        assert!(page.contains("hello from netd-test"), "{page}");
+    }
+    // The gateway is every host's own.
+    ping(&a, "web-a", "198.19.76.1").unwrap();
+    ping(&b, "web-b", "198.19.76.1").unwrap();
+    // Out to the LAN, from the local host's address.
+    let peer = get(&b, "web-b", &format!("{}/cgi-bin/peer", outside.ip)).unwrap();
+    // busybox httpd reports an IPv4-mapped IPv6 address.
+    assert_eq!(peer.trim(), format!("[::ffff:{}]", b.ip));
+
+    let status = a.netd.as_ref().unwrap().status().unwrap();
+    let encap = netd_tests::netd::counter(&status, "container-egress", "vxlan-encap");
+    let decap = netd_tests::netd::counter(&status, "uplink-ingress", "vxlan-decap");
+    assert!(encap > 0 && decap > 0, "encap {encap} decap {decap}");
+}

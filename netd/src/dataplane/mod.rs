@@ -13,6 +13,7 @@ mod attach;
 mod conntrack;
 mod inspect;
 mod pins;
+mod tables;
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,7 @@ pub use inspect::{
     FlowStatus, HookCounters, MapStatus, NamedCounter, PortStatus, Status, UninstallReport,
 };
 pub use pins::{interface_index, PinDir};
+pub use tables::{Overlays, Peers, Table, Vnis, Vteps};
 
 /// The compiled eBPF object (built by build.rs from netd-ebpf).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd"));

@@ -7,8 +7,12 @@ use std::net::Ipv4Addr;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
-use super::{field, parse_cidr, Plugin, Reply, ADDRESS_SPACE};
-use crate::{cluster::NetworkRequest, netlink};
+use super::{field, parse_cidr, DatapathRequest, Plugin, Reply, ADDRESS_SPACE};
+use crate::{
+    cluster::{EndpointRecord, NetworkRequest},
+    netlink,
+    state::overlay_mac,
+};
 
 /// `-o` options netd takes. `netd.id` is set by the mirror on the copies it
 /// makes: the cluster network a copy stands for.
@@ -20,20 +24,17 @@ const MODES: &[&str] = &["overlay"];
 /// What VXLAN over IPv4 adds to a frame: outer IPv4 20, UDP 8, VXLAN 8 and
 /// the inner Ethernet header 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
-/// Prefix of a container's MAC: locally administered, then its IPv4
-/// address, so a MAC is unique in its network wherever the container runs.
-const MAC_PREFIX: [u8; 2] = [0x02, 0x4e];
 
 pub(super) async fn handle(plugin: &Plugin, call: &str, body: Value) -> Reply {
     let answer = match call {
         "GetCapabilities" => Ok(json!({"Scope": "local", "ConnectivityScope": "global"})),
         "CreateNetwork" => create_network(plugin, &body).await,
         "DeleteNetwork" => delete_network(plugin, &body).await,
-        "CreateEndpoint" => create_endpoint(&body),
+        "CreateEndpoint" => create_endpoint(plugin, &body).await,
         "EndpointOperInfo" => Ok(json!({"Value": {}})),
         "Join" => join(plugin, &body).await,
-        "Leave" => leave(&body).await,
-        "DeleteEndpoint" => leave(&body).await,
+        "Leave" => leave(plugin, &body).await,
+        "DeleteEndpoint" => delete_endpoint(plugin, &body).await,
         "ProgramExternalConnectivity" | "RevokeExternalConnectivity" => Ok(json!({})),
         "DiscoverNew" | "DiscoverDelete" => Ok(json!({})),
         _ => return Reply::not_found(),
@@ -156,7 +157,7 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
             let record = store
                 .create_network(&NetworkRequest {
                     id: docker_id.into(),
-                    origin: plugin.node.clone(),
+                    origin: plugin.host.node.clone(),
                     mode: req.mode,
                     subnet: req.subnet,
                     gateway: req.gateway,
@@ -198,27 +199,52 @@ async fn delete_network(plugin: &Plugin, body: &Value) -> Result<Value> {
     Ok(json!({}))
 }
 
-/// The MAC a container with `addr` gets.
-pub fn container_mac(addr: Ipv4Addr) -> [u8; 6] {
-    let o = addr.octets();
-    [MAC_PREFIX[0], MAC_PREFIX[1], o[0], o[1], o[2], o[3]]
-}
-
 fn format_mac(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
 }
 
-fn create_endpoint(body: &Value) -> Result<Value> {
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    crate::state::parse_mac(s).ok_or_else(|| anyhow!("{s:?} is not a MAC address"))
+}
+
+/// Publishes the endpoint in the cluster store (other hosts learn where
+/// its address is) and picks its MAC unless Docker was given one.
+async fn create_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
     let iface = body.get("Interface").unwrap_or(&Value::Null);
     if !field(iface, "AddressIPv6").is_empty() {
         bail!("netd networks are IPv4 only");
     }
     let addr = parse_cidr(field(iface, "Address"))?.0;
-    // Docker lets a driver fill only what it left empty (--mac-address
-    // wins).
-    if field(iface, "MacAddress").is_empty() {
-        return Ok(json!({"Interface": {"MacAddress": format_mac(container_mac(addr))}}));
+    let given = field(iface, "MacAddress");
+    let mac = match given {
+        "" => overlay_mac(addr),
+        m => parse_mac(m)?,
+    };
+    let record = EndpointRecord {
+        network: plugin.netd_id(field(body, "NetworkID")),
+        addr,
+        mac,
+        host: plugin.host.node.clone(),
+        vtep: plugin.host.vtep,
+        endpoint: field(body, "EndpointID").to_owned(),
+    };
+    let lease = plugin.host.lease.load(std::sync::atomic::Ordering::Relaxed);
+    plugin.store.clone().put_endpoint(&record, lease).await?;
+    // Docker lets a driver fill only what it left empty.
+    if given.is_empty() {
+        return Ok(json!({"Interface": {"MacAddress": format_mac(mac)}}));
     }
+    Ok(json!({}))
+}
+
+async fn delete_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
+    leave(plugin, body).await?;
+    let network = plugin.netd_id(field(body, "NetworkID"));
+    plugin
+        .store
+        .clone()
+        .delete_endpoint(&network, field(body, "EndpointID"))
+        .await?;
     Ok(json!({}))
 }
 
@@ -232,25 +258,53 @@ fn veth_names(endpoint_id: &str) -> Result<(String, String)> {
     Ok((format!("nd{short}"), format!("nc{short}")))
 }
 
+/// Creates the endpoint's veth pair and has the daemon attach and register
+/// it; the host end carries the gateway's MAC (the container's frames to
+/// its gateway are the host's) and a route to the container.
 async fn join(plugin: &Plugin, body: &Value) -> Result<Value> {
-    let id = plugin.netd_id(field(body, "NetworkID"));
-    let (record, _) = plugin
-        .store
-        .clone()
-        .network(&id)
+    let network = plugin.netd_id(field(body, "NetworkID"));
+    let endpoint_id = field(body, "EndpointID");
+    let mut store = plugin.store.clone();
+    let (net, _) = store
+        .network(&network)
         .await?
-        .ok_or_else(|| anyhow!("no netd network has id {id}"))?;
-    let (host, peer) = veth_names(field(body, "EndpointID"))?;
-    let mtu = netlink::mtu(&plugin.uplink).await? - VXLAN_OVERHEAD;
-    netlink::create_veth(&host, &peer, mtu).await?;
+        .ok_or_else(|| anyhow!("no netd network has id {network}"))?;
+    let record = store
+        .endpoint(&network, endpoint_id)
+        .await?
+        .ok_or_else(|| anyhow!("endpoint {endpoint_id} is not in the cluster store"))?;
+    let (host, peer) = veth_names(endpoint_id)?;
+    let mtu = netlink::mtu(&plugin.host.uplink).await? - VXLAN_OVERHEAD;
+    let ifindex = netlink::create_veth(&host, &peer, mtu, overlay_mac(net.gateway)).await?;
+    let registered = async {
+        netlink::add_host_route(record.addr, ifindex).await?;
+        plugin
+            .ask_datapath(|done| DatapathRequest::Join {
+                ifname: host.clone(),
+                ifindex,
+                record,
+                done,
+            })
+            .await
+    }
+    .await;
+    if let Err(e) = registered {
+        let _ = netlink::delete_link(&host).await;
+        return Err(e);
+    }
     Ok(json!({
         "InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
-        "Gateway": record.gateway.to_string(),
+        "Gateway": net.gateway.to_string(),
     }))
 }
 
-async fn leave(body: &Value) -> Result<Value> {
+async fn leave(plugin: &Plugin, body: &Value) -> Result<Value> {
     let (host, _) = veth_names(field(body, "EndpointID"))?;
+    if let Ok(ifindex) = nix::net::if_::if_nametoindex(host.as_str()) {
+        plugin
+            .ask_datapath(|done| DatapathRequest::Leave { ifindex, done })
+            .await?;
+    }
     netlink::delete_link(&host).await?;
     Ok(json!({}))
 }
@@ -294,7 +348,7 @@ mod tests {
     #[test]
     fn macs_and_veth_names_follow_from_ids() {
         assert_eq!(
-            format_mac(container_mac(Ipv4Addr::new(198, 19, 66, 2))),
+            format_mac(overlay_mac(Ipv4Addr::new(198, 19, 66, 2))),
             "02:4e:c6:13:42:02"
         );
         let (host, peer) = veth_names("0123456789abcdef").unwrap();

@@ -114,7 +114,7 @@ async fn request_address(plugin: &Plugin, body: &Value) -> Result<Value> {
         )
     })?;
     let claim = AddressClaim {
-        host: plugin.node.clone(),
+        host: plugin.host.node.clone(),
         owner: "docker".into(),
     };
     let mut store = plugin.store.clone();

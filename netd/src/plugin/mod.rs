@@ -14,7 +14,7 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{atomic::AtomicI64, Arc, Mutex},
 };
 
 use anyhow::{Context as _, Result};
@@ -22,7 +22,9 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Bytes, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
-use crate::cluster::{NetworkRecord, Store};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cluster::{EndpointRecord, NetworkRecord, Store};
 
 /// Where dockerd looks for plugin sockets (`NAME.sock`).
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/netd.sock";
@@ -38,24 +40,70 @@ pub const ADDRESS_SPACE: &str = "netd";
 /// and the mirror (which reads Docker's networks).
 pub type LocalNetworks = Arc<Mutex<HashMap<String, String>>>;
 
+/// What Join and Leave ask of the daemon, which owns the datapath: the
+/// endpoint's programs attached and its entries written before Join
+/// answers, so the container's first packet is handled.
+pub enum DatapathRequest {
+    Join {
+        ifname: String,
+        ifindex: u32,
+        record: EndpointRecord,
+        done: oneshot::Sender<anyhow::Result<()>>,
+    },
+    Leave {
+        ifindex: u32,
+        done: oneshot::Sender<anyhow::Result<()>>,
+    },
+}
+
+/// This host, as the handlers need it.
+#[derive(Clone)]
+pub struct HostInfo {
+    pub node: String,
+    pub vtep: Ipv4Addr,
+    /// Container MTUs follow its MTU.
+    pub uplink: String,
+    /// The host's lease: endpoints are published on it.
+    pub lease: Arc<AtomicI64>,
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct Plugin {
     store: Store,
-    node: String,
-    /// Container MTUs follow its MTU.
-    uplink: String,
+    host: HostInfo,
     local: LocalNetworks,
+    datapath: mpsc::Sender<DatapathRequest>,
 }
 
 impl Plugin {
-    pub fn new(store: Store, node: String, uplink: String, local: LocalNetworks) -> Self {
+    pub fn new(
+        store: Store,
+        host: HostInfo,
+        local: LocalNetworks,
+        datapath: mpsc::Sender<DatapathRequest>,
+    ) -> Self {
         Self {
             store,
-            node,
-            uplink,
+            host,
             local,
+            datapath,
         }
+    }
+
+    /// Hands `request` to the daemon and waits for its answer.
+    async fn ask_datapath(
+        &self,
+        request: impl FnOnce(oneshot::Sender<anyhow::Result<()>>) -> DatapathRequest,
+    ) -> anyhow::Result<()> {
+        let (done, answer) = oneshot::channel();
+        self.datapath
+            .send(request(done))
+            .await
+            .map_err(|_| anyhow::anyhow!("netd is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("netd is shutting down"))?
     }
 
     /// netd's id of Docker's network `docker_id` on this host.

@@ -1,0 +1,52 @@
+//! Overlay networks as the datapath sees them: a network's VNI and anycast
+//! gateway, the containers of other hosts (peers) and the hosts themselves
+//! (VTEPs).
+
+/// UDP port of VXLAN (IANA, RFC 7348) unless `--vxlan-port` says otherwise.
+pub const VXLAN_PORT: u16 = 4789;
+/// What VXLAN over IPv4 adds in front of a frame: outer Ethernet 14, IPv4
+/// 20, UDP 8, VXLAN 8. (An overlay container's MTU is the uplink's less
+/// the 50 bytes of all but the outer Ethernet header.)
+pub const VXLAN_ENCAP_LEN: usize = 50;
+
+/// Value of `netd_overlays`, keyed by [`crate::NetworkInfo::id`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OverlayNetwork {
+    pub vni: u32,
+    /// The anycast gateway every host answers for (ARP) and routes at.
+    pub gateway: [u8; 4],
+    pub gateway_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Value of `netd_peers`, keyed by a container address on another host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The host's VTEP: where frames for the container are sent, and the
+    /// only source its frames are accepted from.
+    pub vtep: [u8; 4],
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// [`crate::NetworkInfo::id`] of its network.
+    pub network: u32,
+}
+
+/// Slot 0 of `netd_tunnel`: this host's end of the tunnels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TunnelConfig {
+    /// This host's VTEP (outer source; 0: no tunnels).
+    pub vtep: [u8; 4],
+    /// UDP port, network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::OverlayNetwork {}
+    unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::TunnelConfig {}
+}

@@ -1,0 +1,50 @@
+//! Switching within an overlay network, from a container's veth: a packet
+//! for a container of the same network goes straight to it — into its veth
+//! when it is on this host, in VXLAN to its host otherwise. Netd knows
+//! every address of the network (the cluster store says where each
+//! container is), so nothing is flooded: unknown unicast, broadcast and
+//! multicast are dropped and counted.
+use aya_ebpf::{helpers::bpf_redirect_peer, programs::TcContext};
+use netd_common::{Counter, Endpoint, OverlayNetwork};
+
+use crate::{
+    maps::{network_of, ENDPOINT_ADDRS, PEERS},
+    parsing::ptr_at,
+    tunnel,
+};
+
+/// What became of a packet `ep` sent on overlay network `net` to `dst`:
+/// `Ok(Some((action, verdict)))` switched; `Ok(None)` not for the network
+/// itself (for its gateway: routed, masqueraded, or the host's own);
+/// `Err`: dropped, and why.
+#[inline(always)]
+pub fn switch(
+    ctx: &TcContext,
+    ep: &Endpoint,
+    net: &OverlayNetwork,
+    dst: [u8; 4],
+) -> Result<Option<(Counter, i32)>, Counter> {
+    let dst_mac: [u8; 6] = unsafe { *ptr_at::<[u8; 6]>(ctx, 0).ok_or(Counter::Truncated)? };
+    // Broadcast and multicast, to any MAC or address: nobody to flood to.
+    if dst_mac[0] & 1 != 0 || dst[0] >= 224 {
+        return Err(Counter::Broadcast);
+    }
+    if dst == net.gateway || network_of(dst).map(|n| n.id) != Some(ep.network) {
+        return Ok(None);
+    }
+    if let Some(loc) = ENDPOINT_ADDRS.get_ptr(&dst) {
+        let loc = unsafe { *loc };
+        let macs: *mut [u8; 6] = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;
+        unsafe { *macs = loc.mac };
+        let verdict = unsafe { bpf_redirect_peer(loc.ifindex, 0) } as i32;
+        return Ok(Some((Counter::Switched, verdict)));
+    }
+    let peer = unsafe { *PEERS.get_ptr(&dst).ok_or(Counter::NoEndpoint)? };
+    if peer.network != ep.network {
+        return Err(Counter::NoEndpoint);
+    }
+    let macs: *mut [u8; 6] = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;
+    unsafe { *macs = peer.mac };
+    let verdict = tunnel::encap(ctx, &peer, net.vni)?;
+    Ok(Some((Counter::VxlanEncap, verdict)))
+}

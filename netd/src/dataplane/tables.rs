@@ -1,0 +1,97 @@
+//! The overlay's hash maps (networks, VNIs, peers, VTEPs) through one set
+//! of accessors, and the tunnel settings.
+use std::hash::Hash;
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError},
+    Pod,
+};
+use netd_common::{maps, OverlayNetwork, Peer, TunnelConfig};
+
+use super::Dataplane;
+
+/// A hash map of the datapath, by what it holds.
+pub trait Table {
+    const NAME: &'static str;
+    type Key: Pod + Eq + Hash;
+    type Value: Pod + PartialEq;
+}
+
+/// Network id → its VNI and anycast gateway.
+pub struct Overlays;
+impl Table for Overlays {
+    const NAME: &'static str = maps::OVERLAYS;
+    type Key = u32;
+    type Value = OverlayNetwork;
+}
+
+/// VNI → network id.
+pub struct Vnis;
+impl Table for Vnis {
+    const NAME: &'static str = maps::VNIS;
+    type Key = u32;
+    type Value = u32;
+}
+
+/// Container address on another host → where it is.
+pub struct Peers;
+impl Table for Peers {
+    const NAME: &'static str = maps::PEERS;
+    type Key = [u8; 4];
+    type Value = Peer;
+}
+
+/// The cluster's VTEP addresses.
+pub struct Vteps;
+impl Table for Vteps {
+    const NAME: &'static str = maps::VTEPS;
+    type Key = [u8; 4];
+    type Value = u32;
+}
+
+impl Dataplane {
+    fn table<T: Table>(&mut self) -> Result<BpfHashMap<&mut MapData, T::Key, T::Value>> {
+        let map = self
+            .ebpf
+            .map_mut(T::NAME)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", T::NAME))?;
+        Ok(BpfHashMap::try_from(map)?)
+    }
+
+    pub fn table_entries<T: Table>(&mut self) -> Result<Vec<(T::Key, T::Value)>> {
+        Ok(self.table::<T>()?.iter().collect::<Result<_, _>>()?)
+    }
+
+    pub fn table_set<T: Table>(&mut self, key: T::Key, value: T::Value) -> Result<()> {
+        self.table::<T>()?
+            .insert(key, value, 0)
+            .with_context(|| format!("writing {} (full? raise its size)", T::NAME))
+    }
+
+    pub fn table_remove<T: Table>(&mut self, key: &T::Key) -> Result<()> {
+        match self.table::<T>()?.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn set_tunnel(&mut self, config: TunnelConfig) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(maps::TUNNEL)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::TUNNEL))?;
+        let mut array: Array<&mut MapData, TunnelConfig> = Array::try_from(map)?;
+        array.set(0, config, 0)?;
+        Ok(())
+    }
+
+    pub fn tunnel(&self) -> Result<TunnelConfig> {
+        let map = self
+            .ebpf
+            .map(maps::TUNNEL)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::TUNNEL))?;
+        let array: Array<&MapData, TunnelConfig> = Array::try_from(map)?;
+        Ok(array.get(&0, 0)?)
+    }
+}

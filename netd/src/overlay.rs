@@ -1,0 +1,230 @@
+//! The daemon's side of overlay networks: the endpoints the plugin joined
+//! on this host, and the cluster's picture (networks, other hosts'
+//! endpoints, hosts) turned into the overlay maps.
+//!
+//! Endpoints of netd networks are the plugin's, not Docker's reports: Join
+//! registers them, Leave removes them, and after a restart they are found
+//! again from the pinned endpoint map (their veths are named `nd…`) and the
+//! cluster store's records of this host.
+use std::collections::HashMap;
+
+use anyhow::Result;
+use netd_common::{network::network_id, Endpoint, EndpointLocation, NetworkInfo};
+
+use crate::{
+    cluster::{EndpointRecord, Picture, Store},
+    dataplane::{Attachment, Dataplane, Overlays, Peers, Vnis, Vteps},
+    netlink,
+    plugin::DatapathRequest,
+    reconcile, state,
+};
+
+/// Prefix of the host-side veth of a netd endpoint.
+pub const VETH_PREFIX: &str = "nd";
+
+/// A netd endpoint on this host.
+pub struct Joined {
+    pub ifname: String,
+    pub endpoint: Endpoint,
+    /// Its record in the cluster store; None until read back after a
+    /// restart.
+    pub record: Option<EndpointRecord>,
+}
+
+pub struct Overlay {
+    node: String,
+    store: Store,
+    lease: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// What the last picture asked for.
+    desired: state::OverlayDesired,
+    /// By host-side veth ifindex.
+    joined: HashMap<u32, Joined>,
+}
+
+impl Overlay {
+    /// Picks up the endpoints an earlier daemon registered (pinned) whose
+    /// veths still exist.
+    pub fn new(
+        dp: &mut Dataplane,
+        node: String,
+        store: Store,
+        lease: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    ) -> Result<Self> {
+        let mut joined = HashMap::new();
+        for (ifindex, endpoint) in dp.endpoints()? {
+            let ifname = nix::net::if_::if_indextoname(ifindex)
+                .ok()
+                .map(|n| n.to_string_lossy().into_owned());
+            if let Some(ifname) = ifname.filter(|n| n.starts_with(VETH_PREFIX)) {
+                joined.insert(
+                    ifindex,
+                    Joined {
+                        ifname,
+                        endpoint,
+                        record: None,
+                    },
+                );
+            }
+        }
+        Ok(Self {
+            node,
+            store,
+            lease,
+            desired: state::OverlayDesired::default(),
+            joined,
+        })
+    }
+
+    /// Subnets and gateways for `netd_networks`, besides Docker's bridges.
+    pub fn networks(&self) -> &HashMap<(std::net::Ipv4Addr, u8), NetworkInfo> {
+        &self.desired.networks
+    }
+
+    /// This host's netd endpoints, to merge with Docker's bridge endpoints.
+    pub fn endpoints(&self) -> impl Iterator<Item = (u32, (String, Endpoint))> + '_ {
+        self.joined
+            .iter()
+            .map(|(i, j)| (*i, (j.ifname.clone(), j.endpoint)))
+    }
+
+    /// Attaches and registers a joined endpoint, or removes one that left.
+    pub fn on_request(&mut self, dp: &mut Dataplane, request: DatapathRequest) {
+        match request {
+            DatapathRequest::Join {
+                ifname,
+                ifindex,
+                record,
+                done,
+            } => {
+                let endpoint = Endpoint {
+                    addr: record.addr.octets(),
+                    mac: record.mac,
+                    _pad: [0; 2],
+                    network: network_id(&record.network),
+                };
+                let registered = (|| {
+                    // Entries first: the programs drop what comes from an
+                    // unknown endpoint.
+                    dp.set_endpoint_location(
+                        record.addr,
+                        EndpointLocation::of(ifindex, &endpoint),
+                    )?;
+                    dp.set_endpoint(ifindex, endpoint)?;
+                    for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
+                        dp.attach(att, &ifname)?;
+                    }
+                    Ok(())
+                })();
+                if registered.is_ok() {
+                    tracing::info!(
+                        "endpoint {} of network {} joined on {ifname}",
+                        record.addr,
+                        short(&record.network)
+                    );
+                    self.joined.insert(
+                        ifindex,
+                        Joined {
+                            ifname,
+                            endpoint,
+                            record: Some(record),
+                        },
+                    );
+                }
+                let _ = done.send(registered);
+            }
+            DatapathRequest::Leave { ifindex, done } => {
+                let left = match self.joined.remove(&ifindex) {
+                    Some(j) => (|| {
+                        dp.remove_endpoint_location(j.endpoint.addr.into())?;
+                        dp.remove_endpoint(ifindex)?;
+                        for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
+                            dp.detach(att, &j.ifname)?;
+                        }
+                        tracing::info!(
+                            "endpoint {:?} left",
+                            std::net::Ipv4Addr::from(j.endpoint.addr)
+                        );
+                        Ok(())
+                    })(),
+                    None => Ok(()),
+                };
+                let _ = done.send(left);
+            }
+        }
+    }
+
+    /// Brings the overlay maps and the gateway addresses to `picture`, and
+    /// publishes again this host's endpoints the store lost (a lease that
+    /// ran out while etcd was away).
+    pub async fn apply(&mut self, dp: &mut Dataplane, picture: &Picture) -> Result<bool> {
+        let desired = state::desired_overlay(picture, &self.node);
+        let mut changed = reconcile::table::<Overlays>(dp, &desired.overlays)?;
+        changed.add(reconcile::table::<Vnis>(dp, &desired.vnis)?);
+        changed.add(reconcile::table::<Peers>(dp, &desired.peers)?);
+        changed.add(reconcile::table::<Vteps>(dp, &desired.vteps)?);
+        let gateways = netlink::sync_gateway_addresses(&desired.gateways).await?;
+        let networks_changed = desired.networks != self.desired.networks;
+        self.desired = desired;
+        // Records of this host's endpoints: read back after a restart, put
+        // back when missing.
+        for joined in self.joined.values_mut() {
+            let own = picture
+                .endpoints
+                .iter()
+                .find(|e| e.host == self.node && e.addr.octets() == joined.endpoint.addr);
+            match (own, &joined.record) {
+                (Some(r), _) => joined.record = Some(r.clone()),
+                (None, Some(record)) => {
+                    let (mut store, record) = (self.store.clone(), record.clone());
+                    let lease = self.lease.load(std::sync::atomic::Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        match store.put_endpoint(&record, lease).await {
+                            Ok(()) => tracing::info!("endpoint {} published again", record.addr),
+                            Err(e) => tracing::warn!("publishing endpoint {}: {e:#}", record.addr),
+                        }
+                    });
+                }
+                (None, None) => {}
+            }
+        }
+        let nothing = reconcile::Applied::default();
+        if changed != nothing {
+            tracing::info!(
+                "overlay: {} networks, {} peers, {} hosts",
+                self.desired.overlays.len(),
+                self.desired.peers.len(),
+                self.desired.vteps.len()
+            );
+        }
+        Ok(networks_changed || gateways)
+    }
+}
+
+/// Reads the cluster's picture whenever `wake` says the store changed (and
+/// every `resync`), and sends it on `tx`.
+pub async fn read_pictures(
+    mut store: Store,
+    mut wake: tokio::sync::mpsc::Receiver<()>,
+    tx: tokio::sync::mpsc::Sender<Picture>,
+    resync: std::time::Duration,
+) {
+    loop {
+        tokio::select! {
+            woken = wake.recv() => if woken.is_none() { return },
+            _ = tokio::time::sleep(resync) => {}
+        }
+        while wake.try_recv().is_ok() {}
+        match store.picture().await {
+            Ok(p) => {
+                if tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
