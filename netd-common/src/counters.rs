@@ -139,10 +139,15 @@ pub enum Counter {
     ArpReply = 29,
     /// Handed from an overlay container to another on this host.
     Switched = 30,
+    /// Several VXLAN packets merged into one (GRO, or a veth uplink passing
+    /// a UDP-tunnel GSO packet whole): eBPF on this kernel cannot unwrap it
+    /// without leaving its tunnel GSO state behind. Dropped; a NIC's
+    /// packets off the wire never arrive so.
+    VxlanAggregate = 31,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 32;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -175,6 +180,7 @@ impl Counter {
         Counter::VxlanDecap,
         Counter::ArpReply,
         Counter::Switched,
+        Counter::VxlanAggregate,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -210,6 +216,7 @@ impl Counter {
             Counter::VxlanDecap => "vxlan-decap",
             Counter::ArpReply => "arp-reply",
             Counter::Switched => "switched",
+            Counter::VxlanAggregate => "vxlan-aggregate",
         }
     }
 

@@ -218,6 +218,9 @@ pub fn is_ours(ctx: &TcContext) -> bool {
 /// of that network on that host, a destination no container here holds.
 #[inline(always)]
 pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return Err(Counter::VxlanAggregate);
+    }
     let outer_src: [u8; 4] =
         unsafe { *ptr_at::<[u8; 4]>(ctx, ETH_HLEN + 12).ok_or(Counter::Truncated)? };
     let vxlan: [u8; 8] =

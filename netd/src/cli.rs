@@ -112,6 +112,24 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// The cluster's netd networks (reads the cluster store): name, mode,
+    /// VNI, subnet, gateway, and the hosts with containers on each.
+    Networks {
+        #[arg(long)]
+        json: bool,
+        /// etcd client URLs, comma-separated.
+        #[arg(long, env = "NETD_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+    },
+    /// The overlay forwarding table as the datapath holds it (reads the
+    /// pinned maps): each container address, its MAC and network, and
+    /// whether it is on this host (its veth) or another (its host's VTEP).
+    Peers {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// The NAT flow table: one line per direction of each flow.
     Ct {
         #[arg(long)]
@@ -251,6 +269,62 @@ fn dispatch(command: Command) -> Result<()> {
                         format!("{}:{}", p.host_addr, p.host_port),
                         p.container_addr,
                         p.container_port
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Networks { json, etcd } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let picture = runtime.block_on(async {
+                let mut store =
+                    crate::cluster::Store::connect(&etcd, std::time::Duration::from_secs(5))
+                        .await?;
+                store.picture().await
+            })?;
+            let rows = network_rows(&picture);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<20} {:<8} {:<8} {:<18} {:<16} HOSTS",
+                    "NAME", "MODE", "VNI", "SUBNET", "GATEWAY"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<20} {:<8} {:<8} {:<18} {:<16} {}",
+                        r.name,
+                        r.mode,
+                        r.vni,
+                        r.subnet,
+                        r.gateway,
+                        r.hosts.join(",")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Peers { json, pin_dir } => {
+            dataplane::require_privileges()?;
+            let peers = dataplane::read_peers(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                println!(
+                    "{:<16} {:<18} {:<9} {:<9} WHERE",
+                    "ADDRESS", "MAC", "NETWORK", "VNI"
+                );
+                for p in &peers {
+                    let place = match (&p.interface, p.vtep) {
+                        (Some(i), _) => format!("local {i}"),
+                        (None, Some(v)) => format!("remote vtep {v}"),
+                        (None, None) => "?".into(),
+                    };
+                    println!(
+                        "{:<16} {:<18} {:<9} {:<9} {place}",
+                        p.addr, p.mac, p.network, p.vni
                     );
                 }
             }
@@ -432,4 +506,47 @@ mod tests {
         assert!(text.contains("DETACHED"));
         assert!(text.contains("no-match") && text.contains("42") && text.contains("(reason)"));
     }
+}
+
+/// A line of `netd networks`.
+#[derive(Debug, serde::Serialize, PartialEq, Eq)]
+pub struct NetworkRow {
+    pub name: String,
+    pub id: String,
+    pub mode: String,
+    pub vni: u32,
+    pub subnet: String,
+    pub gateway: std::net::Ipv4Addr,
+    pub internal: bool,
+    /// Hosts with containers on it.
+    pub hosts: Vec<String>,
+}
+
+fn network_rows(picture: &crate::cluster::Picture) -> Vec<NetworkRow> {
+    let mut rows: Vec<NetworkRow> = picture
+        .networks
+        .iter()
+        .map(|n| {
+            let mut hosts: Vec<String> = picture
+                .endpoints
+                .iter()
+                .filter(|e| e.network == n.id)
+                .map(|e| e.host.clone())
+                .collect();
+            hosts.sort();
+            hosts.dedup();
+            NetworkRow {
+                name: n.label().to_owned(),
+                id: n.id.clone(),
+                mode: n.mode.clone(),
+                vni: n.vni,
+                subnet: format!("{}/{}", n.subnet.0, n.subnet.1),
+                gateway: n.gateway,
+                internal: n.internal,
+                hosts,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    rows
 }

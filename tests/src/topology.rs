@@ -1,7 +1,7 @@
 //! Emulated hosts and the LAN between them.
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use crate::{
     docker::{DockerMode, Dockerd},
@@ -67,6 +67,25 @@ impl Lan {
         crate::netlink::enslave(&self.ns, &sw, "lan")?;
         let ip = self.ip(host);
         with_netlink(ns, |h| async move { add_address(&h, UPLINK, ip, 24).await })?;
+        // A veth hands GSO packets to its peer whole, across namespaces: on
+        // this LAN a 64 KB UDP-tunnel packet would arrive at the other host
+        // in one piece, as it never does off a wire. A NIC without UDP
+        // tunnel segmentation offload segments it in software when sending;
+        // so does this uplink now.
+        ns.run_ok(
+            "ethtool",
+            &[
+                "-K",
+                UPLINK,
+                "tx-udp_tnl-segmentation",
+                "off",
+                "tx-udp_tnl-csum-segmentation",
+                "off",
+            ],
+        )
+        .context(
+            "turning UDP tunnel segmentation off (is ethtool installed? `cargo xtask setup`)",
+        )?;
         Ok(ip)
     }
 }

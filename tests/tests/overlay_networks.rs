@@ -305,8 +305,224 @@ fn containers_on_different_hosts_reach_each_other() {
     // busybox httpd reports an IPv4-mapped IPv6 address.
     assert_eq!(peer.trim(), format!("[::ffff:{}]", b.ip));
 
+    // The CLI: the cluster's networks from etcd, the forwarding table
+    // from the pins.
+    let netd_a = a.netd.as_ref().unwrap();
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let networks = json(
+        netd_a
+            .cli(&["networks", "--json", "--etcd", &etcd.endpoint()])
+            .unwrap(),
+    );
+    assert_eq!(networks[0]["name"], "ov", "{networks:#}");
+    assert_eq!(
+        networks[0]["hosts"],
+        serde_json::json!(["a", "b"]),
+        "{networks:#}"
+    );
+    let pin = netd_a.pin_dir().display().to_string();
+    let peers = json(netd_a.cli(&["peers", "--json", "--pin-dir", &pin]).unwrap());
+    let entry = |addr: &str| {
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["addr"] == addr)
+            .unwrap_or_else(|| panic!("{addr} not in {peers:#}"))
+            .clone()
+    };
+    assert_eq!(entry(&ip_b)["vtep"], b.ip.to_string());
+    assert!(entry(&ip_a)["interface"]
+        .as_str()
+        .unwrap()
+        .starts_with("nd"));
+    assert_eq!(entry(&ip_a2)["vtep"], serde_json::Value::Null);
+
     let status = a.netd.as_ref().unwrap().status().unwrap();
     let encap = netd_tests::netd::counter(&status, "container-egress", "vxlan-encap");
     let decap = netd_tests::netd::counter(&status, "uplink-ingress", "vxlan-decap");
     assert!(encap > 0 && decap > 0, "encap {encap} decap {decap}");
+}
+
+/// A deterministic byte stream (xorshift64), so the receiver checks every
+/// byte without holding what was sent; reads of any length continue it.
+struct Stream {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Stream {
+    fn new(seed: u64) -> Self {
+        Self {
+            state: seed,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.used == 8 {
+                self.state ^= self.state << 13;
+                self.state ^= self.state >> 7;
+                self.state ^= self.state << 17;
+                self.word = self.state.to_le_bytes();
+                self.used = 0;
+            }
+            *b = self.word[self.used];
+            self.used += 1;
+        }
+    }
+}
+
+/// Across hosts with TSO/GSO left on: 1 GiB over TCP arrives byte-exact,
+/// UDP is answered both ways, and other networks stay out of reach (another
+/// netd network, a bridge network).
+#[test]
+fn bulk_tcp_udp_and_isolation_across_hosts() {
+    use std::io::{Read as _, Write as _};
+    use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(18).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = cluster_host(&bench, &lan, &etcd, "a", 1);
+    let b = cluster_host(&bench, &lan, &etcd, "b", 2);
+    for (name, subnet) in [("ov", "198.19.86.0/24"), ("other", "198.19.87.0/24")] {
+        a.dockerd()
+            .docker(&[
+                "network",
+                "create",
+                "-d",
+                "netd",
+                "--ipam-driver",
+                "netd",
+                "--subnet",
+                subnet,
+                name,
+            ])
+            .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(3), || netd_networks(&b)
+        .len()
+        == 2));
+    a.dockerd()
+        .run("c-a", &["--network", "ov"], &["sleep", "600"])
+        .unwrap();
+    b.dockerd()
+        .run("c-b", &["--network", "ov"], &["sleep", "600"])
+        .unwrap();
+    b.dockerd()
+        .run("c-other", &["--network", "other"], &["sleep", "600"])
+        .unwrap();
+    a.dockerd().run("c-bridge", &[], &["sleep", "600"]).unwrap();
+    let netns =
+        |h: &Host, c: &str| netd_tests::NetNs::open(&h.dockerd().netns_of(c).unwrap()).unwrap();
+    let ip = |h: &Host, c: &str| -> std::net::Ipv4Addr {
+        h.dockerd()
+            .docker(&[
+                "inspect",
+                "--format",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                c,
+            ])
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (ns_a, ns_b) = (netns(&a, "c-a"), netns(&b, "c-b"));
+    let ip_b = ip(&b, "c-b");
+
+    const TOTAL: usize = 1 << 30;
+    let listener = ns_b.enter(|| Ok(TcpListener::bind((ip_b, 5001))?)).unwrap();
+    let receiver = std::thread::spawn(move || -> Result<usize, String> {
+        let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let (mut expected, mut got, mut want) =
+            (Stream::new(7), vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+        let mut seen = 0;
+        while seen < TOTAL {
+            let n = conn
+                .read(&mut got)
+                .map_err(|e| format!("after {seen} bytes: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            expected.fill(&mut want[..n]);
+            if got[..n] != want[..n] {
+                let at = got[..n].iter().zip(&want[..n]).position(|(g, w)| g != w);
+                return Err(format!("byte {} differs", seen + at.unwrap_or(0)));
+            }
+            seen += n;
+        }
+        Ok(seen)
+    });
+    let started = std::time::Instant::now();
+    let sent = ns_a.enter(|| {
+        let mut conn =
+            TcpStream::connect_timeout(&SocketAddr::from((ip_b, 5001)), Duration::from_secs(5))?;
+        let (mut stream, mut buf) = (Stream::new(7), vec![0u8; 1 << 16]);
+        let mut sent = 0;
+        while sent < TOTAL {
+            stream.fill(&mut buf);
+            conn.write_all(&buf)?;
+            sent += buf.len();
+        }
+        Ok(())
+    });
+    let received = receiver.join().unwrap();
+    assert_eq!(received, Ok(TOTAL), "sender: {sent:?}");
+    sent.unwrap();
+    eprintln!("1 GiB across hosts in {:?}", started.elapsed());
+
+    // UDP, both ways: b answers a, a answers b.
+    let echo =
+        |server: &netd_tests::NetNs, addr: std::net::Ipv4Addr, client: &netd_tests::NetNs| {
+            let sock = server.enter(|| Ok(UdpSocket::bind((addr, 5353))?)).unwrap();
+            let served = std::thread::spawn(move || {
+                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 64];
+                let (n, from) = sock.recv_from(&mut buf).unwrap();
+                sock.send_to(&buf[..n], from).unwrap();
+            });
+            let answer = client
+                .enter(|| {
+                    let s = UdpSocket::bind("0.0.0.0:0")?;
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    s.send_to(b"across", (addr, 5353))?;
+                    let mut buf = [0u8; 64];
+                    let (n, _) = s.recv_from(&mut buf)?;
+                    Ok(buf[..n].to_vec())
+                })
+                .unwrap();
+            served.join().unwrap();
+            assert_eq!(answer, b"across");
+        };
+    echo(&ns_b, ip_b, &ns_a);
+    echo(&ns_a, ip(&a, "c-a"), &ns_b);
+
+    // Another netd network and a bridge network are out of reach.
+    let unreachable = |h: &Host, from: &str, to: std::net::Ipv4Addr| {
+        let out =
+            h.dockerd()
+                .docker(&["exec", from, "ping", "-c", "1", "-W", "1", &to.to_string()]);
+        assert!(out.is_err(), "{from} reached {to}");
+    };
+    unreachable(&a, "c-a", ip(&b, "c-other"));
+    unreachable(&b, "c-other", ip(&a, "c-a"));
+    unreachable(&a, "c-bridge", ip(&a, "c-a"));
+    unreachable(&a, "c-a", ip(&a, "c-bridge"));
+    let status = a.netd.as_ref().unwrap().status().unwrap();
+    assert!(netd_tests::netd::counter(&status, "container-egress", "isolated") >= 3);
 }

@@ -25,6 +25,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iptables",
     "tar",
     "coreutils",
+    // The test bench's uplinks segment UDP tunnel packets as a NIC would.
+    "ethtool",
     // The cluster store: a real etcd for the multi-host tests, and what the
     // etcd-client crate's build needs to compile etcd's protos.
     "etcd-server",

@@ -452,3 +452,73 @@ pub fn read_ct(pin_dir: &Path) -> Result<Vec<FlowStatus>> {
     out.sort_by(|a, b| (a.kind, &a.src, &a.dst).cmp(&(b.kind, &b.src, &b.dst)));
     Ok(out)
 }
+
+/// One entry of the overlay forwarding table: a container on this host or
+/// another, as the datapath holds it.
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerStatus {
+    pub addr: std::net::Ipv4Addr,
+    pub mac: String,
+    /// netd's network id (the first 8 hex digits of its cluster id).
+    pub network: String,
+    pub vni: u32,
+    /// The VTEP of the container's host (None: this host).
+    pub vtep: Option<std::net::Ipv4Addr>,
+    /// The host-side veth of a local container.
+    pub interface: Option<String>,
+}
+
+/// The overlay forwarding table from the pins: the local endpoints of
+/// overlay networks, and every peer on other hosts.
+pub fn read_peers(pin_dir: &Path) -> Result<Vec<PeerStatus>> {
+    use netd_common::{Endpoint, OverlayNetwork, Peer};
+    let pins = PinDir::existing(pin_dir)?;
+    pins.check_layout()?;
+    let open = |name: &str| {
+        let path = pins.map(name);
+        MapData::from_pin(&path).with_context(|| {
+            format!(
+                "opening pinned map {} (has a netd with --etcd run here?)",
+                path.display()
+            )
+        })
+    };
+    let overlays: aya::maps::HashMap<MapData, u32, OverlayNetwork> =
+        aya::maps::HashMap::try_from(Map::HashMap(open(maps::OVERLAYS)?))?;
+    let vni_of = |id: u32| overlays.get(&id, 0).ok().map(|o| o.vni);
+    let mut out = Vec::new();
+    let endpoints: aya::maps::HashMap<MapData, u32, Endpoint> =
+        aya::maps::HashMap::try_from(Map::HashMap(open(maps::ENDPOINTS)?))?;
+    for item in endpoints.iter() {
+        let (ifindex, ep) = item?;
+        if let Some(vni) = vni_of(ep.network) {
+            out.push(PeerStatus {
+                addr: ep.addr.into(),
+                mac: format_mac(ep.mac),
+                network: format!("{:08x}", ep.network),
+                vni,
+                vtep: None,
+                interface: Some(interface_name(ifindex).unwrap_or_else(|| "?".into())),
+            });
+        }
+    }
+    let peers: aya::maps::HashMap<MapData, [u8; 4], Peer> =
+        aya::maps::HashMap::try_from(Map::HashMap(open(maps::PEERS)?))?;
+    for item in peers.iter() {
+        let (addr, peer) = item?;
+        out.push(PeerStatus {
+            addr: addr.into(),
+            mac: format_mac(peer.mac),
+            network: format!("{:08x}", peer.network),
+            vni: vni_of(peer.network).unwrap_or(0),
+            vtep: Some(peer.vtep.into()),
+            interface: None,
+        });
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn format_mac(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}

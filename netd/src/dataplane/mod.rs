@@ -36,8 +36,9 @@ use netd_common::{
 pub use attach::{AttachKind, Attachment};
 pub use conntrack::{monotonic_now_ns, GcReport};
 pub use inspect::{
-    read_ct, read_endpoints, read_ports, read_status, uninstall, AttachmentStatus, EndpointStatus,
-    FlowStatus, HookCounters, MapStatus, NamedCounter, PortStatus, Status, UninstallReport,
+    read_ct, read_endpoints, read_peers, read_ports, read_status, uninstall, AttachmentStatus,
+    EndpointStatus, FlowStatus, HookCounters, MapStatus, NamedCounter, PeerStatus, PortStatus,
+    Status, UninstallReport,
 };
 pub use pins::{interface_index, PinDir};
 pub use tables::{Overlays, Peers, Table, Vnis, Vteps};
