@@ -496,6 +496,8 @@ pub struct Picture {
     pub networks: Vec<NetworkRecord>,
     pub endpoints: Vec<EndpointRecord>,
     pub hosts: Vec<HostRecord>,
+    /// (network id, address, claim).
+    pub claims: Vec<(String, Ipv4Addr, AddressClaim)>,
 }
 
 impl Store {
@@ -511,6 +513,20 @@ impl Store {
             )
             .await
             .context("publishing the endpoint in etcd")?;
+        Ok(())
+    }
+
+    /// Names the holder of a claimed address (Docker's endpoint id, once
+    /// CreateEndpoint tells it): what a host needs to publish the endpoint
+    /// again after its lease ran out.
+    pub async fn name_claim(&mut self, network: &str, addr: Ipv4Addr, claim: &AddressClaim) -> Result<()> {
+        check_name(network)?;
+        let addr_key = key(&["addrs", network, &addr.to_string()]);
+        // Only a claim that exists (not one released meanwhile).
+        let txn = Txn::new()
+            .when([Compare::create_revision(addr_key.clone(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(addr_key, serde_json::to_vec(claim)?, None)]);
+        self.commit(txn, "naming an address claim in etcd").await?;
         Ok(())
     }
 
@@ -568,6 +584,7 @@ impl Store {
                 Some("hosts") => serde_json::from_slice(kv.value())
                     .map(|r| picture.hosts.push(r))
                     .map_err(Into::into),
+                Some("addrs") => parse_claim(rest, kv.value()).map(|c| picture.claims.push(c)),
                 _ => Ok(()),
             };
             if let Err(e) = parsed {
@@ -576,6 +593,16 @@ impl Store {
         }
         Ok(picture)
     }
+}
+
+/// `addrs/<network>/<ip>` and its value.
+fn parse_claim(key: &str, value: &[u8]) -> Result<(String, Ipv4Addr, AddressClaim)> {
+    let mut parts = key.split('/').skip(1);
+    let (Some(network), Some(addr)) = (parts.next(), parts.next()) else {
+        bail!("malformed claim key");
+    };
+    let addr = addr.parse().context("malformed claim address")?;
+    Ok((network.to_owned(), addr, serde_json::from_slice(value)?))
 }
 
 /// A netd host as the cluster sees it, on that host's lease.

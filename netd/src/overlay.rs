@@ -39,6 +39,8 @@ pub struct Overlay {
     desired: state::OverlayDesired,
     /// By host-side veth ifindex.
     joined: HashMap<u32, Joined>,
+    /// Whether this daemon has taken over its host's records yet.
+    adopted: bool,
 }
 
 impl Overlay {
@@ -72,6 +74,7 @@ impl Overlay {
             lease,
             desired: state::OverlayDesired::default(),
             joined,
+            adopted: false,
         })
     }
 
@@ -165,6 +168,10 @@ impl Overlay {
         let gateways = netlink::sync_gateway_addresses(&desired.gateways).await?;
         let networks_changed = desired.networks != self.desired.networks;
         self.desired = desired;
+        if !self.adopted {
+            self.adopted = true;
+            self.adopt(picture);
+        }
         // Records of this host's endpoints: read back after a restart, put
         // back when missing.
         for joined in self.joined.values_mut() {
@@ -172,6 +179,9 @@ impl Overlay {
                 .endpoints
                 .iter()
                 .find(|e| e.host == self.node && e.addr.octets() == joined.endpoint.addr);
+            if own.is_none() && joined.record.is_none() {
+                joined.record = rebuilt_record(picture, &self.node, &joined.endpoint);
+            }
             match (own, &joined.record) {
                 (Some(r), _) => joined.record = Some(r.clone()),
                 (None, Some(record)) => {
@@ -197,6 +207,69 @@ impl Overlay {
             );
         }
         Ok(networks_changed || gateways)
+    }
+}
+
+/// The record of a local endpoint whose record is gone (its lease ran out
+/// while this daemon was away), from its address claim, which names the
+/// endpoint and is not on the lease.
+fn rebuilt_record(picture: &Picture, node: &str, endpoint: &Endpoint) -> Option<EndpointRecord> {
+    let network = picture
+        .networks
+        .iter()
+        .find(|n| network_id(&n.id) == endpoint.network)?;
+    let addr = std::net::Ipv4Addr::from(endpoint.addr);
+    let (_, _, claim) = picture
+        .claims
+        .iter()
+        .find(|(n, a, c)| *n == network.id && *a == addr && c.host == node)?;
+    let vtep = picture.hosts.iter().find(|h| h.node == node)?.vtep;
+    Some(EndpointRecord {
+        network: network.id.clone(),
+        addr,
+        mac: endpoint.mac,
+        host: node.to_owned(),
+        vtep,
+        endpoint: claim.owner.clone(),
+    })
+}
+
+impl Overlay {
+    /// A new daemon's first picture: this host's endpoint records go on
+    /// this daemon's lease (the previous daemon's runs out after its TTL,
+    /// and would take them along), and those whose veth is gone (their
+    /// container left while netd was down, and Docker's Leave found no
+    /// plugin) are withdrawn with their addresses.
+    fn adopt(&self, picture: &Picture) {
+        let lease = self.lease.load(std::sync::atomic::Ordering::Relaxed);
+        for record in picture.endpoints.iter().filter(|e| e.host == self.node) {
+            let veth = record
+                .endpoint
+                .get(..11)
+                .map(|short| format!("{VETH_PREFIX}{short}"));
+            let alive = veth.is_some_and(|v| nix::net::if_::if_nametoindex(v.as_str()).is_ok());
+            let (mut store, record) = (self.store.clone(), record.clone());
+            tokio::spawn(async move {
+                let done = if alive {
+                    store.put_endpoint(&record, lease).await
+                } else {
+                    tracing::info!(
+                        "endpoint {} left while netd was down: withdrawn",
+                        record.addr
+                    );
+                    match store
+                        .delete_endpoint(&record.network, &record.endpoint)
+                        .await
+                    {
+                        Ok(()) => store.release_address(&record.network, record.addr).await,
+                        Err(e) => Err(e),
+                    }
+                };
+                if let Err(e) = done {
+                    tracing::warn!("taking over endpoint {}: {e:#}", record.addr);
+                }
+            });
+        }
     }
 }
 

@@ -144,6 +144,62 @@ impl Host {
         Ok(h)
     }
 
+    /// A Docker host (its bridge subnet 198.19.`host`.0/24) running netd
+    /// as a member of the cluster at `etcd` under the node name `role`,
+    /// with `extra` flags of the test's own.
+    pub fn cluster_member(
+        bench: &Bench,
+        lan: &Lan,
+        role: &str,
+        host: u8,
+        etcd: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut h = Self::docker(bench, lan, role, host, [198, 19, host], DockerMode::Netd)?;
+        let mut args: Vec<String> = ["--etcd", etcd, "--node-name", role]
+            .map(String::from)
+            .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        h.start_netd_with(
+            bench,
+            NetdOptions {
+                args,
+                ..NetdOptions::default()
+            },
+        )?;
+        Ok(h)
+    }
+
+    /// The names of this host's Docker networks of driver netd.
+    pub fn netd_networks(&self) -> Result<Vec<String>> {
+        Ok(self
+            .dockerd()
+            .docker(&[
+                "network",
+                "ls",
+                "--filter",
+                "driver=netd",
+                "--format",
+                "{{.Name}}",
+            ])?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The IPv4 address of container `name` (its only network's).
+    pub fn container_addr(&self, name: &str) -> Result<std::net::Ipv4Addr> {
+        let out = self.dockerd().docker(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            name,
+        ])?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("{name} has no single IPv4 address ({out:?})"))
+    }
+
     pub fn dockerd(&self) -> &Dockerd {
         self.docker.as_ref().expect("host has no dockerd")
     }

@@ -6,37 +6,14 @@
 //! /run/docker/plugins), and a real etcd, on one emulated LAN.
 use std::time::Duration;
 
-use netd_tests::{etcd::Etcd, eventually, netd::NetdOptions, privileged, Bench, DockerMode, Host};
+use netd_tests::{etcd::Etcd, eventually, privileged, Bench, Host};
 
 fn cluster_host(bench: &Bench, lan: &netd_tests::Lan, etcd: &Etcd, name: &str, ip: u8) -> Host {
-    let mut host = Host::docker(bench, lan, name, ip, [198, 19, ip], DockerMode::Netd).unwrap();
-    host.start_netd_with(
-        bench,
-        NetdOptions {
-            args: ["--etcd", &etcd.endpoint(), "--node-name", name]
-                .map(String::from)
-                .to_vec(),
-            ..NetdOptions::default()
-        },
-    )
-    .unwrap();
-    host
+    Host::cluster_member(bench, lan, name, ip, &etcd.endpoint(), &[]).unwrap()
 }
 
 fn netd_networks(host: &Host) -> Vec<String> {
-    host.dockerd()
-        .docker(&[
-            "network",
-            "ls",
-            "--filter",
-            "driver=netd",
-            "--format",
-            "{{.Name}}",
-        ])
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    host.netd_networks().unwrap()
 }
 
 fn create_fails(host: &Host, args: &[&str]) -> String {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::{field, parse_cidr, DatapathRequest, Plugin, Reply, ADDRESS_SPACE};
 use crate::{
-    cluster::{EndpointRecord, NetworkRequest},
+    cluster::{AddressClaim, EndpointRecord, NetworkRequest},
     netlink,
     state::overlay_mac,
 };
@@ -229,7 +229,13 @@ async fn create_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
         endpoint: field(body, "EndpointID").to_owned(),
     };
     let lease = plugin.host.lease.load(std::sync::atomic::Ordering::Relaxed);
-    plugin.store.clone().put_endpoint(&record, lease).await?;
+    let mut store = plugin.store.clone();
+    store.put_endpoint(&record, lease).await?;
+    let claim = AddressClaim {
+        host: record.host.clone(),
+        owner: record.endpoint.clone(),
+    };
+    store.name_claim(&record.network, addr, &claim).await?;
     // Docker lets a driver fill only what it left empty.
     if given.is_empty() {
         return Ok(json!({"Interface": {"MacAddress": format_mac(mac)}}));
