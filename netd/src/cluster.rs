@@ -519,12 +519,21 @@ impl Store {
     /// Names the holder of a claimed address (Docker's endpoint id, once
     /// CreateEndpoint tells it): what a host needs to publish the endpoint
     /// again after its lease ran out.
-    pub async fn name_claim(&mut self, network: &str, addr: Ipv4Addr, claim: &AddressClaim) -> Result<()> {
+    pub async fn name_claim(
+        &mut self,
+        network: &str,
+        addr: Ipv4Addr,
+        claim: &AddressClaim,
+    ) -> Result<()> {
         check_name(network)?;
         let addr_key = key(&["addrs", network, &addr.to_string()]);
         // Only a claim that exists (not one released meanwhile).
         let txn = Txn::new()
-            .when([Compare::create_revision(addr_key.clone(), CompareOp::Greater, 0)])
+            .when([Compare::create_revision(
+                addr_key.clone(),
+                CompareOp::Greater,
+                0,
+            )])
             .and_then([TxnOp::put(addr_key, serde_json::to_vec(claim)?, None)]);
         self.commit(txn, "naming an address claim in etcd").await?;
         Ok(())

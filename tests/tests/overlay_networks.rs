@@ -503,3 +503,142 @@ fn bulk_tcp_udp_and_isolation_across_hosts() {
     let status = a.netd.as_ref().unwrap().status().unwrap();
     assert!(netd_tests::netd::counter(&status, "container-egress", "isolated") >= 3);
 }
+
+/// The frames are standard VXLAN: a plain Linux vxlan device on a LAN
+/// machine, with the network's VNI, port 4789 and static FDB and neighbour
+/// entries, exchanges ping and TCP both ways with a netd container. The
+/// machine is entered in the cluster store by hand, as a host holding one
+/// endpoint.
+#[test]
+fn a_kernel_vxlan_device_interoperates() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(20).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = cluster_host(&bench, &lan, &etcd, "a", 1);
+    let k = Host::plain(&bench, &lan, "kernel", 9).unwrap();
+    a.dockerd()
+        .docker(&[
+            "network",
+            "create",
+            "-d",
+            "netd",
+            "--ipam-driver",
+            "netd",
+            "--subnet",
+            "198.19.106.0/24",
+            "ov",
+        ])
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_str(
+        &etcd
+            .ctl(&[
+                "get",
+                "--prefix",
+                "--print-value-only",
+                "/netd/v1/networks/",
+            ])
+            .unwrap(),
+    )
+    .unwrap();
+    let (id, vni) = (
+        record["id"].as_str().unwrap(),
+        record["vni"].as_u64().unwrap(),
+    );
+
+    // The kernel's side: vx0 with its own address and MAC.
+    let (k_addr, k_mac) = ("198.19.106.200", "02:4e:c6:13:6a:c8");
+    let vni_s = vni.to_string();
+    let sh = |args: &[&str]| {
+        k.ns.run_ok("ip", args).unwrap();
+    };
+    sh(&[
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        &vni_s,
+        "local",
+        &k.ip.to_string(),
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    sh(&["link", "set", "vx0", "address", k_mac, "mtu", "1450", "up"]);
+    sh(&["addr", "add", &format!("{k_addr}/24"), "dev", "vx0"]);
+    let host = format!(r#"{{"node":"kernel","vtep":"{}"}}"#, k.ip);
+    etcd.ctl(&["put", "/netd/v1/hosts/kernel", &host]).unwrap();
+    let claim = r#"{"host":"kernel","owner":"vx0"}"#;
+    etcd.ctl(&["put", &format!("/netd/v1/addrs/{id}/{k_addr}"), claim])
+        .unwrap();
+    let mac_json = "[2,78,198,19,106,200]";
+    let endpoint = format!(
+        r#"{{"network":"{id}","addr":"{k_addr}","mac":{mac_json},"host":"kernel","vtep":"{}","endpoint":"vx0"}}"#,
+        k.ip
+    );
+    etcd.ctl(&["put", &format!("/netd/v1/endpoints/{id}/vx0"), &endpoint])
+        .unwrap();
+
+    a.dockerd().run_httpd("web", &["--network", "ov"]).unwrap();
+    let web = a.container_addr("web").unwrap();
+    let web_mac = format!("02:4e:c6:13:6a:{:02x}", web.octets()[3]);
+    k.ns.run_ok(
+        "bridge",
+        &[
+            "fdb",
+            "append",
+            &web_mac,
+            "dev",
+            "vx0",
+            "dst",
+            &a.ip.to_string(),
+        ],
+    )
+    .unwrap();
+    sh(&[
+        "neigh",
+        "add",
+        &web.to_string(),
+        "lladdr",
+        &web_mac,
+        "dev",
+        "vx0",
+        "nud",
+        "permanent",
+    ]);
+
+    // Kernel to netd: ping and TCP.
+    assert!(
+        eventually(Duration::from_secs(5), || k
+            .ns
+            .run_ok("busybox", &["ping", "-c", "1", "-W", "1", &web.to_string()])
+            .is_ok()),
+        "the vxlan device cannot ping the netd container"
+    );
+    let page = k.http_get(&format!("http://{web}/")).unwrap();
+    assert!(page.contains("hello from netd-test"), "{page}");
+    // netd to kernel: ping and TCP (the machine serves over vx0).
+    let _served = k.serve_http().unwrap();
+    a.dockerd()
+        .docker(&["exec", "web", "ping", "-c", "1", "-W", "2", k_addr])
+        .unwrap();
+    let page = a
+        .dockerd()
+        .docker(&[
+            "exec",
+            "web",
+            "timeout",
+            "10",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{k_addr}/"),
+        ])
+        .unwrap();
+    assert!(page.contains("hello from the LAN"), "{page}");
+}
