@@ -72,12 +72,13 @@ pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
     if src != ep.addr {
         return Err(Counter::Spoofed);
     }
+    let flow = ipv4_flow(ctx, &frame)?;
     if let Some(net) = overlay {
-        if let Some((action, verdict)) = overlay::switch(ctx, &ep, net, dst)? {
+        if let Some((action, verdict)) = overlay::switch(ctx, &ep, net, dst, flow.as_ref())? {
             return Ok((action, Some(verdict)));
         }
     }
-    let nat = match ipv4_flow(ctx, &frame)? {
+    let nat = match flow {
         Some(flow) => nat::container_egress(ctx, &flow)?,
         None => ContainerNat::Unrelated,
     };

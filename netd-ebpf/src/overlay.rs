@@ -9,7 +9,8 @@ use netd_common::{Counter, Endpoint, OverlayNetwork};
 
 use crate::{
     maps::{network_of, ENDPOINT_ADDRS, PEERS},
-    parsing::ptr_at,
+    nat,
+    parsing::{ptr_at, Ipv4Flow},
     tunnel,
 };
 
@@ -23,6 +24,7 @@ pub fn switch(
     ep: &Endpoint,
     net: &OverlayNetwork,
     dst: [u8; 4],
+    flow: Option<&Ipv4Flow>,
 ) -> Result<Option<(Counter, i32)>, Counter> {
     let dst_mac: [u8; 6] = unsafe { *ptr_at::<[u8; 6]>(ctx, 0).ok_or(Counter::Truncated)? };
     // Broadcast and multicast, to any MAC or address: nobody to flood to.
@@ -34,6 +36,11 @@ pub fn switch(
     }
     if let Some(loc) = ENDPOINT_ADDRS.get_ptr(&dst) {
         let loc = unsafe { *loc };
+        // Handed over past the receiver's veth, whose egress program would
+        // give a hairpin reply its published source back: do it here.
+        if let Some(flow) = flow {
+            nat::container_ingress(ctx, flow)?;
+        }
         let macs: *mut [u8; 6] = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;
         unsafe { *macs = loc.mac };
         let verdict = unsafe { bpf_redirect_peer(loc.ifindex, 0) } as i32;

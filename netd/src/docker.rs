@@ -212,8 +212,26 @@ fn publishes_of(id: &str, inspect: &ContainerInspectResponse) -> Vec<Publish> {
     }) else {
         return Vec::new();
     };
+    // Docker fills NetworkSettings.Ports from the network driver's
+    // endpoint info, which a plugin cannot give it (Docker 20.10 type-checks
+    // the value against its own Go type, which JSON never decodes to): for
+    // a container of a netd network, the bindings asked for are the ones.
+    let reported = settings
+        .ports
+        .iter()
+        .flatten()
+        .any(|(_, b)| b.as_ref().is_some_and(|b| !b.is_empty()));
+    let asked = inspect
+        .host_config
+        .as_ref()
+        .and_then(|h| h.port_bindings.as_ref());
+    let ports = if reported {
+        settings.ports.as_ref()
+    } else {
+        asked
+    };
     let mut out = Vec::new();
-    for (spec, bindings) in settings.ports.iter().flatten() {
+    for (spec, bindings) in ports.into_iter().flatten() {
         let Some((container_port, proto)) = parse_port_spec(spec) else {
             warn_once(format!(
                 "container {}: port {spec} is not published (netd serves tcp and udp)",
@@ -222,7 +240,13 @@ fn publishes_of(id: &str, inspect: &ContainerInspectResponse) -> Vec<Publish> {
             continue;
         };
         for b in bindings.iter().flatten() {
-            let Some(host_port) = b.host_port.as_deref().and_then(|p| p.parse().ok()) else {
+            // 0 or none: a port for Docker's bridge driver to pick.
+            let Some(host_port) = b
+                .host_port
+                .as_deref()
+                .and_then(|p| p.parse().ok())
+                .filter(|p| *p != 0)
+            else {
                 continue;
             };
             let host_ip = match parse_host_ip(b.host_ip.as_deref().unwrap_or("")) {

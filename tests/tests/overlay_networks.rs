@@ -282,6 +282,31 @@ fn containers_on_different_hosts_reach_each_other() {
     // busybox httpd reports an IPv4-mapped IPv6 address.
     assert_eq!(peer.trim(), format!("[::ffff:{}]", b.ip));
 
+    // A published port of an overlay container: from the LAN, from the
+    // host itself, and hairpin from another container.
+    b.dockerd()
+        .run_httpd("pub-b", &["--network", "ov", "-p", "8080:80"])
+        .unwrap();
+    let url = format!("http://{}:8080/", b.ip);
+    let mut page = String::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            page = outside.http_get_within(&url, 2).unwrap_or_default();
+            !page.is_empty()
+        }),
+        "{url} does not answer from the LAN: {:?}",
+        b.netd.as_ref().unwrap().cli(&[
+            "ports",
+            "--pin-dir",
+            &b.netd.as_ref().unwrap().pin_dir().display().to_string()
+        ])
+    );
+    assert!(page.contains("hello from netd-test"), "{page}");
+    let page = b.http_get(&url).unwrap();
+    assert!(page.contains("hello from netd-test"), "{page}");
+    let page = get(&b, "web-b", &format!("{}:8080/", b.ip)).unwrap();
+    assert!(page.contains("hello from netd-test"), "{page}");
+
     // The CLI: the cluster's networks from etcd, the forwarding table
     // from the pins.
     let netd_a = a.netd.as_ref().unwrap();
