@@ -2,7 +2,8 @@
 //! restarted with a cross-host TCP session open, a host vanishing (its
 //! containers withdrawn everywhere within the lease TTL, back with it), and
 //! etcd going away (forwarding goes on, new containers are refused with a
-//! reason, and what changed meanwhile converges once it is back).
+//! reason, and what changed meanwhile converges once it is back), dockerd
+//! restarted (its network and containers come back).
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
@@ -202,4 +203,22 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
     assert_eq!(session.echo("at the end"), "at the end");
     drop(session);
     server.join().unwrap();
+
+    // dockerd restarted on b: the network is still there and a container
+    // with a restart policy comes back on it, reachable from a.
+    b.dockerd()
+        .run(
+            "c-b-always",
+            &["--network", "ov", "--restart", "always"],
+            &["sleep", "600"],
+        )
+        .unwrap();
+    b.docker.as_mut().unwrap().restart().unwrap();
+    assert_eq!(b.netd_networks().unwrap(), ["ov"]);
+    assert!(
+        eventually(Duration::from_secs(20), || b
+            .container_addr("c-b-always")
+            .is_ok_and(|ip| ping(&a, "c-a", ip))),
+        "c-b-always did not come back reachable"
+    );
 }
