@@ -156,12 +156,7 @@ impl Store {
             // serialises creations; `vnis/` is a record of who holds a VNI
             // for operators, not a lock.
             let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key(&["networks", ""]),
-                    CompareOp::Less,
-                    revision + 1,
-                )
-                .with_prefix()])
+                .when([networks_unchanged_since(revision)])
                 .and_then([
                     TxnOp::put(net_key, serde_json::to_vec(&record)?, None),
                     TxnOp::put(vni_key, record.id.clone(), None),
@@ -198,12 +193,7 @@ impl Store {
             record.name = name.into();
             // Names are unique: serialised as creations are.
             let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key(&["networks", ""]),
-                    CompareOp::Less,
-                    revision + 1,
-                )
-                .with_prefix()])
+                .when([networks_unchanged_since(revision)])
                 .and_then([TxnOp::put(
                     key(&["networks", id]),
                     serde_json::to_vec(&record)?,
@@ -771,6 +761,12 @@ fn parse_record(key: &[u8], value: &[u8]) -> Result<NetworkRecord> {
 /// Host addresses in `subnet`.
 fn pool_size(subnet: (Ipv4Addr, u8)) -> u64 {
     (1u64 << (32 - u32::from(subnet.1))).saturating_sub(2)
+}
+
+/// No network key created or modified after `revision` (a range compare
+/// on the `networks/` prefix: etcd >= 3.3).
+fn networks_unchanged_since(revision: i64) -> Compare {
+    Compare::mod_revision(key(&["networks", ""]), CompareOp::Less, revision + 1).with_prefix()
 }
 
 fn key(parts: &[&str]) -> String {

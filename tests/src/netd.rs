@@ -84,6 +84,9 @@ pub struct NetdOptions {
     pub log: String,
     /// More `netd run` flags.
     pub args: Vec<String>,
+    /// Another netd build than this checkout's (the upgrade test's previous
+    /// release).
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for NetdOptions {
@@ -91,6 +94,7 @@ impl Default for NetdOptions {
         Self {
             log: "debug".into(),
             args: Vec::new(),
+            binary: None,
         }
     }
 }
@@ -104,11 +108,15 @@ impl Netd {
         state_dir: &Path,
         options: NetdOptions,
     ) -> Result<Self> {
+        let binary = match &options.binary {
+            Some(b) => b.clone(),
+            None => netd_binary()?,
+        };
         let mut netd = Self {
             options,
             child: None,
             ns: ns.handle()?,
-            binary: netd_binary()?,
+            binary,
             docker_host: docker_host.into(),
             uplink: uplink.into(),
             pin_dir: pin_dir.into(),
@@ -188,6 +196,14 @@ impl Netd {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops this daemon (SIGTERM) and starts `binary` in its place, on the
+    /// same pins: an upgrade.
+    pub fn replace_with(&mut self, binary: PathBuf) -> Result<()> {
+        self.stop();
+        self.binary = binary;
+        self.spawn()
     }
 
     /// Starts the daemon again on the same pins.

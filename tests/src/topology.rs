@@ -170,6 +170,16 @@ impl Host {
         Ok(h)
     }
 
+    /// `docker network create -d netd --ipam-driver netd --subnet SUBNET
+    /// [extra…] NAME` on this host.
+    pub fn create_netd_network(&self, name: &str, subnet: &str, extra: &[&str]) -> Result<String> {
+        let mut args = vec!["network", "create", "-d", "netd", "--ipam-driver", "netd"];
+        args.extend_from_slice(&["--subnet", subnet]);
+        args.extend_from_slice(extra);
+        args.push(name);
+        self.dockerd().docker(&args)
+    }
+
     /// The names of this host's Docker networks of driver netd.
     pub fn netd_networks(&self) -> Result<Vec<String>> {
         Ok(self
@@ -368,6 +378,13 @@ impl Host {
 /// A process started in a namespace; ended (SIGTERM, then SIGKILL) on drop.
 pub struct Background {
     child: Option<std::process::Child>,
+}
+
+impl Background {
+    /// Holds `child` until dropped (then stops it).
+    pub fn new(child: std::process::Child) -> Self {
+        Self { child: Some(child) }
+    }
 }
 
 impl Drop for Background {

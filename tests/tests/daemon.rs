@@ -158,6 +158,7 @@ fn a_steady_state_daemon_logs_nothing_at_info_level() {
             // The daemon's own debug line marks each resync.
             log: "info,netd::daemon=debug".into(),
             args: vec!["--resync-interval".into(), "1".into()],
+            ..NetdOptions::default()
         },
     )
     .unwrap();

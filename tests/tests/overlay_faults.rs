@@ -95,19 +95,7 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
     let extra = ["--etcd-lease-ttl", TTL];
     let mut a = Host::cluster_member(&bench, &lan, "a", 1, &etcd.endpoint(), &extra).unwrap();
     let mut b = Host::cluster_member(&bench, &lan, "b", 2, &etcd.endpoint(), &extra).unwrap();
-    a.dockerd()
-        .docker(&[
-            "network",
-            "create",
-            "-d",
-            "netd",
-            "--ipam-driver",
-            "netd",
-            "--subnet",
-            "198.19.96.0/24",
-            "ov",
-        ])
-        .unwrap();
+    a.create_netd_network("ov", "198.19.96.0/24", &[]).unwrap();
     assert!(eventually(Duration::from_secs(3), || b
         .netd_networks()
         .unwrap()

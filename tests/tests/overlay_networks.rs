@@ -16,12 +16,9 @@ fn netd_networks(host: &Host) -> Vec<String> {
     host.netd_networks().unwrap()
 }
 
-fn create_fails(host: &Host, args: &[&str]) -> String {
-    let mut all = vec!["network", "create"];
-    all.extend_from_slice(args);
+fn create_fails(host: &Host, name: &str, subnet: &str, extra: &[&str]) -> String {
     let err = host
-        .dockerd()
-        .docker(&all)
+        .create_netd_network(name, subnet, extra)
         .expect_err("the network must be refused");
     format!("{err:#}")
 }
@@ -36,20 +33,8 @@ fn a_network_created_on_one_host_exists_on_every_host() {
     let etcd = Etcd::start(&bench, &lan, 250).unwrap();
     let a = cluster_host(&bench, &lan, &etcd, "a", 1);
     let b = cluster_host(&bench, &lan, &etcd, "b", 2);
-    let ov = [
-        "-d",
-        "netd",
-        "--ipam-driver",
-        "netd",
-        "--subnet",
-        "198.19.66.0/24",
-    ];
-
-    let mut args = vec!["network", "create"];
-    args.extend_from_slice(&ov);
-    args.push("ov");
     let created = std::time::Instant::now();
-    a.dockerd().docker(&args).unwrap();
+    a.create_netd_network("ov", "198.19.66.0/24", &[]).unwrap();
     assert!(
         eventually(Duration::from_secs(2), || netd_networks(&b) == ["ov"]),
         "ov did not reach host b within 2 s: {:?}",
@@ -83,53 +68,27 @@ fn a_network_created_on_one_host_exists_on_every_host() {
     assert!(record.contains("\"vni\":4096"), "{record}");
 
     // Refused, each with its reason.
-    let err = create_fails(
-        &a,
-        &["-d", "netd", "--subnet", "198.19.67.0/24", "plain-ipam"],
-    );
-    assert!(err.contains("--ipam-driver netd"), "{err}");
-    let err = create_fails(
-        &b,
-        &[
+    let plain = a
+        .dockerd()
+        .docker(&[
+            "network",
+            "create",
             "-d",
             "netd",
-            "--ipam-driver",
-            "netd",
             "--subnet",
-            "198.19.66.128/25",
-            "over",
-        ],
+            "198.19.67.0/24",
+            "plain-ipam",
+        ])
+        .expect_err("Docker's own IPAM must be refused");
+    assert!(
+        format!("{plain:#}").contains("--ipam-driver netd"),
+        "{plain:#}"
     );
+    let err = create_fails(&b, "over", "198.19.66.128/25", &[]);
     assert!(err.contains("overlaps network ov"), "{err}");
-    let err = create_fails(
-        &b,
-        &[
-            "-d",
-            "netd",
-            "--ipam-driver",
-            "netd",
-            "--subnet",
-            "198.19.68.0/24",
-            "-o",
-            "netd.vni=4096",
-            "clash",
-        ],
-    );
+    let err = create_fails(&b, "clash", "198.19.68.0/24", &["-o", "netd.vni=4096"]);
     assert!(err.contains("VNI 4096 is already network ov's"), "{err}");
-    let err = create_fails(
-        &a,
-        &[
-            "-d",
-            "netd",
-            "--ipam-driver",
-            "netd",
-            "--subnet",
-            "198.19.69.0/24",
-            "-o",
-            "netd.mode=bogus",
-            "bogus",
-        ],
-    );
+    let err = create_fails(&a, "bogus", "198.19.69.0/24", &["-o", "netd.mode=bogus"]);
     assert!(err.contains("not a netd mode"), "{err}");
     assert_eq!(netd_networks(&a), ["ov"]);
     assert_eq!(netd_networks(&b), ["ov"]);
@@ -207,19 +166,7 @@ fn containers_on_different_hosts_reach_each_other() {
     let b = cluster_host(&bench, &lan, &etcd, "b", 2);
     let outside = Host::plain(&bench, &lan, "outside", 9).unwrap();
     let _web = outside.serve_http().unwrap();
-    a.dockerd()
-        .docker(&[
-            "network",
-            "create",
-            "-d",
-            "netd",
-            "--ipam-driver",
-            "netd",
-            "--subnet",
-            "198.19.76.0/24",
-            "ov",
-        ])
-        .unwrap();
+    a.create_netd_network("ov", "198.19.76.0/24", &[]).unwrap();
     assert!(eventually(Duration::from_secs(2), || netd_networks(&b) == ["ov"]));
 
     let ip = |h: &Host, name: &str| {
@@ -401,19 +348,7 @@ fn bulk_tcp_udp_and_isolation_across_hosts() {
     let a = cluster_host(&bench, &lan, &etcd, "a", 1);
     let b = cluster_host(&bench, &lan, &etcd, "b", 2);
     for (name, subnet) in [("ov", "198.19.86.0/24"), ("other", "198.19.87.0/24")] {
-        a.dockerd()
-            .docker(&[
-                "network",
-                "create",
-                "-d",
-                "netd",
-                "--ipam-driver",
-                "netd",
-                "--subnet",
-                subnet,
-                name,
-            ])
-            .unwrap();
+        a.create_netd_network(name, subnet, &[]).unwrap();
     }
     assert!(eventually(Duration::from_secs(3), || netd_networks(&b)
         .len()
@@ -544,19 +479,7 @@ fn a_kernel_vxlan_device_interoperates() {
     let etcd = Etcd::start(&bench, &lan, 250).unwrap();
     let a = cluster_host(&bench, &lan, &etcd, "a", 1);
     let k = Host::plain(&bench, &lan, "kernel", 9).unwrap();
-    a.dockerd()
-        .docker(&[
-            "network",
-            "create",
-            "-d",
-            "netd",
-            "--ipam-driver",
-            "netd",
-            "--subnet",
-            "198.19.106.0/24",
-            "ov",
-        ])
-        .unwrap();
+    a.create_netd_network("ov", "198.19.106.0/24", &[]).unwrap();
     let record: serde_json::Value = serde_json::from_str(
         &etcd
             .ctl(&[

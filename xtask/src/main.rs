@@ -15,6 +15,9 @@ use clap::{Parser, Subcommand};
 /// netd/build.rs uses the same default; both honour NETD_EBPF_TOOLCHAIN.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The release the upgrade test starts from: the commit that resolved the
+/// previous issue. Its netd is built from this repository's history.
+const PREVIOUS_RELEASE: &str = "80cb63266e5686b97dd637a1fe753d2362157564";
 /// Debian packages the test bench, the demo and the benchmarks run.
 const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
@@ -297,11 +300,60 @@ fn test(args: &[String]) -> Result<()> {
     ]))?;
     // The e2e suites run the real netd binary from target/debug.
     run(cargo().args(["build", "--package", "netd", "--bins"]))?;
+    let previous = build_previous_release()?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(args)
+        .env("NETD_PREVIOUS_BINARY", &previous)
         // A privileged test may never skip in CI; the bench panics instead.
         .env("CI", std::env::var("CI").unwrap_or_else(|_| "true".into())))
+}
+
+/// Builds the previous release's netd (for the upgrade test) from git
+/// history into target/previous-release, once per release.
+fn build_previous_release() -> Result<PathBuf> {
+    let root = workspace_root();
+    let dir = root.join("target/previous-release");
+    let binary = dir.join("target/debug/netd");
+    let stamp = dir.join("commit");
+    if binary.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(PREVIOUS_RELEASE)
+    {
+        return Ok(binary);
+    }
+    let src = dir.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src)?;
+    // `git archive`, not a worktree: nothing to clean up in .git.
+    let archive = Command::new("git")
+        .current_dir(&root)
+        .args(["archive", "--format=tar", PREVIOUS_RELEASE])
+        .output()
+        .context("running git archive (the upgrade test needs the repository's history)")?;
+    if !archive.status.success() {
+        bail!(
+            "git archive {PREVIOUS_RELEASE} failed: {}",
+            String::from_utf8_lossy(&archive.stderr).trim()
+        );
+    }
+    let mut untar = Command::new("tar")
+        .current_dir(&src)
+        .args(["-x", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running tar")?;
+    std::io::Write::write_all(untar.stdin.as_mut().expect("piped"), &archive.stdout)?;
+    drop(untar.stdin.take());
+    if !untar.wait()?.success() {
+        bail!("unpacking the previous release failed");
+    }
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&src)
+            .args(["build", "--package", "netd", "--bins", "--target-dir"])
+            .arg(dir.join("target")),
+    )?;
+    std::fs::write(&stamp, PREVIOUS_RELEASE)?;
+    Ok(binary)
 }
 
 fn demo(hold: bool) -> Result<()> {
