@@ -20,24 +20,51 @@ pub struct Etcd {
     pub ns: NetNs,
     pub ip: Ipv4Addr,
     dir: PathBuf,
+    /// Member name and the initial cluster (name=peer URL, …).
+    name: String,
+    cluster: String,
 }
 
 impl Etcd {
     /// Starts a one-member cluster at `.host` on `lan` and waits until it
     /// answers.
     pub fn start(bench: &Bench, lan: &Lan, host: u8) -> Result<Self> {
-        let ns = bench.netns("etcd")?;
-        let ip = lan.attach(&ns, host)?;
-        let dir = bench.state_dir().join(ns.name());
-        std::fs::create_dir_all(&dir)?;
-        let mut etcd = Self {
-            child: None,
-            ns,
-            ip,
-            dir,
-        };
-        etcd.spawn()?;
-        Ok(etcd)
+        Ok(Self::start_cluster(bench, lan, &[host])?.remove(0))
+    }
+
+    /// Starts a cluster of one member per `.host` on `lan` and waits until
+    /// each answers.
+    pub fn start_cluster(bench: &Bench, lan: &Lan, hosts: &[u8]) -> Result<Vec<Self>> {
+        let mut members = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let ns = bench.netns("etcd")?;
+            let ip = lan.attach(&ns, *host)?;
+            let dir = bench.state_dir().join(ns.name());
+            std::fs::create_dir_all(&dir)?;
+            members.push(Self {
+                child: None,
+                ns,
+                ip,
+                dir,
+                name: format!("e{}", i + 1),
+                cluster: String::new(),
+            });
+        }
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://{}:{PEER_PORT}", m.name, m.ip))
+            .collect::<Vec<_>>()
+            .join(",");
+        // All launched before any is waited for: a member answers only
+        // once a quorum is up.
+        for m in &mut members {
+            m.cluster = cluster.clone();
+            m.launch()?;
+        }
+        for m in &mut members {
+            m.wait_ready()?;
+        }
+        Ok(members)
     }
 
     /// `http://IP:2379`, for `--etcd`.
@@ -46,6 +73,11 @@ impl Etcd {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.launch()?;
+        self.wait_ready()
+    }
+
+    fn launch(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -56,14 +88,14 @@ impl Etcd {
             .ns
             .command("etcd")
             .arg("--name")
-            .arg("e1")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("e1={peer}")])
+            .args(["--initial-cluster", &self.cluster])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -71,7 +103,7 @@ impl Etcd {
             .context("starting etcd (is etcd-server installed? run `cargo xtask setup`)")?;
         std::fs::write(self.dir.join("etcd.pid"), child.id().to_string())?;
         self.child = Some(child);
-        self.wait_ready()
+        Ok(())
     }
 
     fn wait_ready(&mut self) -> Result<()> {

@@ -210,3 +210,54 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
         "c-b-always did not come back reachable"
     );
 }
+
+/// A three-member etcd cluster loses a member: nothing is noticed. Networks
+/// still reach every host, containers still start and reach each other.
+#[test]
+fn a_store_member_lost_goes_unnoticed() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(22).unwrap();
+    let mut members = Etcd::start_cluster(&bench, &lan, &[250, 251, 252]).unwrap();
+    let urls = members
+        .iter()
+        .map(Etcd::endpoint)
+        .collect::<Vec<_>>()
+        .join(",");
+    let a = Host::cluster_member(&bench, &lan, "a", 1, &urls, &[]).unwrap();
+    let b = Host::cluster_member(&bench, &lan, "b", 2, &urls, &[]).unwrap();
+    a.create_netd_network("ov", "198.19.116.0/24", &[]).unwrap();
+    assert!(eventually(Duration::from_secs(3), || b
+        .netd_networks()
+        .unwrap()
+        == ["ov"]));
+    a.dockerd()
+        .run("c-a", &["--network", "ov"], &["sleep", "600"])
+        .unwrap();
+
+    // The first member (the one each client lists first) goes away.
+    members[0].stop();
+    b.dockerd()
+        .run("c-b", &["--network", "ov"], &["sleep", "600"])
+        .unwrap();
+    let ip_b = b.container_addr("c-b").unwrap();
+    assert!(eventually(Duration::from_secs(5), || ping(&a, "c-a", ip_b)));
+    let started = std::time::Instant::now();
+    b.create_netd_network("ov2", "198.19.117.0/24", &[])
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || a.netd_networks().unwrap().len()
+            == 2),
+        "ov2 did not reach a"
+    );
+    eprintln!(
+        "ov2 on a {:?} after its creation on b, one member down",
+        started.elapsed()
+    );
+    for h in [&a, &b] {
+        let log = std::fs::read_to_string(h.netd.as_ref().unwrap().log_path()).unwrap();
+        assert!(!log.contains(" ERROR "), "{log}");
+    }
+}

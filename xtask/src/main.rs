@@ -57,9 +57,11 @@ enum Task {
         args: Vec<String>,
     },
     /// Benchmarks (need root): `nat` compares published-port performance of
-    /// netd with stock Docker (iptables, docker-proxy) on one emulated LAN.
+    /// netd with stock Docker (iptables, docker-proxy) on one emulated LAN;
+    /// `overlay` container to container across hosts, netd's overlay with
+    /// the kernel's (Docker's overlay datapath).
     Bench {
-        #[arg(value_parser = ["nat"])]
+        #[arg(value_parser = ["nat", "overlay"])]
         which: String,
         /// Skip the 1,000 / 10,000 published-port runs (Docker with
         /// iptables needs ~20 minutes to publish 10,000 ports).
@@ -377,7 +379,6 @@ fn demo(hold: bool) -> Result<()> {
 fn bench(which: &str, quick: bool) -> Result<()> {
     require_root("cargo xtask bench")?;
     setup()?;
-    debug_assert_eq!(which, "nat");
     run(cargo().args([
         "build",
         "--release",
@@ -401,11 +402,13 @@ fn bench(which: &str, quick: bool) -> Result<()> {
         ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
     let root = workspace_root();
-    run(Command::new(root.join("target/release/nat-bench"))
-        .args(quick.then_some("--quick"))
-        .env("NETD_BIN", root.join("target/release/netd"))
-        .env(
-            "NETD_BENCH_ECHO",
-            root.join("target/static/x86_64-unknown-linux-gnu/release/netd-bench-echo"),
-        ))
+    run(
+        Command::new(root.join(format!("target/release/{which}-bench")))
+            .args(quick.then_some("--quick"))
+            .env("NETD_BIN", root.join("target/release/netd"))
+            .env(
+                "NETD_BENCH_ECHO",
+                root.join("target/static/x86_64-unknown-linux-gnu/release/netd-bench-echo"),
+            ),
+    )
 }
