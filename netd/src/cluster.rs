@@ -33,6 +33,18 @@ pub const PREFIX: &str = "/netd/v1/";
 pub const VNI_AUTO: std::ops::RangeInclusive<u32> = 4096..=0xff_ffff;
 /// How often a transaction that lost a race is tried again.
 const ATTEMPTS: usize = 16;
+/// How often a request is tried again on another member.
+const RETRIES: usize = 4;
+
+/// An error that says the member asked is not there (another may be).
+fn is_unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        // gRPC's UNAVAILABLE (14): tonic itself is not a dependency here.
+        etcd_client::Error::GRpcStatus(status) => status.code() as i32 == 14,
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
 
 /// A netd network, as every host sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,16 +122,85 @@ impl Store {
         Ok(Self { client })
     }
 
+    /// etcd requests are retried a few times when the member asked is not
+    /// reachable: the client balances over every member given, and one
+    /// down (a cluster losing a member) must not fail what another member
+    /// would answer. Requests are idempotent or conditional (transactions
+    /// compare revisions), so a retry never applies anything twice.
+    async fn retrying<T, F, Fut>(&self, mut request: F) -> Result<T, etcd_client::Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match request(self.client.clone()).await {
+                Err(e) if attempt < RETRIES && is_unavailable(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn get_retrying(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        let key = key.into();
+        self.retrying(|mut c| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { c.get(key, options).await }
+        })
+        .await
+    }
+
+    async fn put_retrying(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        options: Option<etcd_client::PutOptions>,
+    ) -> Result<etcd_client::PutResponse, etcd_client::Error> {
+        let (key, value) = (key.into(), value.into());
+        self.retrying(|mut c| {
+            let (key, value, options) = (key.clone(), value.clone(), options.clone());
+            async move { c.put(key, value, options).await }
+        })
+        .await
+    }
+
+    async fn delete_retrying(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        options: Option<etcd_client::DeleteOptions>,
+    ) -> Result<etcd_client::DeleteResponse, etcd_client::Error> {
+        let key = key.into();
+        self.retrying(|mut c| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { c.delete(key, options).await }
+        })
+        .await
+    }
+
+    async fn txn_retrying(&mut self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        self.retrying(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
     /// Runs `txn`: true when its comparisons held and it was applied.
     async fn commit(&mut self, txn: Txn, what: &'static str) -> Result<bool> {
-        Ok(self.client.txn(txn).await.context(what)?.succeeded())
+        Ok(self.txn_retrying(txn).await.context(what)?.succeeded())
     }
 
     /// Every network, and the store revision they were read at.
     pub async fn networks(&mut self) -> Result<(Vec<NetworkRecord>, i64)> {
         let resp = self
-            .client
-            .get(
+            .get_retrying(
                 key(&["networks", ""]),
                 Some(GetOptions::new().with_prefix()),
             )
@@ -245,8 +326,7 @@ impl Store {
     pub async fn network(&mut self, id: &str) -> Result<Option<(NetworkRecord, i64)>> {
         check_name(id)?;
         let resp = self
-            .client
-            .get(key(&["networks", id]), None)
+            .get_retrying(key(&["networks", id]), None)
             .await
             .context("reading a network from etcd")?;
         resp.kvs()
@@ -335,8 +415,7 @@ impl Store {
             return Ok(addr);
         }
         let holder = self
-            .client
-            .get(addr_key, None)
+            .get_retrying(addr_key, None)
             .await
             .context("reading an address claim from etcd")?
             .kvs()
@@ -351,8 +430,7 @@ impl Store {
     /// Gives an address back. Not held is not an error.
     pub async fn release_address(&mut self, id: &str, addr: Ipv4Addr) -> Result<()> {
         check_name(id)?;
-        self.client
-            .delete(key(&["addrs", id, &addr.to_string()]), None)
+        self.delete_retrying(key(&["addrs", id, &addr.to_string()]), None)
             .await
             .context("releasing an address in etcd")?;
         Ok(())
@@ -362,8 +440,7 @@ impl Store {
     pub async fn claimed(&mut self, id: &str) -> Result<Vec<Ipv4Addr>> {
         let prefix = key(&["addrs", id, ""]);
         let resp = self
-            .client
-            .get(
+            .get_retrying(
                 prefix.clone(),
                 Some(GetOptions::new().with_prefix().with_keys_only()),
             )
@@ -379,8 +456,7 @@ impl Store {
     /// The hosts holding addresses of `id`, each once.
     async fn holders(&mut self, id: &str) -> Result<Vec<String>> {
         let resp = self
-            .client
-            .get(
+            .get_retrying(
                 key(&["addrs", id, ""]),
                 Some(GetOptions::new().with_prefix()),
             )
@@ -417,8 +493,7 @@ impl Store {
         loop {
             let watched = async {
                 let revision = self
-                    .client
-                    .get(
+                    .get_retrying(
                         prefix.clone(),
                         Some(
                             GetOptions::new()
@@ -495,8 +570,7 @@ impl Store {
     pub async fn put_endpoint(&mut self, record: &EndpointRecord, lease: i64) -> Result<()> {
         check_name(&record.network)?;
         check_name(&record.endpoint)?;
-        self.client
-            .put(
+        self.put_retrying(
                 key(&["endpoints", &record.network, &record.endpoint]),
                 serde_json::to_vec(record)?,
                 Some(etcd_client::PutOptions::new().with_lease(lease)),
@@ -533,8 +607,7 @@ impl Store {
     pub async fn delete_endpoint(&mut self, network: &str, endpoint: &str) -> Result<()> {
         check_name(network)?;
         check_name(endpoint)?;
-        self.client
-            .delete(key(&["endpoints", network, endpoint]), None)
+        self.delete_retrying(key(&["endpoints", network, endpoint]), None)
             .await
             .context("withdrawing the endpoint from etcd")?;
         Ok(())
@@ -549,8 +622,7 @@ impl Store {
         check_name(network)?;
         check_name(endpoint)?;
         let resp = self
-            .client
-            .get(key(&["endpoints", network, endpoint]), None)
+            .get_retrying(key(&["endpoints", network, endpoint]), None)
             .await
             .context("reading an endpoint from etcd")?;
         resp.kvs()
@@ -564,8 +636,7 @@ impl Store {
     /// blind a host to the rest of the cluster.
     pub async fn picture(&mut self) -> Result<Picture> {
         let resp = self
-            .client
-            .get(PREFIX, Some(GetOptions::new().with_prefix()))
+            .get_retrying(PREFIX, Some(GetOptions::new().with_prefix()))
             .await
             .context("reading the cluster store")?;
         let mut picture = Picture::default();
@@ -669,8 +740,13 @@ impl Store {
                 }
                 .await;
                 if let Err(e) = renewed {
+                    // The member asked went away, or all did: the lease may
+                    // well still be valid (another member answers, or etcd
+                    // returns within the TTL). Renew it again; a new one is
+                    // granted only once etcd says it expired.
                     tracing::warn!("keeping host {}'s lease alive: {e}", host.node);
                     tokio::time::sleep(period).await;
+                    continue;
                 }
                 match put_on_new_lease(&mut client, &host, ttl_s).await {
                     Ok(id) => {
@@ -701,8 +777,7 @@ impl Store {
     /// Every registered host.
     pub async fn hosts(&mut self) -> Result<Vec<HostRecord>> {
         let resp = self
-            .client
-            .get(key(&["hosts", ""]), Some(GetOptions::new().with_prefix()))
+            .get_retrying(key(&["hosts", ""]), Some(GetOptions::new().with_prefix()))
             .await
             .context("reading hosts from etcd")?;
         resp.kvs()
