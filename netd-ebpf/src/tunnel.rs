@@ -8,12 +8,14 @@
 //! and is segmented (with its inner checksums) wherever the device cannot.
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_CSUM_LEVEL_DEC,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO,
     },
     helpers::{
-        bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_csum_level, bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer,
     },
     programs::TcContext,
     EbpfContext as _,
@@ -221,6 +223,12 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
         return Err(Counter::VxlanAggregate);
     }
+    // Headers up to the inner IPv4 addresses in the linear data: NICs that
+    // split headers leave only the outer ones there.
+    if ctx.data() + INNER_L3 + 20 > ctx.data_end() {
+        ctx.pull_data((INNER_L3 + 20) as u32)
+            .map_err(|_| Counter::Truncated)?;
+    }
     let outer_src: [u8; 4] =
         unsafe { *ptr_at::<[u8; 4]>(ctx, ETH_HLEN + 12).ok_or(Counter::Truncated)? };
     let vxlan: [u8; 8] =
@@ -265,5 +273,8 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     unsafe { *macs = [loc.mac, inner_src_mac] };
     ctx.change_type(PACKET_HOST)
         .map_err(|_| Counter::RewriteFailed)?;
+    // A NIC's "checksum verified" was the outer UDP's: the inner one is
+    // now to be checked (a no-op unless the skb says CHECKSUM_UNNECESSARY).
+    unsafe { bpf_csum_level(ctx.skb.skb, u64::from(BPF_CSUM_LEVEL_DEC)) };
     Ok(unsafe { bpf_redirect_peer(loc.ifindex, 0) } as i32)
 }

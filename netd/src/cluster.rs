@@ -12,6 +12,7 @@
 //! vnis/<vni>               <id>: the VNI's holder
 //! addrs/<id>/<ip>          AddressClaim (JSON)
 //! endpoints/<id>/<endpoint> EndpointRecord (JSON), on its host's lease
+//! copies/<node>/<docker id> <id>: what a host's Docker network stands for
 //! ```
 //! A network's id is the Docker network id it was created with on its first
 //! host: Docker tells a network driver the id, never the name, so a network
@@ -184,7 +185,10 @@ impl Store {
         .await
     }
 
-    async fn txn_retrying(&mut self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+    async fn txn_retrying(
+        &mut self,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
         self.retrying(|mut c| {
             let txn = txn.clone();
             async move { c.txn(txn).await }
@@ -427,12 +431,32 @@ impl Store {
         }
     }
 
-    /// Gives an address back. Not held is not an error.
-    pub async fn release_address(&mut self, id: &str, addr: Ipv4Addr) -> Result<()> {
+    /// Gives back an address `host` holds. Not held, or held by another
+    /// host (released and claimed again meanwhile), is not an error and
+    /// changes nothing.
+    pub async fn release_address(&mut self, id: &str, addr: Ipv4Addr, host: &str) -> Result<()> {
         check_name(id)?;
-        self.delete_retrying(key(&["addrs", id, &addr.to_string()]), None)
+        let addr_key = key(&["addrs", id, &addr.to_string()]);
+        let resp = self
+            .get_retrying(addr_key.clone(), None)
             .await
-            .context("releasing an address in etcd")?;
+            .context("reading an address claim from etcd")?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(());
+        };
+        match serde_json::from_slice::<AddressClaim>(kv.value()) {
+            Ok(claim) if claim.host == host => {}
+            _ => return Ok(()),
+        }
+        // Only the claim read: not one made after it.
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                addr_key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::delete(addr_key, None)]);
+        self.commit(txn, "releasing an address in etcd").await?;
         Ok(())
     }
 
@@ -571,12 +595,12 @@ impl Store {
         check_name(&record.network)?;
         check_name(&record.endpoint)?;
         self.put_retrying(
-                key(&["endpoints", &record.network, &record.endpoint]),
-                serde_json::to_vec(record)?,
-                Some(etcd_client::PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .context("publishing the endpoint in etcd")?;
+            key(&["endpoints", &record.network, &record.endpoint]),
+            serde_json::to_vec(record)?,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .context("publishing the endpoint in etcd")?;
         Ok(())
     }
 
@@ -600,6 +624,40 @@ impl Store {
             )])
             .and_then([TxnOp::put(addr_key, serde_json::to_vec(claim)?, None)]);
         self.commit(txn, "naming an address claim in etcd").await?;
+        Ok(())
+    }
+
+    /// Records that Docker's network `docker_id` on `node` is a copy of
+    /// network `id`.
+    pub async fn put_copy(&mut self, node: &str, docker_id: &str, id: &str) -> Result<()> {
+        check_name(node)?;
+        check_name(docker_id)?;
+        self.put_retrying(key(&["copies", node, docker_id]), id, None)
+            .await
+            .context("recording a network copy in etcd")?;
+        Ok(())
+    }
+
+    /// The network Docker's network `docker_id` on `node` is a copy of.
+    pub async fn copy_of(&mut self, node: &str, docker_id: &str) -> Result<Option<String>> {
+        check_name(node)?;
+        check_name(docker_id)?;
+        let resp = self
+            .get_retrying(key(&["copies", node, docker_id]), None)
+            .await
+            .context("reading a network copy from etcd")?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    pub async fn delete_copy(&mut self, node: &str, docker_id: &str) -> Result<()> {
+        check_name(node)?;
+        check_name(docker_id)?;
+        self.delete_retrying(key(&["copies", node, docker_id]), None)
+            .await
+            .context("deleting a network copy from etcd")?;
         Ok(())
     }
 
@@ -733,7 +791,14 @@ impl Store {
                         match answers.message().await? {
                             Some(a) if a.ttl() > 0 => {}
                             // Expired: etcd has already deleted the record.
-                            _ => return Ok::<(), etcd_client::Error>(()),
+                            Some(_) => return Ok::<(), etcd_client::Error>(()),
+                            // The stream ended (a member went away): the
+                            // lease may well live; renew it again.
+                            None => {
+                                return Err(etcd_client::Error::InvalidArgs(
+                                    "the keep-alive stream ended".into(),
+                                ))
+                            }
                         }
                         tokio::time::sleep(period).await;
                     }

@@ -419,7 +419,12 @@ impl Daemon {
     async fn on_link_change(&mut self, change: LinkChange) {
         match change {
             LinkChange::Port(port) => self.on_bridge_port(&port, None, "link event").await,
-            LinkChange::Gone(ifindex) => self.arrivals.forget(ifindex),
+            LinkChange::Gone(ifindex) => {
+                self.arrivals.forget(ifindex);
+                if let Some(o) = self.overlay.as_mut() {
+                    o.forget(&mut self.dp, ifindex);
+                }
+            }
             LinkChange::Overrun => self.rescan(|_| None, |_| true).await,
         }
     }
@@ -631,28 +636,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         _ => None,
     };
-    let docker = docker::connect(&opts.docker_host).await?;
-    // One wake-up pending at most: a burst of changes is one pass.
-    let (mirror_tx, mirror_rx) = mpsc::channel(1);
-    let (picture_wake_tx, picture_wake_rx) = mpsc::channel(1);
-    let (picture_tx, mut picture_rx) = mpsc::channel(1);
-    let cluster_tasks = membership.as_ref().map(|m| {
-        let mirror = Mirror::new(docker.clone(), m.store.clone(), local_networks.clone());
-        [
-            tokio::spawn(mirror.run(mirror_rx, opts.resync_interval)),
-            tokio::spawn(overlay::read_pictures(
-                m.store.clone(),
-                picture_wake_rx,
-                picture_tx,
-                opts.resync_interval,
-            )),
-            tokio::spawn(
-                m.store
-                    .clone()
-                    .watch(vec![picture_wake_tx, mirror_tx.clone()]),
-            ),
-        ]
-    });
     let netns_cookie = own_netns_cookie()?;
 
     let mut dp = Dataplane::open(
@@ -713,6 +696,45 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         opts.pin_dir.display()
     );
 
+    // Docker last: a dockerd starting up (restarting containers of netd
+    // networks) waits on Join before it answers its API, so Join and Leave
+    // are served meanwhile.
+    let (docker, overlay) = {
+        let connect = docker::connect(&opts.docker_host);
+        tokio::pin!(connect);
+        let mut overlay = overlay;
+        let docker = loop {
+            tokio::select! {
+                docker = &mut connect => break docker?,
+                Some(request) = datapath_rx.recv() => match overlay.as_mut() {
+                    Some(o) => o.on_request(&mut dp, request),
+                    None => tracing::warn!("a plugin request without a cluster"),
+                },
+            }
+        };
+        (docker, overlay)
+    };
+    // One wake-up pending at most: a burst of changes is one pass.
+    let (mirror_tx, mirror_rx) = mpsc::channel(1);
+    let (picture_wake_tx, picture_wake_rx) = mpsc::channel(1);
+    let (picture_tx, mut picture_rx) = mpsc::channel(1);
+    let cluster_tasks = membership.as_ref().map(|m| {
+        let mirror = Mirror::new(docker.clone(), m.store.clone(), local_networks.clone());
+        [
+            tokio::spawn(mirror.run(mirror_rx, opts.resync_interval)),
+            tokio::spawn(overlay::read_pictures(
+                m.store.clone(),
+                picture_wake_rx,
+                picture_tx,
+                opts.resync_interval,
+            )),
+            tokio::spawn(
+                m.store
+                    .clone()
+                    .watch(vec![picture_wake_tx, mirror_tx.clone()]),
+            ),
+        ]
+    });
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     // Link events first: a veth appearing while the first pass reads

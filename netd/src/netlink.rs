@@ -477,10 +477,12 @@ pub async fn sync_gateway_addresses(wanted: &[std::net::Ipv4Addr]) -> Result<boo
         msg.header.scope = AddressScope::Host;
         msg.attributes
             .push(AddressAttribute::Label(GATEWAY_LABEL.to_owned()));
-        req.execute()
-            .await
-            .with_context(|| format!("adding gateway {addr} to lo"))?;
-        changed = true;
+        match req.execute().await {
+            Ok(()) => changed = true,
+            // Already there, put by someone else: the host answers anyway.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            Err(e) => return Err(e).with_context(|| format!("adding gateway {addr} to lo")),
+        }
     }
     Ok(changed)
 }

@@ -156,6 +156,26 @@ impl Overlay {
         }
     }
 
+    /// A veth that vanished (its container's namespace went away without a
+    /// Leave, or netd missed it): its endpoint goes, and is not published
+    /// again.
+    pub fn forget(&mut self, dp: &mut Dataplane, ifindex: u32) {
+        let Some(j) = self.joined.remove(&ifindex) else {
+            return;
+        };
+        let gone = (|| {
+            dp.remove_endpoint_location(j.endpoint.addr.into())?;
+            dp.remove_endpoint(ifindex)?;
+            for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
+                dp.detach(att, &j.ifname)?;
+            }
+            anyhow::Ok(())
+        })();
+        if let Err(e) = gone {
+            tracing::warn!("removing the endpoint of vanished {}: {e:#}", j.ifname);
+        }
+    }
+
     /// Brings the overlay maps and the gateway addresses to `picture`, and
     /// publishes again this host's endpoints the store lost (a lease that
     /// ran out while etcd was away).
@@ -165,7 +185,14 @@ impl Overlay {
         changed.add(reconcile::table::<Vnis>(dp, &desired.vnis)?);
         changed.add(reconcile::table::<Peers>(dp, &desired.peers)?);
         changed.add(reconcile::table::<Vteps>(dp, &desired.vteps)?);
-        let gateways = netlink::sync_gateway_addresses(&desired.gateways).await?;
+        // One address that cannot be put on lo must not stall the rest.
+        let gateways = match netlink::sync_gateway_addresses(&desired.gateways).await {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                false
+            }
+        };
         let networks_changed = desired.networks != self.desired.networks;
         self.desired = desired;
         if !self.adopted {
@@ -261,7 +288,11 @@ impl Overlay {
                         .delete_endpoint(&record.network, &record.endpoint)
                         .await
                     {
-                        Ok(()) => store.release_address(&record.network, record.addr).await,
+                        Ok(()) => {
+                            store
+                                .release_address(&record.network, record.addr, &record.host)
+                                .await
+                        }
                         Err(e) => Err(e),
                     }
                 };

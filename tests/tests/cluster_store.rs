@@ -176,10 +176,21 @@ fn networks_and_addresses_are_unique_across_hosts() {
     // A released address is handed out again; a deleted network takes its
     // claims and VNI with it.
     let freed = all[10];
-    from_host(&a.ns, &ep, async |s| {
-        s.release_address("small", freed).await
+    let held = from_host(&a.ns, &ep, async |s| {
+        // Only its holder gives it back: another host's release (a late
+        // cleanup) leaves it alone.
+        s.release_address("small", freed, "c").await?;
+        let still = s.claimed("small").await?.len();
+        for host in ["a", "b"] {
+            s.release_address("small", freed, host).await?;
+        }
+        Ok(still)
     })
     .unwrap();
+    assert_eq!(
+        held, 61,
+        "a release by a host that does not hold it took it"
+    );
     let who = AddressClaim {
         host: "b".into(),
         owner: "late".into(),
@@ -194,7 +205,9 @@ fn networks_and_addresses_are_unique_across_hosts() {
     assert!(err.contains("still has endpoints on a, b"), "{err}");
     from_host(&a.ns, &ep, async |s| {
         for addr in s.claimed("small").await? {
-            s.release_address("small", addr).await?;
+            for host in ["a", "b"] {
+                s.release_address("small", addr, host).await?;
+            }
         }
         Ok(())
     })

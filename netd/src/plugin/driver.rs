@@ -176,11 +176,13 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
             record.id
         }
     };
-    plugin
-        .local
-        .lock()
-        .expect("local networks lock")
-        .insert(docker_id.into(), id);
+    if id != docker_id {
+        // Kept in the store too: Docker never replays CreateNetwork, and a
+        // restarted netd must know what this copy stands for before it
+        // reads Docker.
+        store.put_copy(&plugin.host.node, docker_id, &id).await?;
+    }
+    plugin.remember(docker_id, &id);
     Ok(json!({}))
 }
 
@@ -189,13 +191,15 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
 /// and the mirror puts the local copy back.
 async fn delete_network(plugin: &Plugin, body: &Value) -> Result<Value> {
     let docker_id = field(body, "NetworkID");
-    let id = plugin.netd_id(docker_id);
+    let id = plugin.netd_id(docker_id).await?;
     plugin
         .local
         .lock()
         .expect("local networks lock")
         .remove(docker_id);
-    plugin.store.clone().delete_network(&id).await?;
+    let mut store = plugin.store.clone();
+    store.delete_copy(&plugin.host.node, docker_id).await?;
+    store.delete_network(&id).await?;
     Ok(json!({}))
 }
 
@@ -221,7 +225,7 @@ async fn create_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
         m => parse_mac(m)?,
     };
     let record = EndpointRecord {
-        network: plugin.netd_id(field(body, "NetworkID")),
+        network: plugin.netd_id(field(body, "NetworkID")).await?,
         addr,
         mac,
         host: plugin.host.node.clone(),
@@ -245,7 +249,7 @@ async fn create_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
 
 async fn delete_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
     leave(plugin, body).await?;
-    let network = plugin.netd_id(field(body, "NetworkID"));
+    let network = plugin.netd_id(field(body, "NetworkID")).await?;
     plugin
         .store
         .clone()
@@ -268,7 +272,7 @@ fn veth_names(endpoint_id: &str) -> Result<(String, String)> {
 /// it; the host end carries the gateway's MAC (the container's frames to
 /// its gateway are the host's) and a route to the container.
 async fn join(plugin: &Plugin, body: &Value) -> Result<Value> {
-    let network = plugin.netd_id(field(body, "NetworkID"));
+    let network = plugin.netd_id(field(body, "NetworkID")).await?;
     let endpoint_id = field(body, "EndpointID");
     let mut store = plugin.store.clone();
     let (net, _) = store

@@ -141,6 +141,6 @@ async fn release_address(plugin: &Plugin, body: &Value) -> Result<()> {
     plugin
         .store
         .clone()
-        .release_address(&network.id, addr)
+        .release_address(&network.id, addr, &plugin.host.node)
         .await
 }

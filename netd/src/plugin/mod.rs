@@ -106,14 +106,35 @@ impl Plugin {
             .map_err(|_| anyhow::anyhow!("netd is shutting down"))?
     }
 
-    /// netd's id of Docker's network `docker_id` on this host.
-    fn netd_id(&self, docker_id: &str) -> String {
-        self.local
+    /// netd's id of Docker's network `docker_id` on this host: known since
+    /// CreateNetwork or the mirror's last read of Docker, else from the
+    /// store's record of this host's copies (a restarted netd, before the
+    /// mirror has read Docker), else its own (the network's first copy).
+    async fn netd_id(&self, docker_id: &str) -> Result<String> {
+        let known = self
+            .local
             .lock()
             .expect("local networks lock")
             .get(docker_id)
-            .cloned()
-            .unwrap_or_else(|| docker_id.to_owned())
+            .cloned();
+        if let Some(id) = known {
+            return Ok(id);
+        }
+        let id = self
+            .store
+            .clone()
+            .copy_of(&self.host.node, docker_id)
+            .await?
+            .unwrap_or_else(|| docker_id.to_owned());
+        self.remember(docker_id, &id);
+        Ok(id)
+    }
+
+    fn remember(&self, docker_id: &str, id: &str) {
+        self.local
+            .lock()
+            .expect("local networks lock")
+            .insert(docker_id.into(), id.into());
     }
 
     /// The netd network with subnet `subnet`, if any.
