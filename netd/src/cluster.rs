@@ -366,7 +366,9 @@ impl Store {
                     Compare::mod_revision(key(&["networks", id]), CompareOp::Equal, revision),
                 ])
                 .and_then([TxnOp::put(addr_key, serde_json::to_vec(claim)?, None)]);
-            if self.commit(txn, "claiming an address in etcd").await? {
+            if self.commit(txn, "claiming an address in etcd").await?
+                || self.holds(&addr_key_of(id, addr), claim).await?
+            {
                 return Ok(addr);
             }
             match self.network(id).await? {
@@ -415,7 +417,9 @@ impl Store {
                 serde_json::to_vec(claim)?,
                 None,
             )]);
-        if self.commit(txn, "claiming an address in etcd").await? {
+        if self.commit(txn, "claiming an address in etcd").await?
+            || self.holds(&addr_key_of(id, addr), claim).await?
+        {
             return Ok(addr);
         }
         let holder = self
@@ -429,6 +433,22 @@ impl Store {
             Some(h) => bail!("{addr} is already in use on {}", h.host),
             None => bail!("network {} changed meanwhile: try again", record.label()),
         }
+    }
+
+    /// Whether the claim at `addr_key` is exactly `claim`: a claim whose
+    /// transaction etcd applied though its answer was lost (the member went
+    /// away) is the claimer's, not somebody else's. Claims carry a nonce, so
+    /// no two requests make the same one.
+    async fn holds(&mut self, addr_key: &str, claim: &AddressClaim) -> Result<bool> {
+        let resp = self
+            .get_retrying(addr_key, None)
+            .await
+            .context("reading an address claim from etcd")?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<AddressClaim>(kv.value()).ok())
+            .is_some_and(|held| held == *claim))
     }
 
     /// Gives back an address `host` holds. Not held, or held by another
@@ -907,6 +927,10 @@ fn pool_size(subnet: (Ipv4Addr, u8)) -> u64 {
 /// on the `networks/` prefix: etcd >= 3.3).
 fn networks_unchanged_since(revision: i64) -> Compare {
     Compare::mod_revision(key(&["networks", ""]), CompareOp::Less, revision + 1).with_prefix()
+}
+
+fn addr_key_of(id: &str, addr: Ipv4Addr) -> String {
+    key(&["addrs", id, &addr.to_string()])
 }
 
 fn key(parts: &[&str]) -> String {

@@ -637,6 +637,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         _ => None,
     };
     let netns_cookie = own_netns_cookie()?;
+    // A Docker endpoint that cannot work (no socket) is reported before
+    // anything is attached; whether it answers is asked later.
+    let docker = docker::open(&opts.docker_host)?;
 
     let mut dp = Dataplane::open(
         &opts.pin_dir,
@@ -700,7 +703,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // networks) waits on Join before it answers its API, so Join and Leave
     // are served meanwhile.
     let (docker, overlay) = {
-        let connect = docker::connect(&opts.docker_host);
+        let connect = docker::answering(docker, &opts.docker_host);
         tokio::pin!(connect);
         let mut overlay = overlay;
         let docker = loop {

@@ -37,10 +37,15 @@ pub enum SourceUpdate {
     Resync,
 }
 
-/// Connects to `host` (unix:///path, /path, tcp://h:p or http://h:p) and
-/// checks that dockerd answers.
-pub async fn connect(host: &str) -> Result<Docker> {
-    let docker = client(host)?;
+/// A client for the Docker API at `host` (unix:///path, /path, tcp://h:p or
+/// http://h:p), checked locally only (the socket exists, the address
+/// parses): no request is made yet.
+pub fn open(host: &str) -> Result<Docker> {
+    client(host)
+}
+
+/// `docker` once it answers.
+pub async fn answering(docker: Docker, host: &str) -> Result<Docker> {
     let version = docker.version().await.map_err(|e| {
         anyhow!("Docker at {host} does not answer ({e}): is dockerd running? (set --docker-host)")
     })?;

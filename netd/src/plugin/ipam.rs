@@ -113,9 +113,11 @@ async fn request_address(plugin: &Plugin, body: &Value) -> Result<Value> {
             subnet.1
         )
     })?;
+    // Named after the endpoint once CreateEndpoint tells it; until then a
+    // nonce, so that this request's claim is told from any other's.
     let claim = AddressClaim {
         host: plugin.host.node.clone(),
-        owner: "docker".into(),
+        owner: format!("pending-{:016x}", nonce()),
     };
     let mut store = plugin.store.clone();
     let addr = match wanted {
@@ -123,6 +125,18 @@ async fn request_address(plugin: &Plugin, body: &Value) -> Result<Value> {
         None => store.claim_address(&network.id, &claim).await?,
     };
     Ok(cidr(addr))
+}
+
+/// 64 random bits (std's per-process random hash keys, fresh per call).
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 async fn release_address(plugin: &Plugin, body: &Value) -> Result<()> {
