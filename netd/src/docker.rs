@@ -289,16 +289,25 @@ fn warn_once(message: String) {
     }
 }
 
-/// Docker's bridge networks. Networks of other drivers (macvlan, ipvlan,
-/// overlay, host, null) are left alone.
-pub async fn bridge_networks(docker: &Docker) -> Result<Vec<Network>> {
-    let networks = docker
+/// Docker's networks of `driver`.
+async fn networks_of_driver(
+    docker: &Docker,
+    driver: &str,
+) -> Result<Vec<bollard::models::Network>> {
+    let mut networks = docker
         .list_networks::<String>(None)
         .await
         .context("listing networks")?;
-    Ok(networks
+    networks.retain(|n| n.driver.as_deref() == Some(driver));
+    Ok(networks)
+}
+
+/// Docker's bridge networks. Networks of other drivers (macvlan, ipvlan,
+/// overlay, host, null) are left alone.
+pub async fn bridge_networks(docker: &Docker) -> Result<Vec<Network>> {
+    Ok(networks_of_driver(docker, "bridge")
+        .await?
         .into_iter()
-        .filter(|n| n.driver.as_deref() == Some("bridge"))
         .map(|n| {
             let options = n.options.unwrap_or_default();
             let name = n.name.unwrap_or_default();
@@ -352,13 +361,9 @@ pub async fn netd_networks(
     driver: &str,
     id_option: &str,
 ) -> Result<Vec<NetdNetwork>> {
-    let networks = docker
-        .list_networks::<String>(None)
-        .await
-        .context("listing networks")?;
-    Ok(networks
+    Ok(networks_of_driver(docker, driver)
+        .await?
         .into_iter()
-        .filter(|n| n.driver.as_deref() == Some(driver))
         .map(|n| {
             let docker_id = n.id.unwrap_or_default();
             let netd_id = n

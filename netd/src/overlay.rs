@@ -41,6 +41,8 @@ pub struct Overlay {
     joined: HashMap<u32, Joined>,
     /// Whether this daemon has taken over its host's records yet.
     adopted: bool,
+    /// The gateway addresses last put on lo.
+    gateways_applied: Option<Vec<std::net::Ipv4Addr>>,
 }
 
 impl Overlay {
@@ -75,6 +77,7 @@ impl Overlay {
             desired: state::OverlayDesired::default(),
             joined,
             adopted: false,
+            gateways_applied: None,
         })
     }
 
@@ -185,12 +188,21 @@ impl Overlay {
         changed.add(reconcile::table::<Vnis>(dp, &desired.vnis)?);
         changed.add(reconcile::table::<Peers>(dp, &desired.peers)?);
         changed.add(reconcile::table::<Vteps>(dp, &desired.vteps)?);
-        // One address that cannot be put on lo must not stall the rest.
-        let gateways = match netlink::sync_gateway_addresses(&desired.gateways).await {
-            Ok(changed) => changed,
-            Err(e) => {
-                tracing::warn!("{e:#}");
-                false
+        // lo is dumped only when the gateways changed (or the last try
+        // failed), not on every endpoint's coming and going. One address
+        // that cannot be put on lo must not stall the rest.
+        let gateways = if self.gateways_applied.as_ref() == Some(&desired.gateways) {
+            false
+        } else {
+            match netlink::sync_gateway_addresses(&desired.gateways).await {
+                Ok(changed) => {
+                    self.gateways_applied = Some(desired.gateways.clone());
+                    changed
+                }
+                Err(e) => {
+                    tracing::warn!("{e:#}");
+                    false
+                }
             }
         };
         let networks_changed = desired.networks != self.desired.networks;

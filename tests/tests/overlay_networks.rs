@@ -169,16 +169,7 @@ fn containers_on_different_hosts_reach_each_other() {
     a.create_netd_network("ov", "198.19.76.0/24", &[]).unwrap();
     assert!(eventually(Duration::from_secs(2), || netd_networks(&b) == ["ov"]));
 
-    let ip = |h: &Host, name: &str| {
-        h.dockerd()
-            .docker(&[
-                "inspect",
-                "--format",
-                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-                name,
-            ])
-            .unwrap()
-    };
+    let ip = |h: &Host, name: &str| h.container_addr(name).unwrap().to_string();
     a.dockerd()
         .run_httpd("web-a", &["--network", "ov"])
         .unwrap();
@@ -365,18 +356,7 @@ fn bulk_tcp_udp_and_isolation_across_hosts() {
     a.dockerd().run("c-bridge", &[], &["sleep", "600"]).unwrap();
     let netns =
         |h: &Host, c: &str| netd_tests::NetNs::open(&h.dockerd().netns_of(c).unwrap()).unwrap();
-    let ip = |h: &Host, c: &str| -> std::net::Ipv4Addr {
-        h.dockerd()
-            .docker(&[
-                "inspect",
-                "--format",
-                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-                c,
-            ])
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let ip = |h: &Host, c: &str| h.container_addr(c).unwrap();
     let (ns_a, ns_b) = (netns(&a, "c-a"), netns(&b, "c-b"));
     let ip_b = ip(&b, "c-b");
 
