@@ -627,14 +627,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 local_networks.clone(),
                 datapath_tx,
             );
-            let socket = c.plugin_socket.clone();
+            let listener = plugin::listen(&c.plugin_socket)?;
             Some(tokio::spawn(async move {
-                if let Err(e) = plugin::serve(socket, plugin).await {
+                if let Err(e) = plugin::serve(listener, plugin).await {
                     tracing::error!("the Docker plugin stopped: {e:#}");
                 }
             }))
         }
-        _ => None,
+        _ => {
+            if crate::systemd::plugin_listener()?.is_some() {
+                anyhow::bail!("systemd passed the Docker plugin socket (netd.socket), but without --etcd netd serves no plugin: pass --etcd, or disable netd.socket");
+            }
+            None
+        }
     };
     let netns_cookie = own_netns_cookie()?;
     // A Docker endpoint that cannot work (no socket) is reported before
@@ -698,6 +703,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "datapath attached to uplink {uplink}; objects pinned under {}",
         opts.pin_dir.display()
     );
+    crate::systemd::notify_ready("datapath attached; waiting for Docker");
 
     // Docker last: a dockerd starting up (restarting containers of netd
     // networks) waits on Join before it answers its API, so Join and Leave
@@ -786,6 +792,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                         Ok(()) if !in_sync => {
                             in_sync = true;
                             tracing::info!("in sync with Docker");
+                            crate::systemd::notify_status("in sync with Docker");
                         }
                         Ok(()) => {}
                         Err(e) => tracing::warn!("reconcile failed: {e:#}"),

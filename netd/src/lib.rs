@@ -11,6 +11,9 @@
 //! - [`reconcile`]: diffs desired state against the maps, applies the difference.
 //! - [`dataplane`]: the only code that loads programs and touches maps.
 //! - [`cluster`]: the cluster store (etcd): networks, VNIs, address claims.
+//! - [`plugin`]: the Docker network and IPAM driver; [`mirror`] copies the
+//!   store's networks into Docker; [`overlay`] fills the overlay tables.
+//! - [`systemd`]: socket activation and readiness, for the shipped units.
 pub mod arrivals;
 pub mod cli;
 pub mod cluster;
@@ -23,3 +26,4 @@ pub mod overlay;
 pub mod plugin;
 pub mod reconcile;
 pub mod state;
+pub mod systemd;

@@ -74,6 +74,24 @@ impl Dockerd {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.launch()?;
+        self.wait_ready()
+    }
+
+    /// Stops dockerd (its containers stop with it), keeping its state.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            crate::process::terminate_group(child, Duration::from_secs(20), true);
+        }
+    }
+
+    /// Starts dockerd again after [`Self::stop`] without waiting for its
+    /// API: a dockerd restoring containers of plugin networks answers only
+    /// once the plugin has. [`Self::wait_ready`] waits.
+    pub fn launch(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("dockerd is still running");
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -89,19 +107,18 @@ impl Dockerd {
             .spawn()
             .context("starting dockerd (is docker.io installed? run `cargo xtask setup`)")?;
         self.child = Some(child);
-        self.wait_ready()
+        Ok(())
     }
 
     /// Stops dockerd (its containers stop with it) and starts it again on
     /// the same state.
     pub fn restart(&mut self) -> Result<()> {
-        if let Some(child) = self.child.take() {
-            crate::process::terminate_group(child, Duration::from_secs(20), true);
-        }
+        self.stop();
         self.spawn()
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    /// Waits until dockerd's API answers (up to 60 s).
+    pub fn wait_ready(&mut self) -> Result<()> {
         let host = self.host();
         let ready = || {
             Command::new("docker")

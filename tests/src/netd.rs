@@ -1,7 +1,8 @@
 //! The real `netd run` daemon inside an emulated host.
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
@@ -87,6 +88,12 @@ pub struct NetdOptions {
     /// Another netd build than this checkout's (the upgrade test's previous
     /// release).
     pub binary: Option<PathBuf>,
+    /// A listening plugin socket handed over as systemd's socket activation
+    /// does (fd 3, LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES=netd.sock): the
+    /// test holds it across netd's restarts, as `netd.socket` does.
+    pub systemd_socket: Option<Arc<std::os::unix::net::UnixListener>>,
+    /// More environment (NOTIFY_SOCKET, …).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for NetdOptions {
@@ -95,8 +102,42 @@ impl Default for NetdOptions {
             log: "debug".into(),
             args: Vec::new(),
             binary: None,
+            systemd_socket: None,
+            env: Vec::new(),
         }
     }
+}
+
+/// `binary` run in `ns` with `socket` as systemd passes it: a shell sets
+/// LISTEN_PID to its own pid and execs netd, which keeps it.
+fn socket_activated(
+    ns: &NetNs,
+    binary: &Path,
+    socket: &Arc<std::os::unix::net::UnixListener>,
+) -> Command {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let mut cmd = ns.command("/bin/sh");
+    cmd.arg("-c")
+        .arg("export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=netd.sock; exec \"$0\" \"$@\"")
+        .arg(binary);
+    let fd = socket.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe; the socket outlives the
+    // spawn (the options hold it).
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, 3) == 3
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    cmd
 }
 
 impl Netd {
@@ -133,9 +174,12 @@ impl Netd {
             .open(self.log_path())?;
         // Readiness is judged on what this run writes, not earlier runs.
         let log_start = log.metadata()?.len() as usize;
-        let child = self
-            .ns
-            .command(&self.binary)
+        let mut command = match &self.options.systemd_socket {
+            Some(socket) => socket_activated(&self.ns, &self.binary, socket),
+            None => self.ns.command(&self.binary),
+        };
+        let child = command
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .arg("run")
             .arg("--docker-host")
             .arg(&self.docker_host)

@@ -210,6 +210,12 @@ impl Host {
             .with_context(|| format!("{name} has no single IPv4 address ({out:?})"))
     }
 
+    /// This host's /run/docker/plugins, as the bench sees it: where a
+    /// test stands in for systemd's `netd.socket`.
+    pub fn plugin_dir(&self) -> std::path::PathBuf {
+        self.state_dir.join("plugins")
+    }
+
     pub fn dockerd(&self) -> &Dockerd {
         self.docker.as_ref().expect("host has no dockerd")
     }

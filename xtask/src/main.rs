@@ -36,6 +36,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-client",
     "protobuf-compiler",
     "libprotobuf-dev",
+    // systemd-analyze checks the shipped units (dist/systemd).
+    "systemd",
 ];
 
 #[derive(Parser)]

@@ -13,7 +13,7 @@ mod ipam;
 use std::{
     collections::HashMap,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{atomic::AtomicI64, Arc, Mutex},
 };
 
@@ -183,9 +183,28 @@ impl Reply {
 
 /// Serves the plugin on `socket` until the task is dropped. A stale socket
 /// (a previous daemon's) is replaced.
-pub async fn serve(socket: PathBuf, plugin: Plugin) -> Result<()> {
-    let listener = bind(&socket)?;
+/// The plugin's listening socket: the one systemd passed (`netd.socket`,
+/// which outlives netd's restarts) or, without socket activation, `socket`
+/// bound afresh. Opened before anything is attached, so a socket that
+/// cannot be had is a start-up error.
+pub fn listen(socket: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(passed) = crate::systemd::plugin_listener()? {
+        let listener = tokio::net::UnixListener::from_std(passed)
+            .context("serving the plugin socket passed by systemd")?;
+        let at = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .unwrap_or_else(|| "an unnamed socket".into());
+        tracing::info!("Docker plugin {NAME} listening on {at} (passed by systemd)");
+        return Ok(listener);
+    }
+    let listener = bind(socket)?;
     tracing::info!("Docker plugin {NAME} listening on {}", socket.display());
+    Ok(listener)
+}
+
+pub async fn serve(listener: tokio::net::UnixListener, plugin: Plugin) -> Result<()> {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,

@@ -1,5 +1,7 @@
 //! `cargo xtask demo`: an emulated Docker host running the real netd daemon,
-//! an outside client on its LAN, and traffic through the eBPF programs.
+//! an outside client on its LAN, and traffic through the eBPF programs; then
+//! a second Docker host and an overlay network across both (a real etcd as
+//! the cluster store), with a container on each host talking to the other.
 //! Everything is torn down on exit and on Ctrl-C.
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -7,7 +9,12 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use netd_tests::{netd::netd_binary, Bench, DockerMode, Host};
+use netd_tests::{
+    etcd::Etcd,
+    eventually,
+    netd::{netd_binary, NetdOptions},
+    Bench, DockerMode, Host,
+};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -31,6 +38,24 @@ fn step(title: &str) -> Result<()> {
 fn show(out: &std::process::Output) {
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs `netd <args…>` in `host`'s namespace and prints what it says;
+/// fails if it does.
+fn netd_cli(host: &mut Host, args: &[&str]) -> Result<()> {
+    let out = host.netd().cli(args)?;
+    show(&out);
+    if !out.status.success() {
+        bail!("netd {} failed ({})", args.join(" "), out.status);
+    }
+    Ok(())
+}
+
+/// `docker exec CONTAINER CMD…` on `host`; its stdout.
+fn exec(host: &Host, container: &str, cmd: &[&str]) -> Result<String> {
+    let mut args = vec!["exec", container];
+    args.extend_from_slice(cmd);
+    host.dockerd().docker(&args)
 }
 
 fn main() {
@@ -57,35 +82,41 @@ fn main() {
             1
         }
     };
-    println!("\n==> torn down: namespaces, dockerd, containers, pins");
+    println!("\n==> torn down: namespaces, dockerd, netd, etcd, containers, pins");
     std::process::exit(code);
 }
 
 fn demo(hold: bool) -> Result<()> {
     let netd = netd_binary()?;
-    step("Emulated LAN 198.18.1.0/24: a Docker host (.1), an outside client (.100) and server (.200)")?;
+    step("Emulated LAN 198.18.1.0/24: a Docker host (.1), an outside client (.100) and server (.200), etcd (.50)")?;
     let bench = Bench::new()?;
     let lan = bench.lan(1)?;
-    let mut host = Host::docker(
-        &bench,
-        &lan,
-        "docker-host",
-        1,
-        [198, 19, 1],
-        DockerMode::Netd,
-    )
-    .context("starting the emulated Docker host")?;
+    // The cluster store, for the overlay part; netd serves the host's own
+    // containers the same with or without it.
+    let etcd = Etcd::start(&bench, &lan, 50).context("starting etcd")?;
+    let mut host = Host::docker(&bench, &lan, "host-a", 1, [198, 19, 1], DockerMode::Netd)
+        .context("starting the emulated Docker host")?;
     let client = Host::plain(&bench, &lan, "client", 100)?;
     let server = Host::plain(&bench, &lan, "server", 200)?;
     let _httpd = server.serve_http()?;
     println!("dockerd runs with --iptables=false --ip-masq=false --userland-proxy=false:");
     println!("no NAT rules, no docker-proxy; the LAN has no route to 198.19.1.0/24");
+    println!("etcd listens on {}", etcd.endpoint());
 
     step(&format!(
-        "netd run --uplink eth0 (the real daemon, {})",
+        "netd run --uplink eth0 --etcd {} --node-name host-a (the real daemon, {})",
+        etcd.endpoint(),
         netd.display()
     ))?;
-    host.start_netd(&bench)?;
+    host.start_netd_with(
+        &bench,
+        NetdOptions {
+            args: ["--etcd", &etcd.endpoint(), "--node-name", "host-a"]
+                .map(String::from)
+                .to_vec(),
+            ..NetdOptions::default()
+        },
+    )?;
     let pin = host.netd().pin_dir().display().to_string();
 
     step("docker run -p 8080:80 web (busybox httpd)")?;
@@ -93,7 +124,7 @@ fn demo(hold: bool) -> Result<()> {
     let web = host.dockerd().container_ip("web")?;
     println!("container web at {web}");
     std::thread::sleep(Duration::from_millis(300));
-    show(&host.netd().cli(&["ports", "--pin-dir", &pin])?);
+    netd_cli(&mut host, &["ports", "--pin-dir", &pin])?;
 
     step(&format!(
         "Published port: the client fetches http://{}:8080/ three times",
@@ -107,15 +138,17 @@ fn demo(hold: bool) -> Result<()> {
     }
 
     step("Masquerade: the container asks the outside server who is calling")?;
-    let peer = host.dockerd().docker(&[
-        "exec",
+    let peer = exec(
+        &host,
         "web",
-        "wget",
-        "-q",
-        "-O",
-        "-",
-        &format!("http://{}/cgi-bin/peer", server.ip),
-    ])?;
+        &[
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{}/cgi-bin/peer", server.ip),
+        ],
+    )?;
     // busybox httpd listens dual-stack: IPv4 peers read "[::ffff:a.b.c.d]".
     let peer = peer
         .trim()
@@ -124,22 +157,119 @@ fn demo(hold: bool) -> Result<()> {
     println!("server saw the caller as {peer} (the host's address)");
 
     step("netd status: what the programs on eth0 did")?;
-    show(&host.netd().cli(&["status", "--pin-dir", &pin])?);
+    netd_cli(&mut host, &["status", "--pin-dir", &pin])?;
+
+    step("A second Docker host (.2), netd run --etcd ... --node-name host-b")?;
+    let mut host_b = Host::cluster_member(&bench, &lan, "host-b", 2, &etcd.endpoint(), &[])
+        .context("starting the second Docker host")?;
+    let pin_b = host_b.netd().pin_dir().display().to_string();
+    println!(
+        "host-b at {}, its default bridge 198.19.2.0/24; both hosts' netd in the cluster at {}",
+        host_b.ip,
+        etcd.endpoint()
+    );
+
+    step("On host-a: docker network create -d netd --ipam-driver netd --subnet 198.19.66.0/24 ov")?;
+    println!("{}", host.create_netd_network("ov", "198.19.66.0/24", &[])?);
+    let arrived = eventually(Duration::from_secs(10), || {
+        host_b
+            .netd_networks()
+            .is_ok_and(|n| n.iter().any(|name| name == "ov"))
+    });
+    if !arrived {
+        bail!("network ov did not reach host-b within 10 s");
+    }
+    println!("host-b's docker network ls:");
+    println!("{}", host_b.dockerd().docker(&["network", "ls"])?);
+
+    step("docker run --network ov: ov-a on host-a, ov-b on host-b (busybox httpd)")?;
+    host.dockerd().run_httpd("ov-a", &["--network", "ov"])?;
+    host_b.dockerd().run_httpd("ov-b", &["--network", "ov"])?;
+    let ov_a = host.container_addr("ov-a")?.to_string();
+    let ov_b = host_b.container_addr("ov-b")?.to_string();
+    println!("ov-a at {ov_a} on host-a, ov-b at {ov_b} on host-b");
+
+    step(&format!(
+        "Across hosts (VXLAN between {} and {}): ov-a pings and fetches ov-b",
+        host.ip, host_b.ip
+    ))?;
+    println!(
+        "{}",
+        exec(&host, "ov-a", &["ping", "-c", "3", "-W", "2", &ov_b])
+            .context("ping from ov-a to ov-b")?
+    );
+    // busybox wget's own -T crashes it (SIGSEGV) in this image.
+    let page = exec(
+        &host,
+        "ov-a",
+        &[
+            "timeout",
+            "10",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{ov_b}/"),
+        ],
+    )
+    .context("GET from ov-a to ov-b")?;
+    println!("ov-a got from http://{ov_b}/: {}", page.trim());
+
+    step(&format!("netd networks --etcd {}", etcd.endpoint()))?;
+    netd_cli(&mut host, &["networks", "--etcd", &etcd.endpoint()])?;
+
+    step("netd peers on host-a: the overlay forwarding table")?;
+    netd_cli(&mut host, &["peers", "--pin-dir", &pin])?;
+
+    step("netd status on host-a, its counters now: vxlan-encap and vxlan-decap")?;
+    let out = host.netd().cli(&["status", "--pin-dir", &pin])?;
+    if !out.status.success() {
+        show(&out);
+        bail!("netd status failed ({})", out.status);
+    }
+    let status = String::from_utf8_lossy(&out.stdout);
+    let counters = status
+        .find("counters")
+        .map_or(&status[..], |at| &status[at..]);
+    print!("{counters}");
 
     if hold {
         step("Holding the topology; press Ctrl-C to tear down")?;
         println!(
-            "try: nsenter --net={} busybox wget -O - http://{web}/",
-            client.ns.path().display()
+            "try: nsenter --net={} busybox wget -O - http://{}:8080/",
+            client.ns.path().display(),
+            host.ip
         );
         println!(
             "     nsenter --net={} {} status --pin-dir {pin}",
             host.ns.path().display(),
             netd.display()
         );
+        println!("overlay:");
+        println!(
+            "     docker -H {} exec ov-a ping -c 3 {ov_b}",
+            host.dockerd().host()
+        );
+        println!(
+            "     docker -H {} exec ov-b wget -q -O - http://{ov_a}/",
+            host_b.dockerd().host()
+        );
+        println!(
+            "     nsenter --net={} {} peers --pin-dir {pin_b}",
+            host_b.ns.path().display(),
+            netd.display()
+        );
+        println!(
+            "     nsenter --net={} {} networks --etcd {}",
+            host.ns.path().display(),
+            netd.display(),
+            etcd.endpoint()
+        );
         while !INTERRUPTED.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    // Dropped in reverse order of creation: host-b, the server and client,
+    // host-a (each dockerd before its netd), etcd, the LAN, the bench.
     Ok(())
 }
