@@ -69,11 +69,11 @@ fn run() -> Result<()> {
     }
     let mount = format!("{}:/echo:ro", echo.display());
     let cpu = bench::CPU.to_string();
-    b.dockerd().run(
-        "echo",
-        &["--network", "ov", "--cpuset-cpus", &cpu, "-v", &mount],
-        &["/echo"],
-    )?;
+    // The servers (and clients) of every target are the same plain
+    // processes in the endpoint's namespace: a container only holds the
+    // namespace, so its seccomp filter and cgroup are not measured.
+    b.dockerd()
+        .run("echo", &["--network", "ov"], &["sleep", "3600"])?;
     a.dockerd()
         .run("client", &["--network", "ov"], &["sleep", "3600"])?;
     b.dockerd()
@@ -126,16 +126,30 @@ fn run() -> Result<()> {
             ],
         )?;
     }
-    let server = server_ns
-        .command("taskset")
-        .args(["-c", &cpu])
-        .arg(&echo)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting the echo server")?;
-    let _server = netd_tests::topology::Background::new(server);
+    // Docker gives every container on a user-defined network netfilter
+    // rules in its namespace (the embedded DNS's NAT), so conntrack runs on
+    // each of its packets; Docker's own overlay containers have them too.
+    // The kernel overlay's endpoints get the same rules.
+    let docker_rules = container_ns(&a, "client")?.run_ok("iptables-save", &[])?;
+    for ns in [&server_ns, &client_ns, &floor_ns] {
+        restore_netfilter(ns, &docker_rules)?;
+    }
+    let echo_server = |ns: &NetNs| -> Result<netd_tests::topology::Background> {
+        let child = ns
+            .command("taskset")
+            .args(["-c", &cpu])
+            .arg(&echo)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the echo server")?;
+        Ok(netd_tests::topology::Background::new(child))
+    };
+    let _servers = [
+        echo_server(&container_ns(&b, "echo")?)?,
+        echo_server(&server_ns)?,
+    ];
 
     let targets = [
         Target {
@@ -204,6 +218,25 @@ fn run() -> Result<()> {
 fn kernel_mac(addr: Ipv4Addr) -> String {
     let o = addr.octets();
     format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// `rules` (iptables-save output) loaded into `ns`.
+fn restore_netfilter(ns: &NetNs, rules: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = ns
+        .command("iptables-restore")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running iptables-restore (`cargo xtask setup` installs iptables)")?;
+    child
+        .stdin
+        .take()
+        .context("iptables-restore's stdin")?
+        .write_all(rules.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("iptables-restore refused Docker's container rules:\n{rules}");
+    }
+    Ok(())
 }
 
 /// br0 with vxlan0 (Docker's overlay settings) on `host`.
