@@ -144,10 +144,18 @@ pub enum Counter {
     /// without leaving its tunnel GSO state behind. Dropped; a NIC's
     /// packets off the wire never arrive so.
     VxlanAggregate = 31,
+    /// An underlay router said a VXLAN packet to another host was too big
+    /// (ICMP "fragmentation needed" to this host's VTEP): its path MTU is
+    /// noted, and the report goes on to the kernel.
+    PmtuLearned = 32,
+    /// A container's packet did not fit the path to the peer's host: an
+    /// ICMP "fragmentation needed" went back to the container, with the
+    /// path MTU less the VXLAN overhead.
+    FragNeeded = 33,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 34;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -181,6 +189,8 @@ impl Counter {
         Counter::ArpReply,
         Counter::Switched,
         Counter::VxlanAggregate,
+        Counter::PmtuLearned,
+        Counter::FragNeeded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -217,6 +227,8 @@ impl Counter {
             Counter::ArpReply => "arp-reply",
             Counter::Switched => "switched",
             Counter::VxlanAggregate => "vxlan-aggregate",
+            Counter::PmtuLearned => "pmtu-learned",
+            Counter::FragNeeded => "frag-needed",
         }
     }
 
@@ -238,7 +250,8 @@ impl Counter {
             | Counter::VxlanEncap
             | Counter::VxlanDecap
             | Counter::ArpReply
-            | Counter::Switched => "action",
+            | Counter::Switched
+            | Counter::FragNeeded => "action",
             _ => "reason",
         }
     }

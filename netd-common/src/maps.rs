@@ -32,6 +32,9 @@ pub const PEERS: &str = "netd_peers";
 pub const VTEPS: &str = "netd_vteps";
 /// One-slot array holding [`crate::TunnelConfig`].
 pub const TUNNEL: &str = "netd_tunnel";
+/// LRU hash of VTEP address → [`crate::overlay::VtepPmtu`]: path MTUs to
+/// other hosts that the underlay reported.
+pub const VTEP_PMTU: &str = "netd_vtep_pmtu";
 
 /// LRU hash of [`crate::nat::SockRevKey`] → [`crate::nat::SockRevValue`]:
 /// reverse translation for host-local UDP.
@@ -63,6 +66,7 @@ pub const ALL: &[&str] = &[
     PEERS,
     VTEPS,
     TUNNEL,
+    VTEP_PMTU,
 ];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A

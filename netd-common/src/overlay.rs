@@ -44,9 +44,28 @@ pub struct TunnelConfig {
     pub _pad: [u8; 2],
 }
 
+/// Value of `netd_vtep_pmtu`: the path MTU to a host's VTEP that an
+/// underlay router reported (ICMP "fragmentation needed" about a VXLAN
+/// packet), and when (CLOCK_MONOTONIC ns). It ages out like a Linux PMTU
+/// exception, so a path that grew back is used in full again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VtepPmtu {
+    pub mtu: u32,
+    pub _pad: u32,
+    pub learned_ns: u64,
+}
+
+/// How long a reported path MTU holds: Linux's default mtu_expires.
+pub const PMTU_EXPIRY_NS: u64 = 600 * 1_000_000_000;
+/// The smallest path MTU believed (Linux's default min_pmtu): a forged
+/// report cannot shrink packets below it.
+pub const PMTU_MIN: u32 = 552;
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::OverlayNetwork {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::TunnelConfig {}
+    unsafe impl aya::Pod for super::VtepPmtu {}
 }

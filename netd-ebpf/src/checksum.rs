@@ -43,16 +43,28 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The one's complement sum of `bytes` (an even count) as 16-bit words.
+#[inline(always)]
+pub fn sum_words(bytes: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u32::from(u16::from_ne_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+/// The Internet checksum of data whose words sum to `sum`, as stored.
+#[inline(always)]
+pub fn checksum_of(sum: u32) -> [u8; 2] {
+    (!fold(sum)).to_ne_bytes()
+}
+
 /// The checksum of a 20-byte IPv4 header whose checksum field is zero.
 #[inline(always)]
 pub fn ipv4_header_checksum(header: &[u8; 20]) -> [u8; 2] {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_ne_bytes([header[i], header[i + 1]]));
-        i += 2;
-    }
-    (!fold(sum)).to_ne_bytes()
+    checksum_of(sum_words(header))
 }
 
 /// The Internet checksum `check` once the 16-bit words `old` became `new`

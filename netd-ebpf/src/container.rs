@@ -74,13 +74,14 @@ pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
     }
     let flow = ipv4_flow(ctx, &frame)?;
     if let Some(net) = overlay {
-        if let Some((action, verdict)) = overlay::switch(ctx, &ep, net, dst, flow.as_ref())? {
+        if let Some((action, verdict)) = overlay::switch(ctx, &ep, net, dst, &flow)? {
             return Ok((action, Some(verdict)));
         }
     }
-    let nat = match flow {
-        Some(flow) => nat::container_egress(ctx, &flow)?,
-        None => ContainerNat::Unrelated,
+    let nat = if flow.is_flow() {
+        nat::container_egress(ctx, &flow)?
+    } else {
+        ContainerNat::Unrelated
     };
     match nat {
         // Published ports are reachable from every network.

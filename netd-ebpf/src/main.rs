@@ -29,6 +29,8 @@ mod overlay;
 #[cfg(target_arch = "bpf")]
 mod parsing;
 #[cfg(target_arch = "bpf")]
+mod pmtu;
+#[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod sock;

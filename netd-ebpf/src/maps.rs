@@ -4,6 +4,7 @@ use aya_ebpf::{
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
+use netd_common::overlay::VtepPmtu;
 use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{
@@ -76,6 +77,12 @@ pub static VTEPS: HashMap<[u8; 4], u32, { VTEPS_MAX as usize }> = HashMap::new()
 /// This host's tunnel end (slot 0); written by the daemon.
 #[btf_map(name = "netd_tunnel")]
 pub static TUNNEL: Array<TunnelConfig, 1> = Array::new();
+
+/// Path MTUs to other hosts the underlay reported; written by the uplink
+/// program, aged out by time (see `pmtu`). LRU: a flood of reports can
+/// only push out older ones.
+#[btf_map(name = "netd_vtep_pmtu")]
+pub static VTEP_PMTU: LruHashMap<[u8; 4], VtepPmtu, { VTEPS_MAX as usize }> = LruHashMap::new();
 
 /// The container network whose subnet holds `addr`, if any.
 #[inline(always)]

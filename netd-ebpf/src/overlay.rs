@@ -11,7 +11,8 @@ use crate::{
     maps::{network_of, ENDPOINT_ADDRS, PEERS},
     nat,
     parsing::{ptr_at, Ipv4Flow},
-    tunnel,
+    pmtu,
+    tunnel::{self, Encap},
 };
 
 /// What became of a packet `ep` sent on overlay network `net` to `dst`:
@@ -24,7 +25,7 @@ pub fn switch(
     ep: &Endpoint,
     net: &OverlayNetwork,
     dst: [u8; 4],
-    flow: Option<&Ipv4Flow>,
+    flow: &Ipv4Flow,
 ) -> Result<Option<(Counter, i32)>, Counter> {
     let dst_mac: [u8; 6] = unsafe { *ptr_at::<[u8; 6]>(ctx, 0).ok_or(Counter::Truncated)? };
     // Broadcast and multicast, to any MAC or address: nobody to flood to.
@@ -38,7 +39,7 @@ pub fn switch(
         let loc = unsafe { *loc };
         // Handed over past the receiver's veth, whose egress program would
         // give a hairpin reply its published source back: do it here.
-        if let Some(flow) = flow {
+        if flow.is_flow() {
             nat::container_ingress(ctx, flow)?;
         }
         let macs: *mut [u8; 6] = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;
@@ -52,6 +53,11 @@ pub fn switch(
     }
     let macs: *mut [u8; 6] = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;
     unsafe { *macs = peer.mac };
-    let verdict = tunnel::encap(ctx, &peer, net.vni)?;
-    Ok(Some((Counter::VxlanEncap, verdict)))
+    match tunnel::encap(ctx, &peer, net.vni)? {
+        Encap::Sent(verdict) => Ok(Some((Counter::VxlanEncap, verdict))),
+        Encap::TooBig(path_mtu) => {
+            let verdict = pmtu::frag_needed(ctx, path_mtu)?;
+            Ok(Some((Counter::FragNeeded, verdict)))
+        }
+    }
 }

@@ -155,23 +155,49 @@ pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
+impl Ipv4Flow {
+    /// "Not a flow": every field defined. (An `Option` here let LLVM leave
+    /// the fields of its `None` in whatever register was at hand, a packet
+    /// pointer on one path, which the verifier refuses to read as a
+    /// number.)
+    const NONE: Ipv4Flow = Ipv4Flow {
+        l3_offset: 0,
+        proto: 0,
+        src_addr: [0; 4],
+        dst_addr: [0; 4],
+        src_port: [0; 2],
+        dst_port: [0; 2],
+        src_port_offset: 0,
+        dst_port_offset: 0,
+        l4_csum_offset: 0,
+        tcp_flags: 0,
+    };
+
+    /// False for [`Self::NONE`]: no NAT applies to the packet.
+    #[inline(always)]
+    pub fn is_flow(&self) -> bool {
+        self.proto != 0
+    }
+}
+
 /// Reads the flow of an IPv4 TCP/UDP/ICMP-echo packet that carries its L4
-/// header. `Ok(None)`: not a packet NAT applies to (other protocol, other
-/// ICMP type, IPv6, later fragment). `Err`: the L4 header is cut short.
+/// header. [`Ipv4Flow::NONE`]: not a packet NAT applies to (other
+/// protocol, other ICMP type, IPv6, later fragment). `Err`: the L4 header
+/// is cut short.
 #[inline(always)]
-pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Counter> {
+pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Ipv4Flow, Counter> {
     let Ip::V4 {
         l4_offset: l4,
         proto,
         later_fragment: false,
     } = frame.ip
     else {
-        return Ok(None);
+        return Ok(Ipv4Flow::NONE);
     };
     let l4_len = match proto {
         IPPROTO_TCP => 20,
         IPPROTO_UDP | IPPROTO_ICMP => 8,
-        _ => return Ok(None),
+        _ => return Ok(Ipv4Flow::NONE),
     };
     if ctx.data() + l4 + l4_len > ctx.data_end() {
         return Err(Counter::Truncated);
@@ -204,13 +230,13 @@ pub fn ipv4_flow(ctx: &TcContext, frame: &Frame) -> Result<Option<Ipv4Flow>, Cou
             flow.dst_port_offset = l4 + ICMP_ECHO_ID;
             // Errors and other types (or codes): not a flow of their own.
             let Some((src, dst)) = echo_ports(h[0], id).filter(|_| h[1] == 0) else {
-                return Ok(None);
+                return Ok(Ipv4Flow::NONE);
             };
             (flow.src_port, flow.dst_port) = (src, dst);
         }
         _ => {}
     }
-    Ok(Some(flow))
+    Ok(flow)
 }
 
 /// Why a parsed frame that no rule applies to is passed.

@@ -19,7 +19,7 @@ use crate::{
     icmp::{self, Side},
     nat,
     parsing::{ipv4_flow, parse_frame, unmatched, Ipv4Flow},
-    sock, tunnel,
+    pmtu, sock, tunnel,
 };
 
 /// "Not ours", or rewritten and ready for the kernel to route: with TCX this
@@ -73,12 +73,14 @@ fn with_flow(
     };
     match ipv4_flow(ctx, &frame) {
         Err(reason) => Outcome::Pass(reason),
-        Ok(None) => match icmp_side.map(|side| icmp::translate_error(ctx, &frame, side)) {
-            Some(Ok(Some(counter))) => Outcome::Pass(counter),
-            Some(Err(reason)) => Outcome::Drop(reason),
-            _ => Outcome::Pass(unmatched(&frame)),
-        },
-        Ok(Some(flow)) => match act(ctx, &flow) {
+        Ok(flow) if !flow.is_flow() => {
+            match icmp_side.map(|side| icmp::translate_error(ctx, &frame, side)) {
+                Some(Ok(Some(counter))) => Outcome::Pass(counter),
+                Some(Err(reason)) => Outcome::Drop(reason),
+                _ => Outcome::Pass(unmatched(&frame)),
+            }
+        }
+        Ok(flow) => match act(ctx, &flow) {
             Ok(Some(action)) => Outcome::Pass(action),
             Ok(None) => Outcome::Pass(Counter::NoMatch),
             Err(reason) => Outcome::Drop(reason),
@@ -97,6 +99,13 @@ pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
             Err(reason) => Outcome::Drop(reason),
         };
         return finish(&ctx, Hook::UplinkIngress, outcome);
+    }
+    if pmtu::learn(&ctx) {
+        return finish(
+            &ctx,
+            Hook::UplinkIngress,
+            Outcome::Pass(Counter::PmtuLearned),
+        );
     }
     let outcome = match with_flow(&ctx, Some(Side::Ingress), nat::ingress) {
         // Now addressed to a container: deliver it there directly.

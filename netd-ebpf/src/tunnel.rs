@@ -26,7 +26,8 @@ use crate::{
     checksum::ipv4_header_checksum,
     delivery::{mark_translated, FibParams},
     maps::{network_of, CONFIG, ENDPOINT_ADDRS, PEERS, TUNNEL, VNIS, VTEPS},
-    parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_UDP},
+    parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
+    pmtu,
 };
 
 /// Outer IPv4 + UDP + VXLAN: what sits between the outer and the inner
@@ -63,9 +64,10 @@ struct OuterHeaders {
 }
 
 /// Wraps the frame for `peer` (on another host) in VXLAN with `vni` and
-/// sends it out of the interface the host routes the peer's VTEP by.
+/// sends it out of the interface the host routes the peer's VTEP by, or
+/// says it does not fit the path there (see [`pmtu`]).
 #[inline(always)]
-pub fn encap(ctx: &TcContext, peer: &Peer, vni: u32) -> Result<i32, Counter> {
+pub fn encap(ctx: &TcContext, peer: &Peer, vni: u32) -> Result<Encap, Counter> {
     let tunnel = TUNNEL.get(0).ok_or(Counter::NoEndpoint)?;
     let uplink = CONFIG.get(0).map_or(0, |c| c.uplink_ifindex);
     if tunnel.vtep == [0; 4] || uplink == 0 {
@@ -79,11 +81,19 @@ pub fn encap(ctx: &TcContext, peer: &Peer, vni: u32) -> Result<i32, Counter> {
     // An output lookup, as for the host's own packets (the outer source is
     // the host's address), constrained to the uplink.
     let mut fib = FibParams::new(uplink, tunnel.vtep, peer.vtep, IPPROTO_UDP);
-    // One packet is checked by its outer length; a GSO packet's segments
-    // by the helper (the container's MTU leaves room for the 50 bytes).
-    if unsafe { (*skb).gso_size } == 0 {
-        fib.tot_len = outer_ip_len as u16;
+    // Checked against the route's MTU by the lookup, and against what the
+    // underlay reported: the packet's outer length, or a GSO packet's
+    // segments'.
+    let outer_len = match unsafe { (*skb).gso_size } {
+        0 => outer_ip_len,
+        gso_size => segment_outer_len(ctx, gso_size as usize)?,
+    };
+    if let Some(path_mtu) = pmtu::reported(&peer.vtep) {
+        if outer_len > path_mtu as usize {
+            return Ok(Encap::TooBig(path_mtu));
+        }
     }
+    fib.tot_len = outer_len as u16;
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
@@ -95,7 +105,8 @@ pub fn encap(ctx: &TcContext, peer: &Peer, vni: u32) -> Result<i32, Counter> {
     let resolved = match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         BPF_FIB_LKUP_RET_NO_NEIGH => false,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::TooBig),
+        // The lookup left the route's MTU in place of the length.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Ok(Encap::TooBig(u32::from(fib.tot_len))),
         // No route to the VTEP.
         _ => return Err(Counter::NoEndpoint),
     };
@@ -163,7 +174,37 @@ pub fn encap(ctx: &TcContext, peer: &Peer, vni: u32) -> Result<i32, Counter> {
         // The kernel resolves the next hop and fills the MACs.
         unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) }
     };
-    Ok(verdict as i32)
+    Ok(Encap::Sent(verdict as i32))
+}
+
+/// What became of a frame to wrap.
+pub enum Encap {
+    /// Wrapped and redirected: the TC verdict.
+    Sent(i32),
+    /// Too big for the path to the peer's host, whose MTU this is.
+    TooBig(u32),
+}
+
+/// The outer IPv4 length of each segment of a GSO frame: the inner IPv4
+/// and TCP/UDP headers repeat in front of every `gso_size` bytes.
+// Copied out with bpf_skb_load_bytes, not read in place: the container
+// program has the same header under a packet pointer already, and LLVM
+// merging the two left the verifier a register that is a pointer on one
+// path and a number on another.
+#[inline(always)]
+fn segment_outer_len(ctx: &TcContext, gso_size: usize) -> Result<usize, Counter> {
+    let ip: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| Counter::Truncated)?;
+    let ip_len = usize::from(ip[0] & 0x0f) * 4;
+    let l4_len = match ip[9] {
+        IPPROTO_TCP => {
+            let doff: u8 = ctx
+                .load(ETH_HLEN + (ip_len & 0x3c) + 12)
+                .map_err(|_| Counter::Truncated)?;
+            usize::from(doff >> 4) * 4
+        }
+        _ => 8,
+    };
+    Ok(gso_size + ip_len + l4_len + OUTER_L3_LEN + ETH_HLEN)
 }
 
 /// A flow's source port, as Linux's vxlan derives it from the flow hash:

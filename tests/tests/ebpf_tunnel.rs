@@ -1,6 +1,8 @@
 //! VXLAN decapsulation and ARP on overlay networks, run in the kernel with
 //! BPF_PROG_TEST_RUN: a frame from a member host for a local container is
 //! unwrapped; every other one is dropped with its reason, never delivered.
+//! A smaller path to another host, reported by the underlay, is told to
+//! the container as "fragmentation needed".
 use std::net::Ipv4Addr;
 
 use netd::dataplane::{Dataplane, LoadOptions, Overlays, Peers, Vnis, Vteps};
@@ -12,8 +14,8 @@ use netd_common::{
 use netd_tests::{
     ebpf::{count, TEST_RUN_IFINDEX},
     packet::{
-        ethernet, icmp_echo, ipv4, udp, Addrs, ETH_P_ARP, ETH_P_IP, MAC_A, MAC_B, PROTO_ICMP,
-        PROTO_UDP,
+        ethernet, icmp_echo, icmp_error, ipv4, ipv4_with, udp, verify_ipv4_frame, Addrs, ETH_P_ARP,
+        ETH_P_IP, MAC_A, MAC_B, PROTO_ICMP, PROTO_UDP,
     },
     privileged,
 };
@@ -211,4 +213,88 @@ fn arp_is_answered_in_place_and_nothing_is_flooded() {
         SHOT
     );
     assert!(count(&dp, Hook::ContainerEgress, Counter::Broadcast) >= 2);
+}
+
+/// A router between the hosts reports (ICMP "fragmentation needed", to
+/// this host's VTEP) that a VXLAN packet to MEMBER did not fit `mtu`.
+fn underlay_report(about: Ipv4Addr, mtu: u16) -> Vec<u8> {
+    let vxlan_packet = ipv4_with(
+        HOST,
+        about,
+        PROTO_UDP,
+        &udp(Addrs::V4(HOST, about), 40000, 4789, &[0; 64]),
+        &[],
+        0x4000,
+    );
+    let router = Ipv4Addr::new(198, 18, 0, 254);
+    ethernet(
+        MAC_A,
+        MAC_B,
+        ETH_P_IP,
+        &ipv4(
+            router,
+            HOST,
+            PROTO_ICMP,
+            &icmp_error(3, 4, mtu, &vxlan_packet),
+        ),
+    )
+}
+
+/// A UDP datagram of `len` bytes from the local container to REMOTE, DF
+/// set or not.
+fn to_remote(len: usize, df: bool) -> Vec<u8> {
+    let seg = udp(Addrs::V4(LOCAL, REMOTE), 5000, 6000, &vec![7; len]);
+    let frags = if df { 0x4000 } else { 0 };
+    ethernet(
+        GW_MAC,
+        MAC_A,
+        ETH_P_IP,
+        &ipv4_with(LOCAL, REMOTE, PROTO_UDP, &seg, &[], frags),
+    )
+}
+
+#[test]
+fn a_smaller_path_to_another_host_is_learned_and_told_to_the_container() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = overlay_dataplane();
+    // Reports about non-members are not believed; about members, noted and
+    // passed on.
+    let out = dp
+        .test_run(Hook::UplinkIngress, &underlay_report(STRANGER, 1300), 1)
+        .unwrap();
+    assert_eq!(count(&dp, Hook::UplinkIngress, Counter::PmtuLearned), 0);
+    assert_ne!(out.action, SHOT);
+    dp.test_run(Hook::UplinkIngress, &underlay_report(MEMBER, 1300), 1)
+        .unwrap();
+    assert_eq!(count(&dp, Hook::UplinkIngress, Counter::PmtuLearned), 1);
+
+    // 1300 - 50 = 1250 bytes of container packet fit; one more does not.
+    let big = to_remote(1250 - 28 + 1, true);
+    let out = dp.test_run(Hook::ContainerEgress, &big, 1).unwrap();
+    assert_eq!(out.action, REDIRECT);
+    assert_eq!(count(&dp, Hook::ContainerEgress, Counter::FragNeeded), 1);
+    let reply = &out.frame;
+    verify_ipv4_frame(reply).unwrap();
+    assert_eq!(&reply[..6], &MAC_A, "back to the container");
+    assert_eq!(&reply[6..12], &MAC_B, "from the peer it was for");
+    assert_eq!(&reply[26..30], &REMOTE.octets());
+    assert_eq!(&reply[30..34], &LOCAL.octets());
+    let icmp = &reply[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1250);
+    assert_eq!(
+        &icmp[8..36],
+        &big[14..42],
+        "the offending header and 8 bytes"
+    );
+    assert_eq!(reply.len(), 14 + 20 + 8 + 28);
+
+    // Without DF: nothing to tell, and netd cannot fragment: dropped.
+    let out = dp
+        .test_run(Hook::ContainerEgress, &to_remote(1250 - 28 + 1, false), 1)
+        .unwrap();
+    assert_eq!(out.action, SHOT);
+    assert_eq!(count(&dp, Hook::ContainerEgress, Counter::TooBig), 1);
 }

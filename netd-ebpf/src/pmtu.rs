@@ -1,0 +1,211 @@
+//! Path MTU discovery across the overlay. A container's MTU leaves room for
+//! the 50 bytes of VXLAN on the local uplink, but the path to another host
+//! may be smaller: a route with an MTU of its own, or an underlay router
+//! with a smaller link. The outer header has DF set, so such a router
+//! answers the host's VTEP with ICMP "fragmentation needed", which the
+//! kernel cannot use (no socket sent it). netd notes that path MTU per
+//! VTEP, and a container packet that does not fit the path (by the route's
+//! MTU or the noted one) gets "fragmentation needed" back from netd, with
+//! the path MTU less 50, as Linux's own vxlan does for bridged traffic. The
+//! container's kernel lowers its PMTU and resends smaller.
+use aya_ebpf::{
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_peer, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use netd_common::{
+    overlay::{VtepPmtu, PMTU_EXPIRY_NS, PMTU_MIN, VXLAN_ENCAP_LEN},
+    Counter,
+};
+
+use crate::{
+    checksum::{checksum_of, ipv4_header_checksum, sum_words},
+    maps::{TUNNEL, VTEPS, VTEP_PMTU},
+    parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_UDP},
+};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// IPv4 "don't fragment".
+const IP_DF: u16 = 0x4000;
+
+/// What a "fragmentation needed" about a VXLAN packet of this host looks
+/// like from the EtherType on: outer IPv4, ICMP, the quoted outer IPv4 and
+/// UDP headers of the packet that did not fit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UnderlayReport {
+    eth_type: [u8; 2],
+    ip: [u8; 20],
+    icmp: [u8; 8],
+    quoted_ip: [u8; 20],
+    quoted_udp: [u8; 8],
+}
+
+/// Notes the path MTU an underlay router reported for a VXLAN packet this
+/// host sent to another cluster host. False: not such a report (it goes on
+/// as any other packet).
+#[inline(always)]
+pub fn learn(ctx: &TcContext) -> bool {
+    let Some(tunnel) = TUNNEL.get(0) else {
+        return false;
+    };
+    let Some(report) = ptr_at::<UnderlayReport>(ctx, 12) else {
+        return false;
+    };
+    let r = unsafe { *report };
+    let quoted_dst = [
+        r.quoted_ip[16],
+        r.quoted_ip[17],
+        r.quoted_ip[18],
+        r.quoted_ip[19],
+    ];
+    let ours = r.eth_type == ETH_P_IP.to_be_bytes()
+        && r.ip[0] == 0x45
+        && r.ip[9] == IPPROTO_ICMP
+        && r.ip[16..20] == tunnel.vtep
+        && r.icmp[0] == ICMP_DEST_UNREACH
+        && r.icmp[1] == ICMP_FRAG_NEEDED
+        && r.quoted_ip[0] == 0x45
+        && r.quoted_ip[9] == IPPROTO_UDP
+        && r.quoted_ip[12..16] == tunnel.vtep
+        && r.quoted_udp[2..4] == tunnel.port
+        && tunnel.vtep != [0; 4];
+    // Only paths to cluster hosts are noted: nobody can fill the map with
+    // addresses of their choosing.
+    if !ours || VTEPS.get_ptr(&quoted_dst).is_none() {
+        return false;
+    }
+    let mtu = u32::from(u16::from_be_bytes([r.icmp[6], r.icmp[7]]));
+    // 0: a router from before RFC 1191, which says no size.
+    if mtu == 0 {
+        return false;
+    }
+    let entry = VtepPmtu {
+        mtu: mtu.max(PMTU_MIN),
+        _pad: 0,
+        learned_ns: unsafe { bpf_ktime_get_coarse_ns() },
+    };
+    let _ = VTEP_PMTU.insert(&quoted_dst, &entry, 0);
+    true
+}
+
+/// The path MTU an underlay reported for `vtep`, while it holds.
+#[inline(always)]
+pub fn reported(vtep: &[u8; 4]) -> Option<u32> {
+    let entry = unsafe { *VTEP_PMTU.get_ptr(vtep)? };
+    let age = unsafe { bpf_ktime_get_coarse_ns() }.wrapping_sub(entry.learned_ns);
+    if age > PMTU_EXPIRY_NS {
+        let _ = VTEP_PMTU.remove(vtep);
+        return None;
+    }
+    Some(entry.mtu)
+}
+
+/// The new headers, written where the frame's Ethernet header was and in
+/// the room opened behind it; the quote follows them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FragNeededHeaders {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    eth_type: [u8; 2],
+    ip: [u8; 20],
+    icmp: [u8; 8],
+}
+
+/// Where the quote (the offending IPv4 header and 8 bytes after it) sits
+/// once the room is open.
+const QUOTE_AT: usize = ETH_HLEN + 20 + 8;
+const QUOTE_LEN: usize = 20 + 8;
+
+/// Turns the container's packet on this veth into ICMP "fragmentation
+/// needed" (next-hop MTU: the path's less the VXLAN overhead) and hands it
+/// back to the container. A packet without DF, with IP options, or itself
+/// an ICMP error is dropped as too big instead (Linux sends no error about
+/// an error, and netd cannot fragment).
+#[inline(always)]
+pub fn frag_needed(ctx: &TcContext, path_mtu: u32) -> Result<i32, Counter> {
+    // What the reply needs from the packet, before it is cut.
+    let (macs, addrs) = {
+        let ip: *const [u8; 20] = ptr_at(ctx, ETH_HLEN).ok_or(Counter::TooBig)?;
+        let l4: *const [u8; 8] = ptr_at(ctx, ETH_HLEN + 20).ok_or(Counter::TooBig)?;
+        let (vihl, frags, proto, kind) = unsafe {
+            (
+                (*ip)[0],
+                u16::from_be_bytes([(*ip)[6], (*ip)[7]]),
+                (*ip)[9],
+                (*l4)[0],
+            )
+        };
+        let is_error = proto == IPPROTO_ICMP && kind != 0 && kind != 8;
+        if vihl != 0x45 || frags & IP_DF == 0 || is_error {
+            return Err(Counter::TooBig);
+        }
+        let macs: [u8; 12] = unsafe { *ptr_at::<[u8; 12]>(ctx, 0).ok_or(Counter::TooBig)? };
+        let addrs: [u8; 8] =
+            unsafe { *ptr_at::<[u8; 8]>(ctx, ETH_HLEN + 12).ok_or(Counter::TooBig)? };
+        (macs, addrs)
+    };
+    let inner_mtu = path_mtu.saturating_sub(VXLAN_ENCAP_LEN as u32).max(68) as u16;
+    // Cut to the quote, then open room for the new IPv4 and ICMP headers
+    // after the Ethernet header (a GSO packet stops being one here).
+    let cut = (ETH_HLEN + QUOTE_LEN) as u32;
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, cut, 0) } != 0 {
+        return Err(Counter::RewriteFailed);
+    }
+    ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| Counter::RewriteFailed)?;
+    let quote: *const [u8; QUOTE_LEN] = ptr_at(ctx, QUOTE_AT).ok_or(Counter::RewriteFailed)?;
+    let quote_sum = sum_words(unsafe { &*quote });
+    let h: *mut FragNeededHeaders = ptr_at(ctx, 0).ok_or(Counter::RewriteFailed)?;
+    let tot_len = ((20 + 8 + QUOTE_LEN) as u16).to_be_bytes();
+    let mtu = inner_mtu.to_be_bytes();
+    unsafe {
+        // Back to the sender, from the address its packet was for (as
+        // Linux's vxlan does): the container takes it as from its peer.
+        (*h).eth_dst.copy_from_slice(&macs[6..12]);
+        (*h).eth_src.copy_from_slice(&macs[0..6]);
+        (*h).eth_type = ETH_P_IP.to_be_bytes();
+        (*h).ip = [
+            0x45,
+            0,
+            tot_len[0],
+            tot_len[1],
+            0,
+            0,
+            0,
+            0,
+            64,
+            IPPROTO_ICMP,
+            0,
+            0,
+            addrs[4],
+            addrs[5],
+            addrs[6],
+            addrs[7],
+            addrs[0],
+            addrs[1],
+            addrs[2],
+            addrs[3],
+        ];
+        let csum = ipv4_header_checksum(&(*h).ip);
+        (*h).ip[10] = csum[0];
+        (*h).ip[11] = csum[1];
+        (*h).icmp = [
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            0,
+            0,
+            0,
+            0,
+            mtu[0],
+            mtu[1],
+        ];
+        let csum = checksum_of(sum_words(&(*h).icmp) + quote_sum);
+        (*h).icmp[2] = csum[0];
+        (*h).icmp[3] = csum[1];
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as i32)
+}
