@@ -10,7 +10,7 @@
 //! container's kernel lowers its PMTU and resends smaller.
 use aya_ebpf::{
     bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_peer, bpf_skb_change_tail},
+    helpers::{bpf_csum_diff, bpf_ktime_get_coarse_ns, bpf_redirect_peer, bpf_skb_change_tail},
     programs::TcContext,
 };
 use netd_common::{
@@ -19,7 +19,7 @@ use netd_common::{
 };
 
 use crate::{
-    checksum::{checksum_of, ipv4_header_checksum, sum_words},
+    checksum::checksum_of,
     maps::{TUNNEL, VTEPS, VTEP_PMTU},
     parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_UDP},
 };
@@ -114,22 +114,25 @@ struct FragNeededHeaders {
     icmp: [u8; 8],
 }
 
-/// Where the quote (the offending IPv4 header and 8 bytes after it) sits
-/// once the room is open.
+/// Where the quote (the offending IPv4 header and 20 bytes after it) sits
+/// once the room is open. 20, not the least RFC 792 asks (8): the kernel
+/// will not cut a packet whose checksum is left to offload (a container's
+/// TCP) short of its checksum field, at 16 into the TCP header.
 const QUOTE_AT: usize = ETH_HLEN + 20 + 8;
-const QUOTE_LEN: usize = 20 + 8;
+const QUOTE_LEN: usize = 20 + 20;
 
 /// Turns the container's packet on this veth into ICMP "fragmentation
 /// needed" (next-hop MTU: the path's less the VXLAN overhead) and hands it
 /// back to the container. A packet without DF, with IP options, or itself
 /// an ICMP error is dropped as too big instead (Linux sends no error about
-/// an error, and netd cannot fragment).
-#[inline(always)]
+/// an error, and netd cannot fragment). A BPF call of its own, off the hot
+/// path: its stack comes on top of the veth program's, so it keeps little.
+#[inline(never)]
 pub fn frag_needed(ctx: &TcContext, path_mtu: u32) -> Result<i32, Counter> {
-    // What the reply needs from the packet, before it is cut.
-    let (macs, addrs) = {
+    {
         let ip: *const [u8; 20] = ptr_at(ctx, ETH_HLEN).ok_or(Counter::TooBig)?;
-        let l4: *const [u8; 8] = ptr_at(ctx, ETH_HLEN + 20).ok_or(Counter::TooBig)?;
+        // The quote must be there in full (its first byte is the L4 type).
+        let l4: *const [u8; 20] = ptr_at(ctx, ETH_HLEN + 20).ok_or(Counter::TooBig)?;
         let (vihl, frags, proto, kind) = unsafe {
             (
                 (*ip)[0],
@@ -142,31 +145,47 @@ pub fn frag_needed(ctx: &TcContext, path_mtu: u32) -> Result<i32, Counter> {
         if vihl != 0x45 || frags & IP_DF == 0 || is_error {
             return Err(Counter::TooBig);
         }
-        let macs: [u8; 12] = unsafe { *ptr_at::<[u8; 12]>(ctx, 0).ok_or(Counter::TooBig)? };
-        let addrs: [u8; 8] =
-            unsafe { *ptr_at::<[u8; 8]>(ctx, ETH_HLEN + 12).ok_or(Counter::TooBig)? };
-        (macs, addrs)
-    };
+    }
     let inner_mtu = path_mtu.saturating_sub(VXLAN_ENCAP_LEN as u32).max(68) as u16;
     // Cut to the quote, then open room for the new IPv4 and ICMP headers
-    // after the Ethernet header (a GSO packet stops being one here).
+    // after the Ethernet header (a GSO packet stops being one here). The
+    // frame's own Ethernet header stays at 0 and its IPv4 header is now
+    // the quote's start: nothing needs keeping across the two calls.
     let cut = (ETH_HLEN + QUOTE_LEN) as u32;
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, cut, 0) } != 0 {
         return Err(Counter::RewriteFailed);
     }
     ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| Counter::RewriteFailed)?;
-    let quote: *const [u8; QUOTE_LEN] = ptr_at(ctx, QUOTE_AT).ok_or(Counter::RewriteFailed)?;
-    let quote_sum = sum_words(unsafe { &*quote });
+    let quote: *mut [u8; QUOTE_LEN] = ptr_at(ctx, QUOTE_AT).ok_or(Counter::RewriteFailed)?;
+    // Summed by the kernel (csum_partial), in place.
+    let quote_sum =
+        unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, quote.cast(), QUOTE_LEN as u32, 0) }
+            as u32;
     let h: *mut FragNeededHeaders = ptr_at(ctx, 0).ok_or(Counter::RewriteFailed)?;
     let tot_len = ((20 + 8 + QUOTE_LEN) as u16).to_be_bytes();
     let mtu = inner_mtu.to_be_bytes();
     unsafe {
-        // Back to the sender, from the address its packet was for (as
-        // Linux's vxlan does): the container takes it as from its peer.
-        (*h).eth_dst.copy_from_slice(&macs[6..12]);
-        (*h).eth_src.copy_from_slice(&macs[0..6]);
-        (*h).eth_type = ETH_P_IP.to_be_bytes();
+        let q = &*quote;
+        let (src, dst) = ([q[12], q[13], q[14], q[15]], [q[16], q[17], q[18], q[19]]);
+        let word = |b: [u8; 2]| u32::from(u16::from_ne_bytes(b));
+        let ip_sum = word([0x45, 0])
+            + word(tot_len)
+            + word([64, IPPROTO_ICMP])
+            + word([src[0], src[1]])
+            + word([src[2], src[3]])
+            + word([dst[0], dst[1]])
+            + word([dst[2], dst[3]]);
+        let icmp_sum = u64::from(word([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED]) + word(mtu))
+            + u64::from(quote_sum);
+        let icmp_sum = (icmp_sum & 0xffff_ffff) + (icmp_sum >> 32);
+        let icmp_sum = ((icmp_sum & 0xffff_ffff) + (icmp_sum >> 32)) as u32;
+        // Back to the sender, from the peer and address its packet was for
+        // (as Linux's vxlan does): the container takes it as from its peer.
+        let (to, from) = ((*h).eth_src, (*h).eth_dst);
+        (*h).eth_dst = to;
+        (*h).eth_src = from;
+        let csum = checksum_of(ip_sum);
         (*h).ip = [
             0x45,
             0,
@@ -178,33 +197,28 @@ pub fn frag_needed(ctx: &TcContext, path_mtu: u32) -> Result<i32, Counter> {
             0,
             64,
             IPPROTO_ICMP,
-            0,
-            0,
-            addrs[4],
-            addrs[5],
-            addrs[6],
-            addrs[7],
-            addrs[0],
-            addrs[1],
-            addrs[2],
-            addrs[3],
+            csum[0],
+            csum[1],
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+            src[0],
+            src[1],
+            src[2],
+            src[3],
         ];
-        let csum = ipv4_header_checksum(&(*h).ip);
-        (*h).ip[10] = csum[0];
-        (*h).ip[11] = csum[1];
+        let csum = checksum_of(icmp_sum);
         (*h).icmp = [
             ICMP_DEST_UNREACH,
             ICMP_FRAG_NEEDED,
-            0,
-            0,
+            csum[0],
+            csum[1],
             0,
             0,
             mtu[0],
             mtu[1],
         ];
-        let csum = checksum_of(sum_words(&(*h).icmp) + quote_sum);
-        (*h).icmp[2] = csum[0];
-        (*h).icmp[3] = csum[1];
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as i32)

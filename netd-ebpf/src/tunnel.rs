@@ -187,19 +187,16 @@ pub enum Encap {
 
 /// The outer IPv4 length of each segment of a GSO frame: the inner IPv4
 /// and TCP/UDP headers repeat in front of every `gso_size` bytes.
-// Copied out with bpf_skb_load_bytes, not read in place: the container
-// program has the same header under a packet pointer already, and LLVM
-// merging the two left the verifier a register that is a pointer on one
-// path and a number on another.
 #[inline(always)]
 fn segment_outer_len(ctx: &TcContext, gso_size: usize) -> Result<usize, Counter> {
-    let ip: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| Counter::Truncated)?;
-    let ip_len = usize::from(ip[0] & 0x0f) * 4;
-    let l4_len = match ip[9] {
+    let vihl: u8 = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN).ok_or(Counter::Truncated)? };
+    let proto: u8 = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN + 9).ok_or(Counter::Truncated)? };
+    let ip_len = usize::from(vihl & 0x0f) * 4;
+    let l4_len = match proto {
         IPPROTO_TCP => {
-            let doff: u8 = ctx
-                .load(ETH_HLEN + (ip_len & 0x3c) + 12)
-                .map_err(|_| Counter::Truncated)?;
+            let doff: u8 = unsafe {
+                *ptr_at::<u8>(ctx, ETH_HLEN + (ip_len & 0x3c) + 12).ok_or(Counter::Truncated)?
+            };
             usize::from(doff >> 4) * 4
         }
         _ => 8,

@@ -59,14 +59,20 @@ impl Lan {
 
     /// Plugs `ns` into the LAN as `eth0` with address `.host`/24.
     pub fn attach(&self, ns: &NetNs, host: u8) -> Result<Ipv4Addr> {
+        self.attach_as(ns, host, UPLINK)
+    }
+
+    /// [`Self::attach`] as interface `ifname` (a router's second leg).
+    pub fn attach_as(&self, ns: &NetNs, host: u8, ifname: &str) -> Result<Ipv4Addr> {
         let port = self
             .ports
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (sw, tmp) = (format!("p{port}"), format!("t{port}"));
-        veth_between(&self.ns, &sw, ns, &tmp, UPLINK)?;
+        veth_between(&self.ns, &sw, ns, &tmp, ifname)?;
         crate::netlink::enslave(&self.ns, &sw, "lan")?;
         let ip = self.ip(host);
-        with_netlink(ns, |h| async move { add_address(&h, UPLINK, ip, 24).await })?;
+        let name = ifname.to_owned();
+        with_netlink(ns, |h| async move { add_address(&h, &name, ip, 24).await })?;
         // A veth hands GSO packets to its peer whole, across namespaces: on
         // this LAN a 64 KB UDP-tunnel packet would arrive at the other host
         // in one piece, as it never does off a wire. A NIC without UDP
@@ -76,7 +82,7 @@ impl Lan {
             "ethtool",
             &[
                 "-K",
-                UPLINK,
+                ifname,
                 "tx-udp_tnl-segmentation",
                 "off",
                 "tx-udp_tnl-csum-segmentation",

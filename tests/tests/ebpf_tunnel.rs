@@ -285,11 +285,11 @@ fn a_smaller_path_to_another_host_is_learned_and_told_to_the_container() {
     assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
     assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1250);
     assert_eq!(
-        &icmp[8..36],
-        &big[14..42],
-        "the offending header and 8 bytes"
+        &icmp[8..48],
+        &big[14..54],
+        "the offending header and 20 bytes"
     );
-    assert_eq!(reply.len(), 14 + 20 + 8 + 28);
+    assert_eq!(reply.len(), 14 + 20 + 8 + 40);
 
     // Without DF: nothing to tell, and netd cannot fragment: dropped.
     let out = dp
