@@ -379,9 +379,17 @@ pub async fn mtu(ifname: &str) -> Result<u32> {
 }
 
 /// Creates the veth pair `host`–`peer` with `mtu` on both ends, the host
-/// end up with MAC `host_mac`; returns the host end's ifindex. A pair left
-/// by an earlier try (same names) is replaced: Docker retries Join.
-pub async fn create_veth(host: &str, peer: &str, mtu: u32, host_mac: [u8; 6]) -> Result<u32> {
+/// end up with MAC `host_mac`, the peer (the container's end, left down
+/// for Docker to move) with `peer_mac`; returns the host end's ifindex. A
+/// pair left by an earlier try (same names) is replaced: Docker retries
+/// Join.
+pub async fn create_veth(
+    host: &str,
+    peer: &str,
+    mtu: u32,
+    host_mac: [u8; 6],
+    peer_mac: [u8; 6],
+) -> Result<u32> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
     if let Ok(index) = nix::net::if_::if_nametoindex(host) {
@@ -394,15 +402,11 @@ pub async fn create_veth(host: &str, peer: &str, mtu: u32, host_mac: [u8; 6]) ->
         .execute()
         .await
         .with_context(|| format!("creating the veth pair {host}/{peer}"))?;
-    for (name, up) in [(peer, false), (host, true)] {
+    for (name, mac, up) in [(peer, peer_mac, false), (host, host_mac, true)] {
         let index =
             nix::net::if_::if_nametoindex(name).with_context(|| format!("finding {name}"))?;
-        let set = handle.link().set(index).mtu(mtu);
-        let set = if up {
-            set.address(host_mac.to_vec()).up()
-        } else {
-            set
-        };
+        let set = handle.link().set(index).mtu(mtu).address(mac.to_vec());
+        let set = if up { set.up() } else { set };
         set.execute()
             .await
             .with_context(|| format!("setting up {name}"))?;

@@ -285,7 +285,10 @@ async fn join(plugin: &Plugin, body: &Value) -> Result<Value> {
         .ok_or_else(|| anyhow!("endpoint {endpoint_id} is not in the cluster store"))?;
     let (host, peer) = veth_names(endpoint_id)?;
     let mtu = netlink::mtu(&plugin.host.uplink).await? - VXLAN_OVERHEAD;
-    let ifindex = netlink::create_veth(&host, &peer, mtu, overlay_mac(net.gateway)).await?;
+    // The container's end has its MAC from the start: the first frames it
+    // sends as it comes up (IPv6 MLD) carry the MAC its endpoint has.
+    let ifindex =
+        netlink::create_veth(&host, &peer, mtu, overlay_mac(net.gateway), record.mac).await?;
     let registered = async {
         netlink::add_host_route(record.addr, ifindex).await?;
         plugin
