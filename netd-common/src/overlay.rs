@@ -58,9 +58,14 @@ pub struct VtepPmtu {
 
 /// How long a reported path MTU holds: Linux's default mtu_expires.
 pub const PMTU_EXPIRY_NS: u64 = 600 * 1_000_000_000;
-/// The smallest path MTU believed (Linux's default min_pmtu): a forged
-/// report cannot shrink packets below it.
-pub const PMTU_MIN: u32 = 552;
+/// The smallest path MTU believed: what carries the 576 bytes Linux's
+/// tunnels tell a container at least, wrapped. A forged report cannot
+/// shrink packets below it.
+pub const PMTU_MIN: u32 = 576 + VXLAN_ENCAP_LEN as u32;
+/// Source ports of netd's VXLAN (Linux vxlan's default range): reports
+/// quoting another are not about netd's packets.
+pub const VXLAN_SPORT_MIN: u32 = 32768;
+pub const VXLAN_SPORT_MAX: u32 = 61000;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -10,7 +10,7 @@ use netd_common::{Counter, Endpoint, OverlayNetwork};
 use crate::{
     maps::{network_of, ENDPOINT_ADDRS, PEERS},
     nat,
-    parsing::{ptr_at, Ipv4Flow},
+    parsing::{ptr_at, Ipv4Flow, PACKET_HOST},
     pmtu,
     tunnel::{self, Encap},
 };
@@ -44,6 +44,10 @@ pub fn switch(
         }
         let macs: *mut [u8; 6] = ptr_at(ctx, 0).ok_or(Counter::Truncated)?;
         unsafe { *macs = loc.mac };
+        // Sent to the peer's MAC, not the host veth's: PACKET_OTHERHOST
+        // here, which older kernels carry through redirect_peer.
+        ctx.change_type(PACKET_HOST)
+            .map_err(|_| Counter::RewriteFailed)?;
         let verdict = unsafe { bpf_redirect_peer(loc.ifindex, 0) } as i32;
         return Ok(Some((Counter::Switched, verdict)));
     }

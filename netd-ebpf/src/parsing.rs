@@ -16,6 +16,10 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
+/// `skb->pkt_type` for frames to this interface's own MAC: what a frame
+/// handed to a container must say, whatever MAC it arrived for.
+pub const PACKET_HOST: u32 = 0;
+
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

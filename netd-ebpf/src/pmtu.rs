@@ -14,20 +14,24 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::{
-    overlay::{VtepPmtu, PMTU_EXPIRY_NS, PMTU_MIN, VXLAN_ENCAP_LEN},
+    overlay::{
+        VtepPmtu, PMTU_EXPIRY_NS, PMTU_MIN, VXLAN_ENCAP_LEN, VXLAN_SPORT_MAX, VXLAN_SPORT_MIN,
+    },
     Counter,
 };
 
 use crate::{
     checksum::checksum_of,
     maps::{TUNNEL, VTEPS, VTEP_PMTU},
-    parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_UDP},
+    parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_UDP, PACKET_HOST},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 /// IPv4 "don't fragment".
 const IP_DF: u16 = 0x4000;
+/// The smallest MTU told to a container, as Linux's tunnels do.
+const INNER_MTU_MIN: u32 = 576;
 
 /// What a "fragmentation needed" about a VXLAN packet of this host looks
 /// like from the EtherType on: outer IPv4, ICMP, the quoted outer IPv4 and
@@ -47,42 +51,58 @@ struct UnderlayReport {
 /// as any other packet).
 #[inline(always)]
 pub fn learn(ctx: &TcContext) -> bool {
-    let Some(tunnel) = TUNNEL.get(0) else {
-        return false;
-    };
+    // Cheap checks first: this runs on every uplink packet that is not
+    // VXLAN.
     let Some(report) = ptr_at::<UnderlayReport>(ctx, 12) else {
         return false;
     };
     let r = unsafe { *report };
+    if r.eth_type != ETH_P_IP.to_be_bytes()
+        || r.ip[9] != IPPROTO_ICMP
+        || r.icmp[0] != ICMP_DEST_UNREACH
+        || r.icmp[1] != ICMP_FRAG_NEEDED
+    {
+        return false;
+    }
+    let Some(tunnel) = TUNNEL.get(0) else {
+        return false;
+    };
     let quoted_dst = [
         r.quoted_ip[16],
         r.quoted_ip[17],
         r.quoted_ip[18],
         r.quoted_ip[19],
     ];
-    let ours = r.eth_type == ETH_P_IP.to_be_bytes()
+    let mtu = u32::from(u16::from_be_bytes([r.icmp[6], r.icmp[7]]));
+    let quoted_len = u32::from(u16::from_be_bytes([r.quoted_ip[2], r.quoted_ip[3]]));
+    let sport = u32::from(u16::from_be_bytes([r.quoted_udp[0], r.quoted_udp[1]]));
+    // About a VXLAN packet of this host's, as netd sends them (no options,
+    // a source port from netd's range), that was bigger than the MTU the
+    // router says it has: anything else is not believed. 0 is a router
+    // from before RFC 1191, which says no size.
+    let ours = tunnel.vtep != [0; 4]
         && r.ip[0] == 0x45
-        && r.ip[9] == IPPROTO_ICMP
         && r.ip[16..20] == tunnel.vtep
-        && r.icmp[0] == ICMP_DEST_UNREACH
-        && r.icmp[1] == ICMP_FRAG_NEEDED
         && r.quoted_ip[0] == 0x45
         && r.quoted_ip[9] == IPPROTO_UDP
         && r.quoted_ip[12..16] == tunnel.vtep
         && r.quoted_udp[2..4] == tunnel.port
-        && tunnel.vtep != [0; 4];
+        && (VXLAN_SPORT_MIN..VXLAN_SPORT_MAX).contains(&sport)
+        && mtu != 0
+        && quoted_len > mtu;
     // Only paths to cluster hosts are noted: nobody can fill the map with
     // addresses of their choosing.
     if !ours || VTEPS.get_ptr(&quoted_dst).is_none() {
         return false;
     }
-    let mtu = u32::from(u16::from_be_bytes([r.icmp[6], r.icmp[7]]));
-    // 0: a router from before RFC 1191, which says no size.
-    if mtu == 0 {
-        return false;
+    // A path only shrinks while its entry holds; it grows back when the
+    // entry ages out (RFC 1191).
+    let mtu = mtu.max(PMTU_MIN);
+    if reported(&quoted_dst).is_some_and(|known| known <= mtu) {
+        return true;
     }
     let entry = VtepPmtu {
-        mtu: mtu.max(PMTU_MIN),
+        mtu,
         _pad: 0,
         learned_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
@@ -129,6 +149,12 @@ const QUOTE_LEN: usize = 20 + 20;
 /// path: its stack comes on top of the veth program's, so it keeps little.
 #[inline(never)]
 pub fn frag_needed(ctx: &TcContext, path_mtu: u32) -> Result<i32, Counter> {
+    // The headers and the quote in the linear data (a zero-copy send may
+    // have left less there).
+    if ctx.data() + ETH_HLEN + QUOTE_LEN > ctx.data_end() {
+        ctx.pull_data((ETH_HLEN + QUOTE_LEN) as u32)
+            .map_err(|_| Counter::TooBig)?;
+    }
     {
         let ip: *const [u8; 20] = ptr_at(ctx, ETH_HLEN).ok_or(Counter::TooBig)?;
         // The quote must be there in full (its first byte is the L4 type).
@@ -141,12 +167,17 @@ pub fn frag_needed(ctx: &TcContext, path_mtu: u32) -> Result<i32, Counter> {
                 (*l4)[0],
             )
         };
-        let is_error = proto == IPPROTO_ICMP && kind != 0 && kind != 8;
+        // Linux's ICMP error types: no error is sent about an error.
+        let is_error = proto == IPPROTO_ICMP && matches!(kind, 3 | 4 | 5 | 11 | 12);
         if vihl != 0x45 || frags & IP_DF == 0 || is_error {
             return Err(Counter::TooBig);
         }
     }
-    let inner_mtu = path_mtu.saturating_sub(VXLAN_ENCAP_LEN as u32).max(68) as u16;
+    // Never below 576, as Linux's tunnels: a container clamps a smaller
+    // one to its min_pmtu and sends without DF, which netd cannot carry.
+    let inner_mtu = path_mtu
+        .saturating_sub(VXLAN_ENCAP_LEN as u32)
+        .clamp(INNER_MTU_MIN, 0xffff) as u16;
     // Cut to the quote, then open room for the new IPv4 and ICMP headers
     // after the Ethernet header (a GSO packet stops being one here). The
     // frame's own Ethernet header stays at 0 and its IPv4 header is now
@@ -220,6 +251,10 @@ pub fn frag_needed(ctx: &TcContext, path_mtu: u32) -> Result<i32, Counter> {
             mtu[1],
         ];
     }
+    // The frame came to the gateway's or a peer's MAC (PACKET_OTHERHOST for
+    // the host veth); the reply is for the container's own.
+    ctx.change_type(PACKET_HOST)
+        .map_err(|_| Counter::RewriteFailed)?;
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as i32)
 }

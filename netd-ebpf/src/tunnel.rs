@@ -20,13 +20,16 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext as _,
 };
-use netd_common::{Counter, Peer};
+use netd_common::{
+    overlay::{VXLAN_SPORT_MAX, VXLAN_SPORT_MIN},
+    Counter, Peer,
+};
 
 use crate::{
     checksum::ipv4_header_checksum,
     delivery::{mark_translated, FibParams},
     maps::{network_of, CONFIG, ENDPOINT_ADDRS, PEERS, TUNNEL, VNIS, VTEPS},
-    parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
+    parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, PACKET_HOST},
     pmtu,
 };
 
@@ -39,13 +42,11 @@ const VXLAN_FLAG_VNI: u8 = 0x08;
 const INNER_L3: usize = ETH_HLEN + OUTER_L3_LEN + ETH_HLEN;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner MAC header's length.
 const ENCAP_L2_ETH_LEN: u64 = (ETH_HLEN as u64) << 56;
-/// `PACKET_HOST`: frames for a container's MAC arrive as another host's.
-const PACKET_HOST: u32 = 0;
 /// `BPF_FIB_LOOKUP_OUTPUT`: look up as for a packet the host sends.
 const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 /// Source ports Linux's vxlan picks from (its default range).
-const SPORT_MIN: u32 = 32768;
-const SPORT_MAX: u32 = 61000;
+const SPORT_MIN: u32 = VXLAN_SPORT_MIN;
+const SPORT_MAX: u32 = VXLAN_SPORT_MAX;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -84,16 +85,18 @@ pub fn encap(ctx: &TcContext, peer: &Peer, vni: u32) -> Result<Encap, Counter> {
     // Checked against the route's MTU by the lookup, and against what the
     // underlay reported: the packet's outer length, or a GSO packet's
     // segments'.
+    // (None: a GSO packet whose segments netd cannot size; the helper then
+    // checks the packet against the device's MTU itself.)
     let outer_len = match unsafe { (*skb).gso_size } {
-        0 => outer_ip_len,
+        0 => Some(outer_ip_len),
         gso_size => segment_outer_len(ctx, gso_size as usize)?,
     };
-    if let Some(path_mtu) = pmtu::reported(&peer.vtep) {
-        if outer_len > path_mtu as usize {
+    if let (Some(len), Some(path_mtu)) = (outer_len, pmtu::reported(&peer.vtep)) {
+        if len > path_mtu as usize {
             return Ok(Encap::TooBig(path_mtu));
         }
     }
-    fib.tot_len = outer_len as u16;
+    fib.tot_len = outer_len.map_or(0, |len| len.min(0xffff) as u16);
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
@@ -188,7 +191,11 @@ pub enum Encap {
 /// The outer IPv4 length of each segment of a GSO frame: the inner IPv4
 /// and TCP/UDP headers repeat in front of every `gso_size` bytes.
 #[inline(always)]
-fn segment_outer_len(ctx: &TcContext, gso_size: usize) -> Result<usize, Counter> {
+fn segment_outer_len(ctx: &TcContext, gso_size: usize) -> Result<Option<usize>, Counter> {
+    // GSO_BY_FRAGS (SCTP): segments of any size.
+    if gso_size == 0xffff {
+        return Ok(None);
+    }
     let vihl: u8 = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN).ok_or(Counter::Truncated)? };
     let proto: u8 = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN + 9).ok_or(Counter::Truncated)? };
     let ip_len = usize::from(vihl & 0x0f) * 4;
@@ -199,9 +206,10 @@ fn segment_outer_len(ctx: &TcContext, gso_size: usize) -> Result<usize, Counter>
             };
             usize::from(doff >> 4) * 4
         }
-        _ => 8,
+        IPPROTO_UDP => 8,
+        _ => return Ok(None),
     };
-    Ok(gso_size + ip_len + l4_len + OUTER_L3_LEN + ETH_HLEN)
+    Ok(Some(gso_size + ip_len + l4_len + OUTER_L3_LEN + ETH_HLEN))
 }
 
 /// A flow's source port, as Linux's vxlan derives it from the flow hash:

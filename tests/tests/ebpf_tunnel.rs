@@ -222,7 +222,7 @@ fn underlay_report(about: Ipv4Addr, mtu: u16) -> Vec<u8> {
         HOST,
         about,
         PROTO_UDP,
-        &udp(Addrs::V4(HOST, about), 40000, 4789, &[0; 64]),
+        &udp(Addrs::V4(HOST, about), 40000, 4789, &[0; 1472]),
         &[],
         0x4000,
     );
@@ -266,9 +266,17 @@ fn a_smaller_path_to_another_host_is_learned_and_told_to_the_container() {
         .unwrap();
     assert_eq!(count(&dp, Hook::UplinkIngress, Counter::PmtuLearned), 0);
     assert_ne!(out.action, SHOT);
+    // A "smaller" MTU that the quoted 1500-byte packet would have fit: not
+    // a real report.
+    dp.test_run(Hook::UplinkIngress, &underlay_report(MEMBER, 1500), 1)
+        .unwrap();
+    assert_eq!(count(&dp, Hook::UplinkIngress, Counter::PmtuLearned), 0);
     dp.test_run(Hook::UplinkIngress, &underlay_report(MEMBER, 1300), 1)
         .unwrap();
     assert_eq!(count(&dp, Hook::UplinkIngress, Counter::PmtuLearned), 1);
+    // A later, larger report does not grow the path back while it holds.
+    dp.test_run(Hook::UplinkIngress, &underlay_report(MEMBER, 1400), 1)
+        .unwrap();
 
     // 1300 - 50 = 1250 bytes of container packet fit; one more does not.
     let big = to_remote(1250 - 28 + 1, true);
@@ -290,6 +298,16 @@ fn a_smaller_path_to_another_host_is_learned_and_told_to_the_container() {
         "the offending header and 20 bytes"
     );
     assert_eq!(reply.len(), 14 + 20 + 8 + 40);
+
+    // A report of a tiny path is taken as 576 + 50: a container is never
+    // told less than 576.
+    dp.test_run(Hook::UplinkIngress, &underlay_report(MEMBER, 300), 1)
+        .unwrap();
+    let out = dp
+        .test_run(Hook::ContainerEgress, &to_remote(1000, true), 1)
+        .unwrap();
+    assert_eq!(out.action, REDIRECT);
+    assert_eq!(u16::from_be_bytes([out.frame[40], out.frame[41]]), 576);
 
     // Without DF: nothing to tell, and netd cannot fragment: dropped.
     let out = dp

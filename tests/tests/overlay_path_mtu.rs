@@ -37,6 +37,44 @@ fn learned_mtu(host: &Host, name: &str, dst: std::net::Ipv4Addr) -> Option<u32> 
         .and_then(|w| w[1].parse().ok())
 }
 
+/// One ICMP echo of `len` bytes to `dst` with DF, from a ping socket (the
+/// kernel builds and checksums it in software).
+fn ping_with_df(dst: std::net::Ipv4Addr, len: usize) {
+    // SAFETY: plain socket calls on an fd this function owns and closes.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP);
+        assert!(fd >= 0, "ping socket: {}", std::io::Error::last_os_error());
+        let df: libc::c_int = libc::IP_PMTUDISC_DO;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&df as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let mut packet = vec![0u8; len];
+        packet[0] = 8; // echo request; the kernel fills id and checksum
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // EMSGSIZE once the path MTU is known: that is the point.
+        libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        libc::close(fd);
+    }
+}
+
 #[test]
 fn a_smaller_underlay_path_is_discovered_and_tcp_goes_through() {
     if !privileged() {
@@ -119,6 +157,28 @@ fn a_smaller_underlay_path_is_discovered_and_tcp_goes_through() {
     assert_eq!(learned_mtu(&a, "web", client), Some(1350));
     assert!(counter(&status, "uplink-ingress", "pmtu-learned") >= 1);
     assert!(counter(&status, "container-egress", "frag-needed") >= 1);
+
+    // The ICMP netd builds is checked by the container's kernel: a ping
+    // (checksummed in software, unlike TCP, whose receiver trusts the
+    // offload state) to another container of b, too big for the path.
+    b.dockerd()
+        .run("other", &["--network", "ov"], &["sleep", "600"])
+        .unwrap();
+    let other = b.container_addr("other").unwrap();
+    let web_ns = NetNs::open(&a.dockerd().netns_of("web").unwrap()).unwrap();
+    web_ns.sysctl("net.ipv4.ping_group_range", "0 0").unwrap();
+    assert!(
+        netd_tests::eventually(Duration::from_secs(5), || {
+            web_ns
+                .enter(|| {
+                    ping_with_df(other, 1400);
+                    Ok(())
+                })
+                .unwrap();
+            learned_mtu(&a, "web", other) == Some(1350)
+        }),
+        "the container did not take netd's ICMP"
+    );
 
     // A route on a with a smaller MTU still, locked (the route lookup netd
     // makes, like forwarding, takes a route's MTU only when it is locked or

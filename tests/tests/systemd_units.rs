@@ -6,7 +6,11 @@
 //! Here the test holds the socket, as systemd would, and hands it over the
 //! same way (fd 3, LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).
 use std::{
-    os::unix::net::{UnixDatagram, UnixListener},
+    io::{Read as _, Write as _},
+    os::unix::{
+        fs::MetadataExt as _,
+        net::{UnixDatagram, UnixListener, UnixStream},
+    },
     path::Path,
     process::Command,
     sync::Arc,
@@ -47,6 +51,11 @@ fn the_shipped_units_pass_systemd_analyze() {
     assert_eq!(setting(&socket, "FileDescriptorName"), ["netd.sock"]);
     assert_eq!(setting(&socket, "Before"), ["docker.service docker.socket"]);
     assert_eq!(setting(&service, "Type"), ["notify"]);
+    // Restarting netd must not restart the socket, and enabling netd alone
+    // (one host, no plugin) must not enable it.
+    assert!(setting(&socket, "PartOf").is_empty());
+    assert!(setting(&service, "Also").is_empty());
+    assert_eq!(setting(&service, "StartLimitIntervalSec"), ["0"]);
     assert_eq!(
         setting(&service, "ExecStart"),
         ["/usr/local/bin/netd run $NETD_OPTS"]
@@ -138,9 +147,20 @@ fn a_dockerd_started_before_netd_recovers_once_netd_comes_up() {
     let web = format!("http://{}/", a.container_addr("web").unwrap());
     let host = a.dockerd().host();
 
-    // netd restarts; the socket stays. A container started meanwhile waits
-    // for its Join in the socket's backlog, and starts once netd is back.
+    // netd restarts; the socket stays. A plugin call made meanwhile
+    // connects (a socket netd bound itself would refuse it: nobody
+    // listens) and is answered once netd is back; so is a container
+    // started meanwhile, whose Join waits in the backlog.
+    let path = a.plugin_dir().join("netd.sock");
+    let inode = || std::fs::metadata(&path).unwrap().ino();
+    let before = inode();
     a.netd().stop();
+    let mut call =
+        UnixStream::connect(&path).expect("the socket refused a call while netd was down");
+    call.write_all(b"POST /Plugin.Activate HTTP/1.1\r\nHost: netd\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    call.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let Host { netd, .. } = &mut a;
     std::thread::scope(|scope| {
         let waiting = scope.spawn(|| fetch(&host, "ov", &web));
@@ -157,12 +177,22 @@ fn a_dockerd_started_before_netd_recovers_once_netd_comes_up() {
             "{out:?}"
         );
     });
+    let mut answer = [0; 512];
+    let n = call.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("NetworkDriver"),
+        "{answer}"
+    );
+    assert_eq!(inode(), before, "netd bound a socket of its own");
 
     // dockerd first, netd later: dockerd restores `web` through a plugin
-    // that is not running yet, and both come back once netd is up.
-    a.netd().stop();
+    // that is not running yet, and both come back once netd is up. (dockerd
+    // stops first, while netd answers its Leave calls, as at shutdown.)
     let docker = a.docker.as_mut().unwrap();
     docker.stop();
+    a.netd().stop();
+    let docker = a.docker.as_mut().unwrap();
     docker.launch().unwrap();
     std::thread::sleep(Duration::from_secs(5));
     a.netd().start_again().unwrap();

@@ -181,8 +181,6 @@ impl Reply {
     }
 }
 
-/// Serves the plugin on `socket` until the task is dropped. A stale socket
-/// (a previous daemon's) is replaced.
 /// The plugin's listening socket: the one systemd passed (`netd.socket`,
 /// which outlives netd's restarts) or, without socket activation, `socket`
 /// bound afresh. Opened before anything is attached, so a socket that
@@ -197,6 +195,12 @@ pub fn listen(socket: &Path) -> Result<tokio::net::UnixListener> {
             .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
             .unwrap_or_else(|| "an unnamed socket".into());
         tracing::info!("Docker plugin {NAME} listening on {at} (passed by systemd)");
+        if at != socket.display().to_string() {
+            tracing::warn!(
+                "--plugin-socket {} is not used: systemd passed the socket at {at}",
+                socket.display()
+            );
+        }
         return Ok(listener);
     }
     let listener = bind(socket)?;
@@ -204,6 +208,7 @@ pub fn listen(socket: &Path) -> Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
+/// Serves the plugin on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::UnixListener, plugin: Plugin) -> Result<()> {
     loop {
         let (stream, _) = match listener.accept().await {

@@ -131,6 +131,9 @@ fn run() -> Result<()> {
     // each of its packets; Docker's own overlay containers have them too.
     // The kernel overlay's endpoints get the same rules.
     let docker_rules = container_ns(&a, "client")?.run_ok("iptables-save", &[])?;
+    if !docker_rules.contains("*nat") || !docker_rules.contains("127.0.0.11") {
+        bail!("no embedded-DNS NAT rules in a netd container to copy:\n{docker_rules}");
+    }
     for ns in [&server_ns, &client_ns, &floor_ns] {
         restore_netfilter(ns, &docker_rules)?;
     }
