@@ -2,7 +2,8 @@
 //! restarted with a cross-host TCP session open, a host vanishing (its
 //! containers withdrawn everywhere within the lease TTL, back with it), and
 //! etcd going away (forwarding goes on, new containers are refused with a
-//! reason, and what changed meanwhile converges once it is back), dockerd
+//! reason, a container removed meanwhile gives back its address once it
+//! is back, and what changed meanwhile converges), dockerd
 //! restarted (its network and containers come back).
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -139,6 +140,16 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
         .run("c-a2", &["--network", "ov"], &["sleep", "600"])
         .unwrap();
     assert!(ping(&a, "c-a2", ip_b));
+    let ip_a2 = a.container_addr("c-a2").unwrap();
+    let id_a2 = a
+        .dockerd()
+        .docker(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.EndpointID}}{{end}}",
+            "c-a2",
+        ])
+        .unwrap();
 
     // Host b vanishes (netd killed, nothing renews its lease): its
     // container is withdrawn on a within the TTL, and returns with it.
@@ -176,8 +187,25 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
         format!("{err:#}").contains("etcd") || format!("{err:#}").contains("cluster store"),
         "{err:#}"
     );
+    // A container removed meanwhile: Docker asks once, netd retries. Once
+    // etcd is back, its endpoint and its address are gone from the store.
+    a.dockerd().docker(&["rm", "-f", "c-a2"]).unwrap();
     // Back: a container started now reaches the others.
     etcd.start_again().unwrap();
+    let keys = || {
+        etcd.ctl(&["get", "--prefix", "--keys-only", "/netd/v1/"])
+            .unwrap_or_default()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let keys = keys();
+            !keys.is_empty()
+                && !keys.contains(&format!("/{ip_a2}\n"))
+                && !keys.contains(id_a2.trim())
+        }),
+        "c-a2's claim or endpoint outlived it: {}",
+        keys()
+    );
     assert!(eventually(Duration::from_secs(20), || {
         let _ = a.dockerd().docker(&["rm", "-f", "c-late"]);
         a.dockerd()

@@ -249,12 +249,24 @@ async fn create_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
 
 async fn delete_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
     leave(plugin, body).await?;
-    let network = plugin.netd_id(field(body, "NetworkID")).await?;
+    let docker_network = field(body, "NetworkID").to_owned();
+    let endpoint = field(body, "EndpointID").to_owned();
     plugin
-        .store
-        .clone()
-        .delete_endpoint(&network, field(body, "EndpointID"))
-        .await?;
+        .until_done(
+            format!("removing endpoint {endpoint} from the cluster store"),
+            move |plugin| {
+                let (docker_network, endpoint) = (docker_network.clone(), endpoint.clone());
+                async move {
+                    let network = plugin.netd_id(&docker_network).await?;
+                    plugin
+                        .store
+                        .clone()
+                        .delete_endpoint(&network, &endpoint)
+                        .await
+                }
+            },
+        )
+        .await;
     Ok(json!({}))
 }
 

@@ -146,15 +146,20 @@ async fn release_address(plugin: &Plugin, body: &Value) -> Result<()> {
         None => field(body, "Address").parse(),
     }
     .map_err(|_| anyhow!("{:?} is not an IPv4 address", field(body, "Address")))?;
-    let Some(network) = plugin.network_by_subnet(subnet).await? else {
-        return Ok(());
-    };
-    if addr == network.gateway {
-        return Ok(());
-    }
     plugin
-        .store
-        .clone()
-        .release_address(&network.id, addr, &plugin.host.node)
-        .await
+        .until_done(format!("releasing {addr}"), move |plugin| async move {
+            let Some(network) = plugin.network_by_subnet(subnet).await? else {
+                return Ok(());
+            };
+            if addr == network.gateway {
+                return Ok(());
+            }
+            plugin
+                .store
+                .clone()
+                .release_address(&network.id, addr, &plugin.host.node)
+                .await
+        })
+        .await;
+    Ok(())
 }

@@ -106,6 +106,38 @@ impl Plugin {
             .map_err(|_| anyhow::anyhow!("netd is shutting down"))?
     }
 
+    /// Runs `cleanup` (a store change Docker asked for and never asks
+    /// again: DeleteEndpoint, ReleaseAddress) until it succeeds. The first
+    /// try is awaited; if the store does not answer, the handler answers
+    /// anyway and the rest happen in the background, so a container removed
+    /// while etcd is away does not leave its endpoint and address claimed.
+    /// Nothing can claim that address meanwhile: claims need the store.
+    async fn until_done<F, Fut>(&self, what: String, mut cleanup: F)
+    where
+        F: FnMut(Plugin) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>> + Send,
+    {
+        let Err(e) = cleanup(self.clone()).await else {
+            return;
+        };
+        tracing::warn!("{what}: {e:#}; retrying until the cluster store answers");
+        let plugin = self.clone();
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(wait).await;
+                match cleanup(plugin.clone()).await {
+                    Ok(()) => {
+                        tracing::info!("{what}: done");
+                        return;
+                    }
+                    Err(e) => tracing::debug!("{what}: {e:#}"),
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+        });
+    }
+
     /// netd's id of Docker's network `docker_id` on this host: known since
     /// CreateNetwork or the mirror's last read of Docker, else from the
     /// store's record of this host's copies (a restarted netd, before the
