@@ -728,7 +728,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (picture_wake_tx, picture_wake_rx) = mpsc::channel(1);
     let (picture_tx, mut picture_rx) = mpsc::channel(1);
     let cluster_tasks = membership.as_ref().map(|m| {
-        let mirror = Mirror::new(docker.clone(), m.store.clone(), local_networks.clone());
+        let mirror = Mirror::new(
+            docker.clone(),
+            m.store.clone(),
+            local_networks.clone(),
+            m.node.clone(),
+            opts.resync_interval,
+        );
         [
             tokio::spawn(mirror.run(mirror_rx, opts.resync_interval)),
             tokio::spawn(overlay::read_pictures(

@@ -6,7 +6,16 @@
 //! It runs outside the plugin's handlers (which must never call Docker's
 //! API): woken by the cluster store's watch, by Docker's network events,
 //! and every resync interval.
-use std::collections::HashSet;
+//!
+//! A network is created nameless (Docker tells a driver the id only) and
+//! named once its first host's Docker lists it. One that Docker never
+//! lists (dockerd failed or died right after CreateNetwork) would hold its
+//! subnet and VNI forever: its first host removes it from the store once
+//! its Docker has not listed it for two resync intervals.
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use tokio::sync::mpsc;
@@ -21,23 +30,40 @@ pub struct Mirror {
     pub docker: bollard::Docker,
     pub store: Store,
     pub local: LocalNetworks,
+    /// This host's node name: the nameless networks it created are its own
+    /// to name or collect.
+    node: String,
     /// Problems already reported, so a resync does not repeat them.
     reported: HashSet<String>,
+    /// Nameless networks of this host's that its Docker does not list, and
+    /// since when (this daemon's clock).
+    unlisted: HashMap<String, Instant>,
+    /// How long one may stay unlisted: two resync intervals.
+    unlisted_grace: Duration,
 }
 
 impl Mirror {
-    pub fn new(docker: bollard::Docker, store: Store, local: LocalNetworks) -> Self {
+    pub fn new(
+        docker: bollard::Docker,
+        store: Store,
+        local: LocalNetworks,
+        node: String,
+        resync: Duration,
+    ) -> Self {
         Self {
             docker,
             store,
             local,
+            node,
             reported: HashSet::new(),
+            unlisted: HashMap::new(),
+            unlisted_grace: resync * 2,
         }
     }
 
     /// Mirrors until `wake` closes: one pass per wake-up (a burst is one
     /// pass), and one every `resync`.
-    pub async fn run(mut self, mut wake: mpsc::Receiver<()>, resync: std::time::Duration) {
+    pub async fn run(mut self, mut wake: mpsc::Receiver<()>, resync: Duration) {
         loop {
             if let Err(e) = self.pass().await {
                 self.report(format!("mirroring the cluster's networks: {e:#}"));
@@ -67,8 +93,16 @@ impl Mirror {
                 local.insert(c.docker_id.clone(), c.netd_id.clone());
             }
         }
-        for record in records.iter().filter(|r| r.name.is_empty()) {
-            self.name(record, &copies).await;
+        let nameless: Vec<&NetworkRecord> = records.iter().filter(|r| r.name.is_empty()).collect();
+        self.unlisted
+            .retain(|id, _| nameless.iter().any(|r| &r.id == id));
+        for record in nameless {
+            if copies.iter().any(|c| c.docker_id == record.id) {
+                self.unlisted.remove(&record.id);
+                self.name(record, &copies).await;
+            } else if record.origin == self.node {
+                self.collect_if_unlisted(record).await;
+            }
         }
         for record in records.iter().filter(|r| !r.name.is_empty()) {
             if !copies.iter().any(|c| c.netd_id == record.id) {
@@ -103,6 +137,32 @@ impl Mirror {
             Err(e) => self.report(format!(
                 "naming network {} in the cluster: {e:#}",
                 copy.name
+            )),
+        }
+    }
+
+    /// A nameless network of this host's that its Docker does not list:
+    /// removed from the store once that has lasted the grace period (the
+    /// store refuses while anyone holds an address of it).
+    async fn collect_if_unlisted(&mut self, record: &NetworkRecord) {
+        let since = *self
+            .unlisted
+            .entry(record.id.clone())
+            .or_insert_with(Instant::now);
+        if since.elapsed() < self.unlisted_grace {
+            return;
+        }
+        match self.store.delete_network(&record.id).await {
+            Ok(()) => {
+                self.unlisted.remove(&record.id);
+                tracing::info!(
+                    "network {} was created here but never appeared in Docker: removed from the cluster",
+                    record.label()
+                );
+            }
+            Err(e) => self.report(format!(
+                "removing network {}, which never appeared in Docker: {e:#}",
+                record.label()
             )),
         }
     }

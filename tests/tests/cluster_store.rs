@@ -341,6 +341,8 @@ fn a_daemon_joins_the_cluster_and_is_withdrawn_with_its_lease() {
                 "h1",
                 "--etcd-lease-ttl",
                 "2",
+                "--resync-interval",
+                "1",
             ]
             .map(String::from)
             .to_vec(),
@@ -348,6 +350,33 @@ fn a_daemon_joins_the_cluster_and_is_withdrawn_with_its_lease() {
         },
     )
     .unwrap();
+
+    // A network this host created that its Docker never listed (dockerd
+    // failed right after CreateNetwork) is collected after two resyncs; one
+    // Docker lists stays, named.
+    let ghost = "f".repeat(64);
+    from_host(&host.ns, &etcd.endpoint(), async |store| {
+        let mut req = request(&ghost, (Ipv4Addr::new(198, 19, 140, 0), 24));
+        req.origin = "h1".into();
+        store.create_network(&req).await.map(|_| ())
+    })
+    .unwrap();
+    host.create_netd_network("kept", "198.19.141.0/24", &[])
+        .unwrap();
+    let networks = || {
+        etcd.ctl(&["get", "--prefix", "--keys-only", "/netd/v1/networks/"])
+            .unwrap()
+    };
+    assert!(networks().contains(&ghost));
+    assert!(
+        eventually(Duration::from_secs(10), || !networks().contains(&ghost)),
+        "a network Docker never listed was not collected"
+    );
+    assert_eq!(host.netd_networks().unwrap(), ["kept"]);
+    assert!(networks()
+        .lines()
+        .any(|k| k.starts_with("/netd/v1/networks/")));
+
     let record = || {
         etcd.ctl(&["get", "--print-value-only", "/netd/v1/hosts/h1"])
             .unwrap()
