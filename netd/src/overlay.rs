@@ -276,9 +276,11 @@ fn rebuilt_record(picture: &Picture, node: &str, endpoint: &Endpoint) -> Option<
 impl Overlay {
     /// A new daemon's first picture: this host's endpoint records go on
     /// this daemon's lease (the previous daemon's runs out after its TTL,
-    /// and would take them along), and those whose veth is gone (their
-    /// container left while netd was down, and Docker's Leave found no
-    /// plugin) are withdrawn with their addresses.
+    /// and would take them along), and those whose veth is still missing
+    /// after [`JOIN_GRACE`] (their container left while netd was down, and
+    /// Docker's Leave found no plugin) are withdrawn with their addresses.
+    /// The grace: CreateEndpoint may have published one just before the
+    /// restart, and its Join not come yet.
     fn adopt(&self, picture: &Picture) {
         let lease = self.lease.load(std::sync::atomic::Ordering::Relaxed);
         for record in picture.endpoints.iter().filter(|e| e.host == self.node) {
@@ -286,11 +288,18 @@ impl Overlay {
                 .endpoint
                 .get(..11)
                 .map(|short| format!("{VETH_PREFIX}{short}"));
-            let alive = veth.is_some_and(|v| nix::net::if_::if_nametoindex(v.as_str()).is_ok());
+            let alive = move || {
+                veth.as_ref()
+                    .is_some_and(|v| nix::net::if_::if_nametoindex(v.as_str()).is_ok())
+            };
             let (mut store, record) = (self.store.clone(), record.clone());
             tokio::spawn(async move {
-                let done = if alive {
-                    store.put_endpoint(&record, lease).await
+                let kept = store.put_endpoint(&record, lease).await;
+                if !alive() {
+                    tokio::time::sleep(JOIN_GRACE).await;
+                }
+                let done = if alive() {
+                    kept
                 } else {
                     tracing::info!(
                         "endpoint {} left while netd was down: withdrawn",
@@ -315,6 +324,10 @@ impl Overlay {
         }
     }
 }
+
+/// How long, at a daemon's start, an endpoint record of this host whose
+/// veth is missing waits for its Join before it is withdrawn.
+const JOIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads the cluster's picture whenever `wake` says the store changed (and
 /// every `resync`), and sends it on `tx`.

@@ -392,4 +392,56 @@ fn a_daemon_joins_the_cluster_and_is_withdrawn_with_its_lease() {
     );
     host.netd().start_again().unwrap();
     assert!(eventually(Duration::from_secs(10), || record().contains("198.18.14.1")));
+
+    // A restart between CreateEndpoint and Join: a record of this host
+    // whose veth is missing at start waits for its Join (the veth appearing)
+    // before it is withdrawn; one whose Join never comes is withdrawn.
+    let network = host
+        .dockerd()
+        .docker(&["network", "inspect", "--format", "{{.Id}}", "kept"])
+        .unwrap();
+    host.netd().kill();
+    let endpoint = |id: char, last: u8| netd::cluster::EndpointRecord {
+        network: network.clone(),
+        addr: Ipv4Addr::new(198, 19, 141, last),
+        mac: [2, 0x4e, 198, 19, 141, last],
+        host: "h1".into(),
+        vtep: Ipv4Addr::new(198, 18, 14, 1),
+        endpoint: id.to_string().repeat(64),
+    };
+    from_host(&host.ns, &etcd.endpoint(), async |store| {
+        store.put_endpoint(&endpoint('a', 50), 0).await?;
+        store.put_endpoint(&endpoint('b', 51), 0).await
+    })
+    .unwrap();
+    host.netd().start_again().unwrap();
+    host.ns
+        .run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "ndaaaaaaaaaaa",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "ncaaaaaaaaaaa",
+            ],
+        )
+        .unwrap();
+    let endpoints = || {
+        etcd.ctl(&["get", "--prefix", "--keys-only", "/netd/v1/endpoints/"])
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || !endpoints()
+            .contains(&"b".repeat(64))),
+        "an endpoint whose Join never came was not withdrawn"
+    );
+    assert!(
+        endpoints().contains(&"a".repeat(64)),
+        "an endpoint whose Join came late was withdrawn"
+    );
+    let _ = host.ns.run("ip", &["link", "del", "ndaaaaaaaaaaa"]);
 }
