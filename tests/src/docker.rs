@@ -167,6 +167,20 @@ impl Dockerd {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
+    /// `docker exec NAME CMD…`; stdout on success.
+    pub fn exec(&self, name: &str, cmd: &[&str]) -> Result<String> {
+        let mut args = vec!["exec", name];
+        args.extend_from_slice(cmd);
+        self.docker(&args)
+    }
+
+    /// HTTP GET of `url` from inside container `name`; the body on
+    /// success. busybox wget's own -T crashes it (SIGSEGV) in this image:
+    /// `timeout` bounds it.
+    pub fn http_get_from(&self, name: &str, url: &str) -> Result<String> {
+        self.exec(name, &["timeout", "10", "wget", "-q", "-O", "-", url])
+    }
+
     /// Starts a detached container from the test image; returns its id.
     pub fn run(&self, name: &str, extra: &[&str], command: &[&str]) -> Result<String> {
         let mut args = vec!["run", "-d", "--pull=never", "--name", name];

@@ -180,28 +180,10 @@ fn containers_on_different_hosts_reach_each_other() {
         .run_httpd("web-a2", &["--network", "ov"])
         .unwrap();
     let (ip_a, ip_b, ip_a2) = (ip(&a, "web-a"), ip(&b, "web-b"), ip(&a, "web-a2"));
-    let exec = |h: &Host, name: &str, cmd: &[&str]| {
-        let mut args = vec!["exec", name];
-        args.extend_from_slice(cmd);
-        h.dockerd().docker(&args)
-    };
+    let exec = |h: &Host, name: &str, cmd: &[&str]| h.dockerd().exec(name, cmd);
     let ping = |h: &Host, name: &str, to: &str| exec(h, name, &["ping", "-c", "2", "-W", "2", to]);
-    let get = |h: &Host, name: &str, to: &str| {
-        exec(
-            h,
-            name,
-            // busybox wget's own -T crashes it (SIGSEGV) in this image.
-            &[
-                "timeout",
-                "10",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                &format!("http://{to}"),
-            ],
-        )
-    };
+    let get =
+        |h: &Host, name: &str, to: &str| h.dockerd().http_get_from(name, &format!("http://{to}"));
     for (h, from, to) in [
         (&a, "web-a", &ip_b),
         (&b, "web-b", &ip_a),

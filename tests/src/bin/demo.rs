@@ -52,12 +52,6 @@ fn netd_cli(host: &mut Host, args: &[&str]) -> Result<()> {
 }
 
 /// `docker exec CONTAINER CMD…` on `host`; its stdout.
-fn exec(host: &Host, container: &str, cmd: &[&str]) -> Result<String> {
-    let mut args = vec!["exec", container];
-    args.extend_from_slice(cmd);
-    host.dockerd().docker(&args)
-}
-
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("netd demo: needs root (network namespaces, dockerd, eBPF): run it with sudo");
@@ -138,17 +132,9 @@ fn demo(hold: bool) -> Result<()> {
     }
 
     step("Masquerade: the container asks the outside server who is calling")?;
-    let peer = exec(
-        &host,
-        "web",
-        &[
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &format!("http://{}/cgi-bin/peer", server.ip),
-        ],
-    )?;
+    let peer = host
+        .dockerd()
+        .http_get_from("web", &format!("http://{}/cgi-bin/peer", server.ip))?;
     // busybox httpd listens dual-stack: IPv4 peers read "[::ffff:a.b.c.d]".
     let peer = peer
         .trim()
@@ -195,24 +181,14 @@ fn demo(hold: bool) -> Result<()> {
     ))?;
     println!(
         "{}",
-        exec(&host, "ov-a", &["ping", "-c", "3", "-W", "2", &ov_b])
+        host.dockerd()
+            .exec("ov-a", &["ping", "-c", "3", "-W", "2", &ov_b])
             .context("ping from ov-a to ov-b")?
     );
-    // busybox wget's own -T crashes it (SIGSEGV) in this image.
-    let page = exec(
-        &host,
-        "ov-a",
-        &[
-            "timeout",
-            "10",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &format!("http://{ov_b}/"),
-        ],
-    )
-    .context("GET from ov-a to ov-b")?;
+    let page = host
+        .dockerd()
+        .http_get_from("ov-a", &format!("http://{ov_b}/"))
+        .context("GET from ov-a to ov-b")?;
     println!("ov-a got from http://{ov_b}/: {}", page.trim());
 
     step(&format!("netd networks --etcd {}", etcd.endpoint()))?;
