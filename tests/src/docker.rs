@@ -196,6 +196,12 @@ impl Dockerd {
         self.run(name, extra, &["httpd", "-f", "-p", "80", "-h", "/var/www"])
     }
 
+    /// Starts a detached container echoing TCP on port 7 (one `cat` per
+    /// connection), with `extra` flags (`-p …`); returns its id.
+    pub fn run_echo(&self, name: &str, extra: &[&str]) -> Result<String> {
+        self.run(name, extra, &["nc", "-ll", "-p", "7", "-e", "cat"])
+    }
+
     /// Runs a container in the foreground (`docker run --rm`) and returns its
     /// output once it exits, or an error if it has not exited within
     /// `limit` (then it is removed). The bound is kept here, outside the

@@ -203,6 +203,15 @@ impl Host {
             .collect())
     }
 
+    /// Whether this host's Docker lists exactly the netd networks `want`
+    /// within `limit` (a network created on another host arriving here).
+    pub fn sees_netd_networks(&self, want: &[&str], limit: std::time::Duration) -> bool {
+        crate::eventually(limit, || {
+            self.netd_networks()
+                .is_ok_and(|names| names.iter().map(String::as_str).eq(want.iter().copied()))
+        })
+    }
+
     /// The IPv4 address of container `name` (its only network's).
     pub fn container_addr(&self, name: &str) -> Result<std::net::Ipv4Addr> {
         let out = self.dockerd().docker(&[

@@ -16,13 +16,7 @@ fn established_connections_survive_a_killed_and_restarted_daemon() {
     let client = Host::plain(&bench, &lan, "client", 100).unwrap();
     host.start_netd(&bench).unwrap();
     // An echo server (one cat per connection) and a web server.
-    host.dockerd()
-        .run(
-            "echo",
-            &["-p", "7000:7"],
-            &["nc", "-ll", "-p", "7", "-e", "cat"],
-        )
-        .unwrap();
+    host.dockerd().run_echo("echo", &["-p", "7000:7"]).unwrap();
     host.dockerd().run_httpd("web", &["-p", "8080:80"]).unwrap();
     let url = format!("http://{}:8080/", host.ip);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -97,10 +97,7 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
     let mut a = Host::cluster_member(&bench, &lan, "a", 1, &etcd.endpoint(), &extra).unwrap();
     let mut b = Host::cluster_member(&bench, &lan, "b", 2, &etcd.endpoint(), &extra).unwrap();
     a.create_netd_network("ov", "198.19.96.0/24", &[]).unwrap();
-    assert!(eventually(Duration::from_secs(3), || b
-        .netd_networks()
-        .unwrap()
-        == ["ov"]));
+    assert!(b.sees_netd_networks(&["ov"], Duration::from_secs(3)));
     a.dockerd()
         .run("c-a", &["--network", "ov"], &["sleep", "600"])
         .unwrap();
@@ -257,10 +254,7 @@ fn a_store_member_lost_goes_unnoticed() {
     let a = Host::cluster_member(&bench, &lan, "a", 1, &urls, &[]).unwrap();
     let b = Host::cluster_member(&bench, &lan, "b", 2, &urls, &[]).unwrap();
     a.create_netd_network("ov", "198.19.116.0/24", &[]).unwrap();
-    assert!(eventually(Duration::from_secs(3), || b
-        .netd_networks()
-        .unwrap()
-        == ["ov"]));
+    assert!(b.sees_netd_networks(&["ov"], Duration::from_secs(3)));
     a.dockerd()
         .run("c-a", &["--network", "ov"], &["sleep", "600"])
         .unwrap();

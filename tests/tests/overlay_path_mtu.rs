@@ -120,10 +120,7 @@ fn a_smaller_underlay_path_is_discovered_and_tcp_goes_through() {
     .unwrap();
 
     a.create_netd_network("ov", "198.19.124.0/24", &[]).unwrap();
-    assert!(netd_tests::eventually(Duration::from_secs(5), || b
-        .netd_networks()
-        .unwrap()
-        == ["ov"]));
+    assert!(b.sees_netd_networks(&["ov"], Duration::from_secs(5)));
     a.dockerd().run_httpd("web", &["--network", "ov"]).unwrap();
     b.dockerd()
         .run("client", &["--network", "ov"], &["sleep", "600"])

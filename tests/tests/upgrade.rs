@@ -36,13 +36,7 @@ fn an_upgrade_keeps_sessions_and_ports() {
         },
     )
     .unwrap();
-    host.dockerd()
-        .run(
-            "echo",
-            &["-p", "7000:7"],
-            &["nc", "-ll", "-p", "7", "-e", "cat"],
-        )
-        .unwrap();
+    host.dockerd().run_echo("echo", &["-p", "7000:7"]).unwrap();
     host.dockerd().run_httpd("web", &["-p", "8080:80"]).unwrap();
     let url = format!("http://{}:8080/", host.ip);
     assert!(eventually(Duration::from_secs(10), || client

@@ -11,7 +11,6 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use netd_tests::{
     etcd::Etcd,
-    eventually,
     netd::{netd_binary, NetdOptions},
     Bench, DockerMode, Host,
 };
@@ -157,12 +156,7 @@ fn demo(hold: bool) -> Result<()> {
 
     step("On host-a: docker network create -d netd --ipam-driver netd --subnet 198.19.66.0/24 ov")?;
     println!("{}", host.create_netd_network("ov", "198.19.66.0/24", &[])?);
-    let arrived = eventually(Duration::from_secs(10), || {
-        host_b
-            .netd_networks()
-            .is_ok_and(|n| n.iter().any(|name| name == "ov"))
-    });
-    if !arrived {
+    if !host_b.sees_netd_networks(&["ov"], Duration::from_secs(10)) {
         bail!("network ov did not reach host-b within 10 s");
     }
     println!("host-b's docker network ls:");

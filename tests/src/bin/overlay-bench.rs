@@ -60,12 +60,8 @@ fn run() -> Result<()> {
     let a = Host::cluster_member(&bench, &lan, "a", 1, &etcd.endpoint(), &[])?;
     let b = Host::cluster_member(&bench, &lan, "b", 2, &etcd.endpoint(), &[])?;
     a.create_netd_network("ov", SUBNET_NETD, &[])?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.netd_networks()? != ["ov"] {
-        if Instant::now() > deadline {
-            bail!("the network never reached host b");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !b.sees_netd_networks(&["ov"], Duration::from_secs(10)) {
+        bail!("the network never reached host b");
     }
     let mount = format!("{}:/echo:ro", echo.display());
     let cpu = bench::CPU.to_string();
