@@ -21,24 +21,33 @@ pub enum Hook {
     /// TC egress on a container's host-side veth: traffic about to enter a
     /// container.
     ContainerIngress = 4,
+    /// TC ingress on the parent of a segment (macvlan) network: frames
+    /// from its LAN for the containers' MACs.
+    ParentIngress = 5,
+    /// TC egress on such a parent: what the host sends its own containers.
+    ParentEgress = 6,
 }
 
 impl Hook {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
     pub const ALL: [Hook; Self::COUNT as usize] = [
         Hook::UplinkIngress,
         Hook::UplinkEgress,
         Hook::ContainerEgress,
         Hook::HostSockets,
         Hook::ContainerIngress,
+        Hook::ParentIngress,
+        Hook::ParentEgress,
     ];
 
     /// The hooks that see packets (the socket hooks see calls).
-    pub const PACKET: [Hook; 4] = [
+    pub const PACKET: [Hook; 6] = [
         Hook::UplinkIngress,
         Hook::UplinkEgress,
         Hook::ContainerEgress,
         Hook::ContainerIngress,
+        Hook::ParentIngress,
+        Hook::ParentEgress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -48,6 +57,8 @@ impl Hook {
             Hook::ContainerEgress => "container-egress",
             Hook::HostSockets => "host-sockets",
             Hook::ContainerIngress => "container-ingress",
+            Hook::ParentIngress => "parent-ingress",
+            Hook::ParentEgress => "parent-egress",
         }
     }
 }
@@ -152,10 +163,20 @@ pub enum Counter {
     /// ICMP "fragmentation needed" went back to the container, with the
     /// path MTU less the VXLAN overhead.
     FragNeeded = 33,
+    /// Handed from a parent interface to the segment container whose MAC
+    /// (or, for an ARP request, whose address) the frame is for.
+    Demuxed = 34,
+    /// Sent by a segment container out of its parent (with its network's
+    /// VLAN tag, if any).
+    SegmentOut = 35,
+    /// From a segment container to its own host: handed to the parent's
+    /// receive path, since a host never receives what leaves its own
+    /// interface (kernel macvlan cannot do this).
+    ToHost = 36,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 37;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -191,6 +212,9 @@ impl Counter {
         Counter::VxlanAggregate,
         Counter::PmtuLearned,
         Counter::FragNeeded,
+        Counter::Demuxed,
+        Counter::SegmentOut,
+        Counter::ToHost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -229,6 +253,9 @@ impl Counter {
             Counter::VxlanAggregate => "vxlan-aggregate",
             Counter::PmtuLearned => "pmtu-learned",
             Counter::FragNeeded => "frag-needed",
+            Counter::Demuxed => "demuxed",
+            Counter::SegmentOut => "segment-out",
+            Counter::ToHost => "to-host",
         }
     }
 
@@ -251,7 +278,10 @@ impl Counter {
             | Counter::VxlanDecap
             | Counter::ArpReply
             | Counter::Switched
-            | Counter::FragNeeded => "action",
+            | Counter::FragNeeded
+            | Counter::Demuxed
+            | Counter::SegmentOut
+            | Counter::ToHost => "action",
             _ => "reason",
         }
     }
@@ -296,12 +326,14 @@ mod tests {
             | Hook::UplinkEgress
             | Hook::ContainerEgress
             | Hook::HostSockets
-            | Hook::ContainerIngress => h as usize,
+            | Hook::ContainerIngress
+            | Hook::ParentIngress
+            | Hook::ParentEgress => h as usize,
         };
         for (i, h) in Hook::ALL.iter().enumerate() {
             assert_eq!(position(*h), i);
         }
-        assert_eq!(Hook::ALL.len(), Hook::ContainerIngress as usize + 1);
+        assert_eq!(Hook::ALL.len(), Hook::ParentEgress as usize + 1);
     }
 
     #[test]

@@ -10,9 +10,11 @@ pub mod maps;
 pub mod nat;
 pub mod network;
 pub mod overlay;
+pub mod segment;
 
 pub use counters::{Counter, CounterValue, Hook};
 pub use maps::Meta;
 pub use nat::{CtEntry, CtKey, CtTimeouts, NatConfig, PortKey, PortTarget};
 pub use network::{Endpoint, EndpointLocation, NetworkInfo};
 pub use overlay::{OverlayNetwork, Peer, TunnelConfig};
+pub use segment::{Segment, SegmentMac, SegmentPort};

@@ -35,6 +35,12 @@ pub const TUNNEL: &str = "netd_tunnel";
 /// LRU hash of VTEP address → [`crate::overlay::VtepPmtu`]: path MTUs to
 /// other hosts that the underlay reported.
 pub const VTEP_PMTU: &str = "netd_vtep_pmtu";
+/// Hash of network id → [`crate::Segment`]: parent and VLAN of segment
+/// (macvlan) networks on this host.
+pub const SEGMENTS: &str = "netd_segments";
+/// Hash of [`crate::SegmentMac`] → [`crate::SegmentPort`]: the containers
+/// of segment networks on this host, by parent, VLAN and MAC.
+pub const SEGMENT_MACS: &str = "netd_segment_macs";
 
 /// LRU hash of [`crate::nat::SockRevKey`] → [`crate::nat::SockRevValue`]:
 /// reverse translation for host-local UDP.
@@ -67,6 +73,8 @@ pub const ALL: &[&str] = &[
     VTEPS,
     TUNNEL,
     VTEP_PMTU,
+    SEGMENTS,
+    SEGMENT_MACS,
 ];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A

@@ -76,6 +76,16 @@ pub fn answer(
     ))
 }
 
+/// The address a well-formed IPv4-over-Ethernet ARP request asks for.
+#[inline(always)]
+pub fn request_target(ctx: &TcContext) -> Option<[u8; 4]> {
+    let arp: *const ArpIpv4 = ptr_at(ctx, ETH_HLEN)?;
+    let req = unsafe { *arp };
+    let well_formed =
+        req.htype == HTYPE_ETHER && req.ptype == PTYPE_IPV4 && req.hlen == 6 && req.plen == 4;
+    (well_formed && req.op == ARP_REQUEST).then_some(req.tpa)
+}
+
 /// The MAC of whoever holds `addr` on overlay network `network`: its
 /// gateway, a container on this host, or one on another.
 #[inline(always)]

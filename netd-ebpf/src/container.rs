@@ -11,10 +11,11 @@ use crate::{
     arp,
     delivery::{back_to_sender, out_uplink},
     icmp,
-    maps::{network_of, ENDPOINTS, OVERLAYS},
+    maps::{network_of, ENDPOINTS, OVERLAYS, SEGMENTS},
     nat::{self, ContainerNat},
     overlay,
     parsing::{ipv4_flow, parse_frame, ptr_at, unmatched, ETH_P_ARP, ETH_P_IP},
+    segment,
 };
 
 /// ARP for IPv4 over Ethernet: sender hardware address at 8, sender
@@ -41,6 +42,14 @@ pub fn egress(ctx: &TcContext) -> Result<(Counter, Option<i32>), Counter> {
     let (src_mac, ether_type) = unsafe { ((*eth).src_addr, u16::from_be((*eth).ether_type)) };
     if src_mac != ep.mac {
         return Err(Counter::Spoofed);
+    }
+    // Segment (macvlan) networks: no routing, no NAT; the LAN decides.
+    if let Some(seg) = SEGMENTS.get_ptr(&ep.network) {
+        if ether_type == ETH_P_ARP {
+            check_arp(ctx, &ep)?;
+        }
+        let (action, verdict) = segment::from_container(ctx, &ep, unsafe { &*seg })?;
+        return Ok((action, Some(verdict)));
     }
     // A reference into the map, not a copy: an Option of a copied struct
     // leaves registers the verifier sees as uninitialised on the None path.

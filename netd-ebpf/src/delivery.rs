@@ -175,6 +175,12 @@ pub fn mark_translated(ctx: &TcContext) {
     unsafe { (*ctx.skb.skb).tc_index |= TC_INDEX_TRANSLATED };
 }
 
+/// Whether the packet carries the mark (left in place).
+#[inline(always)]
+pub fn is_translated(ctx: &TcContext) -> bool {
+    unsafe { (*ctx.skb.skb).tc_index & TC_INDEX_TRANSLATED != 0 }
+}
+
 /// Whether the packet was marked by `out_uplink`; clears the mark.
 #[inline(always)]
 pub fn take_translated(ctx: &TcContext) -> bool {

@@ -5,6 +5,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use netd_common::overlay::VtepPmtu;
+use netd_common::segment::{Segment, SegmentMac, SegmentPort};
 use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{
@@ -83,6 +84,17 @@ pub static TUNNEL: Array<TunnelConfig, 1> = Array::new();
 /// only push out older ones.
 #[btf_map(name = "netd_vtep_pmtu")]
 pub static VTEP_PMTU: LruHashMap<[u8; 4], VtepPmtu, { VTEPS_MAX as usize }> = LruHashMap::new();
+
+/// Segment (macvlan) networks by network id: their parent and VLAN here;
+/// written by the daemon.
+#[btf_map(name = "netd_segments")]
+pub static SEGMENTS: HashMap<u32, Segment, { OVERLAYS_MAX as usize }> = HashMap::new();
+
+/// Segment containers on this host by (parent, VLAN, MAC); written by the
+/// daemon.
+#[btf_map(name = "netd_segment_macs")]
+pub static SEGMENT_MACS: HashMap<SegmentMac, SegmentPort, { ENDPOINTS_MAX as usize }> =
+    HashMap::new();
 
 /// The container network whose subnet holds `addr`, if any.
 #[inline(always)]

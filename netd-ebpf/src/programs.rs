@@ -19,7 +19,7 @@ use crate::{
     icmp::{self, Side},
     nat,
     parsing::{ipv4_flow, parse_frame, unmatched, Ipv4Flow},
-    pmtu, sock, tunnel,
+    pmtu, segment, sock, tunnel,
 };
 
 /// "Not ours", or rewritten and ready for the kernel to route: with TCX this
@@ -154,6 +154,36 @@ pub fn netd_container_ingress(ctx: TcContext) -> i32 {
         with_flow(&ctx, Some(Side::Egress), nat::container_ingress)
     };
     finish(&ctx, Hook::ContainerIngress, outcome)
+}
+
+#[classifier]
+pub fn netd_parent_ingress(ctx: TcContext) -> i32 {
+    // What the uplink program would clear, if this parent is the uplink
+    // too: this one runs first.
+    delivery::take_translated(&ctx);
+    let outcome = match segment::from_parent(&ctx) {
+        Ok(Some(verdict)) => Outcome::Redirect(Counter::Demuxed, verdict),
+        Ok(None) => Outcome::Pass(Counter::NoMatch),
+        Err(reason @ Counter::RewriteFailed) => Outcome::Drop(reason),
+        Err(reason) => Outcome::Pass(reason),
+    };
+    finish(&ctx, Hook::ParentIngress, outcome)
+}
+
+#[classifier]
+pub fn netd_parent_egress(ctx: TcContext) -> i32 {
+    // A segment container's frame, sent here by its veth's program: left
+    // marked for the uplink's program, if this parent is the uplink too.
+    let outcome = if delivery::is_translated(&ctx) {
+        Outcome::Pass(Counter::Translated)
+    } else {
+        match segment::from_host(&ctx) {
+            Ok(Some(verdict)) => Outcome::Redirect(Counter::Demuxed, verdict),
+            Ok(None) => Outcome::Pass(Counter::NoMatch),
+            Err(reason) => Outcome::Pass(reason),
+        }
+    };
+    finish(&ctx, Hook::ParentEgress, outcome)
 }
 
 /// Socket hooks always allow the call (1); they only rewrite its address.

@@ -57,13 +57,32 @@ pub struct NetworkRecord {
     pub name: String,
     /// The node it was created on.
     pub origin: String,
-    /// "overlay" (the next modes: macvlan, ipvlan, routed).
+    /// "overlay" or "macvlan" (the next modes: ipvlan, routed).
     pub mode: String,
+    /// Overlay networks' VXLAN id; 0 for the others.
     pub vni: u32,
     pub subnet: (Ipv4Addr, u8),
     pub gateway: Ipv4Addr,
     pub internal: bool,
+    /// Segment networks: the interface their containers sit on, the same
+    /// name on every host (Docker's `-o parent=`), and its VLAN (0: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vlan: u16,
+    /// Where container addresses come from (`--ip-range`); None: the
+    /// whole subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<(Ipv4Addr, u8)>,
 }
+
+fn is_zero(v: &u16) -> bool {
+    *v == 0
+}
+
+/// Mode names.
+pub const MODE_OVERLAY: &str = "overlay";
+pub const MODE_MACVLAN: &str = "macvlan";
 
 impl NetworkRecord {
     /// How messages name it: its name, or its short id while it has none.
@@ -85,9 +104,27 @@ pub struct NetworkRequest {
     pub subnet: (Ipv4Addr, u8),
     /// None: the subnet's first host address.
     pub gateway: Option<Ipv4Addr>,
-    /// None: the lowest free one in [`VNI_AUTO`].
+    /// None: the lowest free one in [`VNI_AUTO`] (overlay networks).
     pub vni: Option<u32>,
     pub internal: bool,
+    pub parent: String,
+    pub vlan: u16,
+    pub ip_range: Option<(Ipv4Addr, u8)>,
+}
+
+impl NetworkRecord {
+    /// Whether its containers sit on a physical segment (no VXLAN).
+    pub fn is_segment(&self) -> bool {
+        self.mode == MODE_MACVLAN
+    }
+
+    /// The parent as Docker's option says it: `eth1`, or `eth1.100`.
+    pub fn parent_option(&self) -> String {
+        match self.vlan {
+            0 => self.parent.clone(),
+            vid => format!("{}.{vid}", self.parent),
+        }
+    }
 }
 
 /// Who holds an address.
@@ -235,17 +272,18 @@ impl Store {
                 Plan::Create(record) => record,
             };
             let net_key = key(&["networks", &record.id]);
-            let vni_key = key(&["vnis", &record.vni.to_string()]);
             // No network was created or changed since the read the plan
             // was made on (a range compare: etcd >= 3.3). That alone
             // serialises creations; `vnis/` is a record of who holds a VNI
             // for operators, not a lock.
+            let mut puts = vec![TxnOp::put(net_key, serde_json::to_vec(&record)?, None)];
+            if record.vni != 0 {
+                let vni_key = key(&["vnis", &record.vni.to_string()]);
+                puts.push(TxnOp::put(vni_key, record.id.clone(), None));
+            }
             let txn = Txn::new()
                 .when([networks_unchanged_since(revision)])
-                .and_then([
-                    TxnOp::put(net_key, serde_json::to_vec(&record)?, None),
-                    TxnOp::put(vni_key, record.id.clone(), None),
-                ]);
+                .and_then(puts);
             if self.commit(txn, "creating the network in etcd").await? {
                 return Ok(record);
             }
@@ -954,10 +992,17 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         Some(gw) => gw,
         None => Ipv4Addr::from(u32::from(net) + 1),
     };
+    let overlay = req.mode == MODE_OVERLAY;
     if let Some(vni) = req.vni {
+        if !overlay {
+            bail!("a VNI is for overlay networks, not {}", req.mode);
+        }
         if vni == 0 || vni > *VNI_AUTO.end() {
             bail!("VNI {vni} is out of range (1-{})", VNI_AUTO.end());
         }
+    }
+    if let Some(range) = req.ip_range {
+        check_ip_range(req.subnet, range)?;
     }
     if let Some(same) = existing.iter().find(|n| n.id == req.id) {
         let differs = if same.mode != req.mode {
@@ -970,6 +1015,10 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
             Some(format!("gateway {}", same.gateway))
         } else if req.vni.is_some_and(|v| v != same.vni) {
             Some(format!("VNI {}", same.vni))
+        } else if (&req.parent, req.vlan) != (&same.parent, same.vlan) {
+            Some(format!("parent {}", same.parent_option()))
+        } else if req.ip_range != same.ip_range {
+            Some("another --ip-range".to_owned())
         } else {
             None
         };
@@ -990,6 +1039,7 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         );
     }
     let vni = match req.vni {
+        _ if !overlay => 0,
         Some(vni) => match existing.iter().find(|n| n.vni == vni) {
             Some(other) => bail!("VNI {vni} is already network {}'s", other.label()),
             None => vni,
@@ -1008,6 +1058,9 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         subnet: req.subnet,
         gateway,
         internal: req.internal,
+        parent: req.parent.clone(),
+        vlan: req.vlan,
+        ip_range: req.ip_range,
     }))
 }
 
@@ -1048,15 +1101,33 @@ pub fn is_host_address(subnet: (Ipv4Addr, u8), addr: Ipv4Addr) -> bool {
         && u32::from(addr) != net | !mask(subnet.1)
 }
 
-/// The lowest host address of `network` that is not its gateway and not in
-/// `held`.
+/// `--ip-range`: a prefix inside the subnet.
+pub fn check_ip_range(subnet: (Ipv4Addr, u8), range: (Ipv4Addr, u8)) -> Result<()> {
+    if range.1 > 32 || u32::from(range.0) & !mask(range.1) != 0 {
+        bail!("--ip-range {}/{} is not a prefix", range.0, range.1);
+    }
+    if range.1 < subnet.1 || !subnet_contains(subnet, range.0) {
+        bail!(
+            "--ip-range {}/{} is not inside subnet {}/{}",
+            range.0,
+            range.1,
+            subnet.0,
+            subnet.1
+        );
+    }
+    Ok(())
+}
+
+/// The lowest host address of `network` (of its `--ip-range`, if it has
+/// one) that is not its gateway and not in `held`.
 fn free_address(network: &NetworkRecord, held: &[Ipv4Addr]) -> Option<Ipv4Addr> {
     let held: std::collections::HashSet<&Ipv4Addr> = held.iter().collect();
-    let net = u32::from(network.subnet.0) & mask(network.subnet.1);
-    let broadcast = net | !mask(network.subnet.1);
-    (net + 1..broadcast)
+    let (from, len) = network.ip_range.unwrap_or(network.subnet);
+    let first = u32::from(from) & mask(len);
+    let last = first | !mask(len);
+    (first..=last)
         .map(Ipv4Addr::from)
-        .find(|a| *a != network.gateway && !held.contains(a))
+        .find(|a| is_host_address(network.subnet, *a) && *a != network.gateway && !held.contains(a))
 }
 
 #[cfg(test)]
@@ -1072,6 +1143,9 @@ mod tests {
             gateway: None,
             vni: None,
             internal: false,
+            parent: String::new(),
+            vlan: 0,
+            ip_range: None,
         }
     }
 
@@ -1150,5 +1224,34 @@ mod tests {
         n.subnet = (Ipv4Addr::new(198, 19, 1, 0), 30);
         assert_eq!(free_address(&n, &[]), Some(Ipv4Addr::new(198, 19, 1, 2)));
         assert_eq!(free_address(&n, &[Ipv4Addr::new(198, 19, 1, 2)]), None);
+    }
+
+    #[test]
+    fn an_ip_range_bounds_the_addresses_and_must_lie_in_the_subnet() {
+        let mut r = req("a", 1);
+        r.mode = MODE_MACVLAN.into();
+        r.ip_range = Some((Ipv4Addr::new(198, 19, 1, 128), 30));
+        let n = created(plan_network(&r, &[]));
+        assert_eq!(n.vni, 0, "no VNI for a segment network");
+        let held = [Ipv4Addr::new(198, 19, 1, 128)];
+        assert_eq!(
+            free_address(&n, &held),
+            Some(Ipv4Addr::new(198, 19, 1, 129))
+        );
+        let full = [129, 130, 131].map(|h| Ipv4Addr::new(198, 19, 1, h));
+        assert_eq!(
+            free_address(&n, &full),
+            Some(Ipv4Addr::new(198, 19, 1, 128))
+        );
+        r.ip_range = Some((Ipv4Addr::new(198, 19, 2, 0), 25));
+        let err = format!("{:#}", plan_network(&r, &[]).unwrap_err());
+        assert!(err.contains("not inside subnet"), "{err}");
+        r.ip_range = Some((Ipv4Addr::new(198, 19, 1, 1), 25));
+        let err = format!("{:#}", plan_network(&r, &[]).unwrap_err());
+        assert!(err.contains("not a prefix"), "{err}");
+        r.ip_range = None;
+        r.vni = Some(5000);
+        let err = format!("{:#}", plan_network(&r, &[]).unwrap_err());
+        assert!(err.contains("a VNI is for overlay networks"), "{err}");
     }
 }

@@ -386,6 +386,8 @@ pub struct NetworkCopy<'a> {
     pub subnet: String,
     pub gateway: String,
     pub internal: bool,
+    /// `--ip-range`.
+    pub ip_range: Option<String>,
     pub options: HashMap<String, String>,
 }
 
@@ -406,6 +408,7 @@ pub async fn create_network(docker: &Docker, copy: NetworkCopy<'_>) -> Result<()
                 config: Some(vec![IpamConfig {
                     subnet: Some(copy.subnet),
                     gateway: Some(copy.gateway),
+                    ip_range: copy.ip_range,
                     ..Default::default()
                 }]),
                 options: None,

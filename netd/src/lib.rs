@@ -25,5 +25,6 @@ pub mod netlink;
 pub mod overlay;
 pub mod plugin;
 pub mod reconcile;
+pub mod segment;
 pub mod state;
 pub mod systemd;

@@ -175,10 +175,14 @@ impl Mirror {
             subnet: format!("{}/{}", record.subnet.0, record.subnet.1),
             gateway: record.gateway.to_string(),
             internal: record.internal,
+            ip_range: record.ip_range.map(|(a, l)| format!("{a}/{l}")),
             options: [
                 (driver::OPT_ID.to_owned(), record.id.clone()),
                 (driver::OPT_MODE.to_owned(), record.mode.clone()),
-                (driver::OPT_VNI.to_owned(), record.vni.to_string()),
+                match record.is_segment() {
+                    true => (driver::OPT_PARENT.to_owned(), record.parent_option()),
+                    false => (driver::OPT_VNI.to_owned(), record.vni.to_string()),
+                },
             ]
             .into(),
         };

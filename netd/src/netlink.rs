@@ -378,6 +378,79 @@ pub async fn mtu(ifname: &str) -> Result<u32> {
         .ok_or_else(|| anyhow!("{ifname} reports no MTU"))
 }
 
+/// The ifindex, MAC and promiscuity count of `ifname`.
+pub async fn link_identity(ifname: &str) -> Result<(u32, [u8; 6], u32)> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let link = handle
+        .link()
+        .get()
+        .match_name(ifname.into())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("reading interface {ifname}"))?
+        .ok_or_else(|| anyhow!("no interface named {ifname:?}"))?;
+    let mac = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("{ifname} has no Ethernet address"))?;
+    let promiscuity = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Promiscuity(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0);
+    Ok((link.header.index, mac, promiscuity))
+}
+
+/// Makes interface `ifindex` accept frames for `mac` (`bridge fdb add MAC
+/// dev IF self permanent`, what kernel macvlan does): into its unicast
+/// address filter, or, on a device without one, the kernel sets it
+/// promiscuous. Already there is fine.
+pub async fn add_unicast_filter(ifindex: u32, mac: [u8; 6]) -> Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    match handle
+        .neighbours()
+        .add_bridge(ifindex, &mac)
+        .flags(vec![netlink_packet_route::neighbour::NeighbourFlag::Own])
+        .execute()
+        .await
+    {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        r => r.with_context(|| format!("adding a unicast address to interface {ifindex}")),
+    }
+}
+
+/// Undoes [`add_unicast_filter`]; already gone is fine.
+pub async fn remove_unicast_filter(ifindex: u32, mac: [u8; 6]) -> Result<()> {
+    use netlink_packet_route::{
+        neighbour::{NeighbourAttribute, NeighbourFlag, NeighbourMessage, NeighbourState},
+        AddressFamily,
+    };
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let mut message = NeighbourMessage::default();
+    message.header.family = AddressFamily::Bridge;
+    message.header.ifindex = ifindex;
+    message.header.state = NeighbourState::Permanent;
+    message.header.flags = vec![NeighbourFlag::Own];
+    message
+        .attributes
+        .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+    match handle.neighbours().del(message).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => Ok(()),
+        r => r.with_context(|| format!("removing a unicast address from interface {ifindex}")),
+    }
+}
+
 /// Creates the veth pair `host`–`peer` with `mtu` on both ends, the host
 /// end up with MAC `host_mac`, the peer (the container's end, left down
 /// for Docker to move) with `peer_mac`; returns the host end's ifindex. A

@@ -16,7 +16,9 @@ use crate::{
     dataplane::{Attachment, Dataplane, Overlays, Peers, Vnis, Vteps},
     netlink,
     plugin::DatapathRequest,
-    reconcile, state,
+    reconcile,
+    segment::Segments,
+    state,
 };
 
 /// Prefix of the host-side veth of a netd endpoint.
@@ -43,6 +45,8 @@ pub struct Overlay {
     adopted: bool,
     /// The gateway addresses last put on lo.
     gateways_applied: Option<Vec<std::net::Ipv4Addr>>,
+    /// Segment (macvlan) networks: their parents and container MACs.
+    segments: Segments,
 }
 
 impl Overlay {
@@ -78,6 +82,7 @@ impl Overlay {
             joined,
             adopted: false,
             gateways_applied: None,
+            segments: Segments::new(dp)?,
         })
     }
 
@@ -100,6 +105,8 @@ impl Overlay {
                 ifname,
                 ifindex,
                 record,
+                network,
+                segment,
                 done,
             } => {
                 let endpoint = Endpoint {
@@ -115,6 +122,10 @@ impl Overlay {
                         record.addr,
                         EndpointLocation::of(ifindex, &endpoint),
                     )?;
+                    if let Some(segment) = segment {
+                        self.segments
+                            .join(dp, ifindex, &endpoint, &network.parent, segment)?;
+                    }
                     dp.set_endpoint(ifindex, endpoint)?;
                     for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
                         dp.attach(att, &ifname)?;
@@ -141,6 +152,7 @@ impl Overlay {
             DatapathRequest::Leave { ifindex, done } => {
                 let left = match self.joined.remove(&ifindex) {
                     Some(j) => (|| {
+                        self.segments.leave(dp, &j.endpoint)?;
                         dp.remove_endpoint_location(j.endpoint.addr.into())?;
                         dp.remove_endpoint(ifindex)?;
                         for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
@@ -167,6 +179,7 @@ impl Overlay {
             return;
         };
         let gone = (|| {
+            self.segments.leave(dp, &j.endpoint)?;
             dp.remove_endpoint_location(j.endpoint.addr.into())?;
             dp.remove_endpoint(ifindex)?;
             for att in [Attachment::ContainerEgress, Attachment::ContainerIngress] {
@@ -205,6 +218,11 @@ impl Overlay {
                 }
             }
         };
+        let joined: Vec<(u32, Endpoint)> =
+            self.joined.iter().map(|(i, j)| (*i, j.endpoint)).collect();
+        if let Err(e) = self.segments.apply(dp, picture, &joined).await {
+            tracing::warn!("segment networks: {e:#}");
+        }
         let networks_changed = desired.networks != self.desired.networks;
         self.desired = desired;
         if !self.adopted {

@@ -236,7 +236,9 @@ pub struct OverlayDesired {
 
 pub fn desired_overlay(picture: &Picture, node: &str) -> OverlayDesired {
     let mut out = OverlayDesired::default();
-    for n in &picture.networks {
+    // Segment networks are the LAN's: no subnet routed or NATed here, no
+    // gateway of the host's, no peers (the switch finds them).
+    for n in picture.networks.iter().filter(|n| !n.is_segment()) {
         let id = network_id(&n.id);
         let flags = NETWORK_OVERLAY
             | if n.internal {
@@ -265,7 +267,11 @@ pub fn desired_overlay(picture: &Picture, node: &str) -> OverlayDesired {
         out.gateways.push(n.gateway);
     }
     for e in picture.endpoints.iter().filter(|e| e.host != node) {
-        if !picture.networks.iter().any(|n| n.id == e.network) {
+        if !picture
+            .networks
+            .iter()
+            .any(|n| n.id == e.network && !n.is_segment())
+        {
             continue;
         }
         out.peers.insert(

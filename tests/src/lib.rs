@@ -14,6 +14,7 @@ pub mod netlink;
 pub mod netns;
 pub mod packet;
 pub mod process;
+pub mod raw;
 pub mod topology;
 
 use std::{

@@ -39,6 +39,9 @@ fn request(id: &str, subnet: (Ipv4Addr, u8)) -> NetworkRequest {
         gateway: None,
         vni: None,
         internal: false,
+        parent: String::new(),
+        vlan: 0,
+        ip_range: None,
     }
 }
 

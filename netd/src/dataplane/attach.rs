@@ -28,6 +28,10 @@ pub enum Attachment {
     ContainerEgress,
     /// TC egress on a container's host-side veth (what enters the container).
     ContainerIngress,
+    /// TC ingress on the parent of a segment network (frames from its LAN).
+    ParentIngress,
+    /// TC egress on such a parent (what the host sends its containers).
+    ParentEgress,
     /// cgroup connect4: host processes connecting to published ports.
     HostConnect4,
     /// cgroup sendmsg4: the same for unconnected UDP.
@@ -44,11 +48,13 @@ pub enum AttachKind {
 }
 
 impl Attachment {
-    pub const ALL: [Attachment; 7] = [
+    pub const ALL: [Attachment; 9] = [
         Attachment::UplinkIngress,
         Attachment::UplinkEgress,
         Attachment::ContainerEgress,
         Attachment::ContainerIngress,
+        Attachment::ParentIngress,
+        Attachment::ParentEgress,
         Attachment::HostConnect4,
         Attachment::HostSendmsg4,
         Attachment::HostRecvmsg4,
@@ -61,6 +67,8 @@ impl Attachment {
             Attachment::UplinkEgress => "uplink-egress",
             Attachment::ContainerEgress => "container-egress",
             Attachment::ContainerIngress => "container-ingress",
+            Attachment::ParentIngress => "parent-ingress",
+            Attachment::ParentEgress => "parent-egress",
             Attachment::HostConnect4 => "host-connect4",
             Attachment::HostSendmsg4 => "host-sendmsg4",
             Attachment::HostRecvmsg4 => "host-recvmsg4",
@@ -74,6 +82,8 @@ impl Attachment {
             Attachment::UplinkEgress => "netd_uplink_egress",
             Attachment::ContainerEgress => "netd_container_egress",
             Attachment::ContainerIngress => "netd_container_ingress",
+            Attachment::ParentIngress => "netd_parent_ingress",
+            Attachment::ParentEgress => "netd_parent_egress",
             Attachment::HostConnect4 => "netd_host_connect4",
             Attachment::HostSendmsg4 => "netd_host_sendmsg4",
             Attachment::HostRecvmsg4 => "netd_host_recvmsg4",
@@ -82,10 +92,10 @@ impl Attachment {
 
     pub const fn kind(self) -> AttachKind {
         match self {
-            Attachment::UplinkIngress | Attachment::ContainerEgress => {
+            Attachment::UplinkIngress | Attachment::ContainerEgress | Attachment::ParentIngress => {
                 AttachKind::Tc(TcAttachType::Ingress)
             }
-            Attachment::UplinkEgress | Attachment::ContainerIngress => {
+            Attachment::UplinkEgress | Attachment::ContainerIngress | Attachment::ParentEgress => {
                 AttachKind::Tc(TcAttachType::Egress)
             }
             _ => AttachKind::Cgroup,
@@ -99,6 +109,8 @@ impl Attachment {
             Hook::UplinkEgress => Some(Attachment::UplinkEgress),
             Hook::ContainerEgress => Some(Attachment::ContainerEgress),
             Hook::ContainerIngress => Some(Attachment::ContainerIngress),
+            Hook::ParentIngress => Some(Attachment::ParentIngress),
+            Hook::ParentEgress => Some(Attachment::ParentEgress),
             Hook::HostSockets => None,
         }
     }
@@ -158,12 +170,14 @@ pub fn attach(ebpf: &mut Ebpf, pins: &PinDir, att: Attachment, target: &str) -> 
             })? {
                 return update_link(&pin, prog.fd()?.as_fd());
             }
+            // A parent may be the uplink too: demux goes first, so that a
+            // frame for a container is not looked at twice.
+            let order = match att {
+                Attachment::ParentIngress | Attachment::ParentEgress => LinkOrder::first(),
+                _ => LinkOrder::default(),
+            };
             let id = prog
-                .attach_with_options(
-                    target,
-                    direction,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
+                .attach_with_options(target, direction, TcAttachOptions::TcxOrder(order))
                 .with_context(|| format!("attaching {name} to {target}"))?;
             pin_link(FdLink::try_from(prog.take_link(id)?)?, &pin)
         }

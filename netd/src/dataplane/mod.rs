@@ -41,7 +41,7 @@ pub use inspect::{
     Status, UninstallReport,
 };
 pub use pins::{interface_index, PinDir};
-pub use tables::{Overlays, Peers, Table, Vnis, Vteps};
+pub use tables::{Overlays, Peers, SegmentMacs, Segments, Table, Vnis, Vteps};
 
 /// The compiled eBPF object (built by build.rs from netd-ebpf).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd"));

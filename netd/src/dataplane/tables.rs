@@ -1,5 +1,6 @@
-//! The overlay's hash maps (networks, VNIs, peers, VTEPs) through one set
-//! of accessors, and the tunnel settings.
+//! The cluster networks' hash maps (overlay networks, VNIs, peers, VTEPs;
+//! segments and their MACs) through one set of accessors, and the tunnel
+//! settings.
 use std::hash::Hash;
 
 use anyhow::{anyhow, Context as _, Result};
@@ -7,7 +8,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, MapError},
     Pod,
 };
-use netd_common::{maps, OverlayNetwork, Peer, TunnelConfig};
+use netd_common::{maps, OverlayNetwork, Peer, Segment, SegmentMac, SegmentPort, TunnelConfig};
 
 use super::Dataplane;
 
@@ -48,6 +49,22 @@ impl Table for Vteps {
     const NAME: &'static str = maps::VTEPS;
     type Key = [u8; 4];
     type Value = u32;
+}
+
+/// Segment network id → its parent and VLAN on this host.
+pub struct Segments;
+impl Table for Segments {
+    const NAME: &'static str = maps::SEGMENTS;
+    type Key = u32;
+    type Value = Segment;
+}
+
+/// (parent, VLAN, MAC) → the segment container holding the MAC.
+pub struct SegmentMacs;
+impl Table for SegmentMacs {
+    const NAME: &'static str = maps::SEGMENT_MACS;
+    type Key = SegmentMac;
+    type Value = SegmentPort;
 }
 
 impl Dataplane {

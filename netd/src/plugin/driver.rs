@@ -4,12 +4,12 @@
 //! Join, which Docker moves into the container.
 use std::net::Ipv4Addr;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
 
 use super::{field, parse_cidr, DatapathRequest, Plugin, Reply, ADDRESS_SPACE};
 use crate::{
-    cluster::{AddressClaim, EndpointRecord, NetworkRequest},
+    cluster::{AddressClaim, EndpointRecord, NetworkRequest, MODE_MACVLAN, MODE_OVERLAY},
     netlink,
     state::overlay_mac,
 };
@@ -19,8 +19,11 @@ use crate::{
 pub const OPT_MODE: &str = "netd.mode";
 pub const OPT_VNI: &str = "netd.vni";
 pub const OPT_ID: &str = "netd.id";
+/// Docker's own macvlan option: the interface (and `.VID` VLAN) a segment
+/// network's containers sit on.
+pub const OPT_PARENT: &str = "parent";
 /// Modes `netd.mode` may name (overlay is the default).
-const MODES: &[&str] = &["overlay"];
+const MODES: &[&str] = &[MODE_OVERLAY, MODE_MACVLAN];
 /// What VXLAN over IPv4 adds to a frame: outer IPv4 20, UDP 8, VXLAN 8 and
 /// the inner Ethernet header 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -58,6 +61,32 @@ struct Requested {
     subnet: (Ipv4Addr, u8),
     gateway: Option<Ipv4Addr>,
     internal: bool,
+    parent: String,
+    vlan: u16,
+}
+
+/// `eth1` or `eth1.100` (Docker's syntax): the interface and the VLAN.
+fn parse_parent(value: &str) -> Result<(String, u16)> {
+    let (ifname, vlan) = match value.rsplit_once('.') {
+        Some((ifname, vid)) => {
+            let vid: u16 = vid
+                .parse()
+                .ok()
+                .filter(|v| (1..=netd_common::segment::VLAN_MAX).contains(v))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{OPT_PARENT}={value}: VLAN id {vid:?} is not in 1-{}",
+                        netd_common::segment::VLAN_MAX
+                    )
+                })?;
+            (ifname, vid)
+        }
+        None => (value, 0),
+    };
+    if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') {
+        bail!("{OPT_PARENT}={value}: {ifname:?} is not an interface name");
+    }
+    Ok((ifname.to_owned(), vlan))
 }
 
 fn parse_create(body: &Value) -> Result<Requested> {
@@ -73,7 +102,8 @@ fn parse_create(body: &Value) -> Result<Requested> {
         .and_then(|o| o.get("com.docker.network.internal"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let (mut mode, mut vni, mut adopt) = ("overlay".to_owned(), None, None);
+    let (mut mode, mut vni, mut adopt) = (MODE_OVERLAY.to_owned(), None, None);
+    let mut parent = None;
     if let Some(generic) = options
         .and_then(|o| o.get("com.docker.network.generic"))
         .and_then(Value::as_object)
@@ -94,10 +124,19 @@ fn parse_create(body: &Value) -> Result<Requested> {
                     )
                 }
                 OPT_ID => adopt = Some(value.to_owned()),
-                other => bail!("netd takes no option {other} (it knows {OPT_MODE}, {OPT_VNI})"),
+                OPT_PARENT => parent = Some(parse_parent(value)?),
+                other => bail!(
+                    "netd takes no option {other} (it knows {OPT_MODE}, {OPT_VNI}, {OPT_PARENT})"
+                ),
             }
         }
     }
+    let (parent, vlan) = match (mode.as_str(), parent) {
+        (MODE_MACVLAN, Some(p)) => p,
+        (MODE_MACVLAN, None) => bail!("a {mode} network needs -o {OPT_PARENT}=INTERFACE[.VLAN]"),
+        (_, Some(_)) => bail!("-o {OPT_PARENT} is for macvlan networks, not {mode}"),
+        (_, None) => (String::new(), 0),
+    };
     let v4 = body
         .get("IPv4Data")
         .and_then(Value::as_array)
@@ -127,12 +166,26 @@ fn parse_create(body: &Value) -> Result<Requested> {
         subnet,
         gateway,
         internal,
+        parent,
+        vlan,
     })
 }
 
 async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
     let docker_id = field(body, "NetworkID");
     let req = parse_create(body)?;
+    let ip_range = plugin
+        .ip_ranges
+        .lock()
+        .expect("ip ranges lock")
+        .remove(&req.subnet);
+    if !req.parent.is_empty() && nix::net::if_::if_nametoindex(req.parent.as_str()).is_err() {
+        bail!(
+            "parent interface {} does not exist on host {}",
+            req.parent,
+            plugin.host.node
+        );
+    }
     let mut store = plugin.store.clone();
     let id = match &req.adopt {
         // A copy of a cluster network: it must be that network.
@@ -151,6 +204,13 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
                     req.subnet.1
                 );
             }
+            if (&record.parent, record.vlan) != (&req.parent, req.vlan) {
+                bail!(
+                    "netd network {} has parent {}",
+                    record.label(),
+                    record.parent_option()
+                );
+            }
             record.id
         }
         None => {
@@ -163,15 +223,21 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
                     gateway: req.gateway,
                     vni: req.vni,
                     internal: req.internal,
+                    parent: req.parent,
+                    vlan: req.vlan,
+                    ip_range,
                 })
                 .await?;
             tracing::info!(
-                "network {} created in the cluster store: {} {}/{} VNI {}",
+                "network {} created in the cluster store: {} {}/{} {}",
                 record.label(),
                 record.mode,
                 record.subnet.0,
                 record.subnet.1,
-                record.vni
+                match record.is_segment() {
+                    true => format!("parent {}", record.parent_option()),
+                    false => format!("VNI {}", record.vni),
+                }
             );
             record.id
         }
@@ -296,18 +362,51 @@ async fn join(plugin: &Plugin, body: &Value) -> Result<Value> {
         .await?
         .ok_or_else(|| anyhow!("endpoint {endpoint_id} is not in the cluster store"))?;
     let (host, peer) = veth_names(endpoint_id)?;
-    let mtu = netlink::mtu(&plugin.host.uplink).await? - VXLAN_OVERHEAD;
+    let segment = match net.is_segment() {
+        true => Some(crate::segment::Segments::resolve(&net).await.map_err(|e| {
+            anyhow!(
+                "network {}: parent {} on host {}: {e:#}",
+                net.label(),
+                net.parent,
+                plugin.host.node
+            )
+        })?),
+        false => None,
+    };
+    let mtu = if net.is_segment() {
+        // On the parent's LAN, as a macvlan device would be.
+        netlink::mtu(&net.parent).await.with_context(|| {
+            format!(
+                "network {}: parent {} on host {}",
+                net.label(),
+                net.parent,
+                plugin.host.node
+            )
+        })?
+    } else {
+        netlink::mtu(&plugin.host.uplink).await? - VXLAN_OVERHEAD
+    };
     // The container's end has its MAC from the start: the first frames it
-    // sends as it comes up (IPv6 MLD) carry the MAC its endpoint has.
-    let ifindex =
-        netlink::create_veth(&host, &peer, mtu, overlay_mac(net.gateway), record.mac).await?;
+    // sends as it comes up (IPv6 MLD) carry the MAC its endpoint has. The
+    // host end of an overlay veth is the gateway; a segment network's
+    // gateway is a router on the LAN, and its host end is nobody's.
+    let host_mac = match net.is_segment() {
+        false => overlay_mac(net.gateway),
+        true => segment_host_mac(record.mac),
+    };
+    let ifindex = netlink::create_veth(&host, &peer, mtu, host_mac, record.mac).await?;
     let registered = async {
-        netlink::add_host_route(record.addr, ifindex).await?;
+        if !net.is_segment() {
+            netlink::add_host_route(record.addr, ifindex).await?;
+        }
+        let network = Box::new(net.clone());
         plugin
             .ask_datapath(|done| DatapathRequest::Join {
                 ifname: host.clone(),
                 ifindex,
                 record,
+                network,
+                segment,
                 done,
             })
             .await
@@ -321,6 +420,12 @@ async fn join(plugin: &Plugin, body: &Value) -> Result<Value> {
         "InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
         "Gateway": net.gateway.to_string(),
     }))
+}
+
+/// The MAC of a segment endpoint's host-side veth: its container's, with
+/// the second byte changed (never seen on the LAN: nothing leaves by it).
+fn segment_host_mac(mac: [u8; 6]) -> [u8; 6] {
+    [mac[0], mac[1] ^ 0x80, mac[2], mac[3], mac[4], mac[5]]
 }
 
 async fn leave(plugin: &Plugin, body: &Value) -> Result<Value> {
@@ -359,15 +464,43 @@ mod tests {
                 subnet: (Ipv4Addr::new(198, 19, 66, 0), 24),
                 gateway: Some(Ipv4Addr::new(198, 19, 66, 1)),
                 internal: true,
+                parent: String::new(),
+                vlan: 0,
             }
         );
         let err = |b: Value| format!("{:#}", parse_create(&b).unwrap_err());
+        let r = parse_create(&request(
+            json!({"netd.mode": "macvlan", "parent": "eth1.100"}),
+            ADDRESS_SPACE,
+        ))
+        .unwrap();
+        assert_eq!(
+            (r.mode.as_str(), r.parent.as_str(), r.vlan),
+            ("macvlan", "eth1", 100)
+        );
+        for (parent, why) in [
+            ("eth1.0", "not in 1-4094"),
+            ("eth1.4095", "not in 1-4094"),
+            ("eth1.x", "not in 1-4094"),
+            (".5", "not an interface name"),
+        ] {
+            let e = err(request(
+                json!({"netd.mode": "macvlan", "parent": parent}),
+                ADDRESS_SPACE,
+            ));
+            assert!(e.contains(why), "{parent}: {e}");
+        }
+        assert!(err(request(json!({"netd.mode": "macvlan"}), ADDRESS_SPACE))
+            .contains("needs -o parent"));
         assert!(err(request(json!({}), "LocalDefault")).contains("--ipam-driver netd"));
         assert!(
             err(request(json!({"netd.mode": "bridge"}), ADDRESS_SPACE)).contains("not a netd mode")
         );
         assert!(err(request(json!({"netd.vni": "x"}), ADDRESS_SPACE)).contains("not a number"));
-        assert!(err(request(json!({"parent": "eth1"}), ADDRESS_SPACE)).contains("no option parent"));
+        assert!(
+            err(request(json!({"parent": "eth1"}), ADDRESS_SPACE)).contains("for macvlan networks")
+        );
+        assert!(err(request(json!({"bogus": "1"}), ADDRESS_SPACE)).contains("no option bogus"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub(super) async fn handle(plugin: &Plugin, call: &str, body: Value) -> Reply {
             "LocalDefaultAddressSpace": ADDRESS_SPACE,
             "GlobalDefaultAddressSpace": ADDRESS_SPACE,
         })),
-        "RequestPool" => request_pool(&body),
+        "RequestPool" => request_pool(plugin, &body),
         "ReleasePool" => Ok(json!({})),
         "RequestAddress" => request_address(plugin, &body).await,
         "ReleaseAddress" => release_address(plugin, &body).await.map(|()| json!({})),
@@ -41,16 +41,13 @@ pub(super) async fn handle(plugin: &Plugin, call: &str, body: Value) -> Reply {
     }
 }
 
-fn request_pool(body: &Value) -> Result<Value> {
+fn request_pool(plugin: &Plugin, body: &Value) -> Result<Value> {
     if body.get("V6").and_then(Value::as_bool) == Some(true) {
         bail!("netd networks are IPv4 only");
     }
     let pool = field(body, "Pool");
     if pool.is_empty() {
         bail!("netd's IPAM needs the network's subnet (--subnet)");
-    }
-    if !field(body, "SubPool").is_empty() {
-        bail!("netd's IPAM does not take --ip-range: the whole subnet is the pool");
     }
     if let Some(opts) = body.get("Options").and_then(Value::as_object) {
         if let Some(key) = opts.keys().next() {
@@ -59,6 +56,17 @@ fn request_pool(body: &Value) -> Result<Value> {
     }
     let subnet = parse_cidr(pool)?;
     cluster::check_subnet(subnet)?;
+    // The range goes into the network's record at CreateNetwork, which
+    // comes next and is not told it.
+    let mut ranges = plugin.ip_ranges.lock().expect("ip ranges lock");
+    match field(body, "SubPool") {
+        "" => ranges.remove(&subnet),
+        range => {
+            let range = parse_cidr(range)?;
+            cluster::check_ip_range(subnet, range)?;
+            ranges.insert(subnet, range)
+        }
+    };
     Ok(json!({
         "PoolID": format!("{POOL_PREFIX}{}/{}", subnet.0, subnet.1),
         "Pool": pool,

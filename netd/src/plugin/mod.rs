@@ -48,6 +48,11 @@ pub enum DatapathRequest {
         ifname: String,
         ifindex: u32,
         record: EndpointRecord,
+        /// Its network, as Join read it: a segment network's entries are
+        /// written with the endpoint's, before its first frame.
+        network: Box<crate::cluster::NetworkRecord>,
+        /// A segment network's parent and VLAN on this host.
+        segment: Option<netd_common::Segment>,
         done: oneshot::Sender<anyhow::Result<()>>,
     },
     Leave {
@@ -67,6 +72,9 @@ pub struct HostInfo {
     pub lease: Arc<AtomicI64>,
 }
 
+/// Subnet → its `--ip-range`.
+type IpRanges = HashMap<(Ipv4Addr, u8), (Ipv4Addr, u8)>;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct Plugin {
@@ -74,6 +82,9 @@ pub struct Plugin {
     host: HostInfo,
     local: LocalNetworks,
     datapath: mpsc::Sender<DatapathRequest>,
+    /// `--ip-range` by subnet, from RequestPool to the CreateNetwork that
+    /// follows it (Docker tells only the IPAM driver the range).
+    ip_ranges: Arc<std::sync::Mutex<IpRanges>>,
 }
 
 impl Plugin {
@@ -88,6 +99,7 @@ impl Plugin {
             host,
             local,
             datapath,
+            ip_ranges: Arc::default(),
         }
     }
 

@@ -1,0 +1,364 @@
+//! Segment (macvlan) networks: containers with MACs of their own on the
+//! hosts' LAN, demultiplexed in eBPF on the parent (no macvlan device, no
+//! bridge). Two Docker hosts and a plain LAN machine (standing in for the
+//! LAN's router at .254 and for any machine there) on one emulated LAN,
+//! with a real etcd.
+use std::{net::Ipv4Addr, time::Duration};
+
+use netd_tests::{etcd::Etcd, netd::counter, privileged, Bench, Host, NetNs};
+
+/// The macvlan network's subnet on the LAN, beside the hosts' own.
+const SUBNET: &str = "198.18.90.0/24";
+const ROUTER: &str = "198.18.90.254";
+
+fn cluster_host(bench: &Bench, lan: &netd_tests::Lan, etcd: &Etcd, name: &str, ip: u8) -> Host {
+    Host::cluster_member(bench, lan, name, ip, &etcd.endpoint(), &[]).unwrap()
+}
+
+fn add_address(ns: &NetNs, cidr: &str) {
+    ns.run_ok("ip", &["addr", "add", cidr, "dev", "eth0"])
+        .unwrap();
+}
+
+fn ping(ns: &NetNs, addr: &str) -> bool {
+    ns.run("busybox", &["ping", "-c", "1", "-W", "2", addr])
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ping_from(host: &Host, container: &str, addr: &str) -> bool {
+    host.dockerd()
+        .exec(container, &["ping", "-c", "1", "-W", "2", addr])
+        .is_ok()
+}
+
+/// The MAC `ns` has for `addr` in its neighbour table, if any.
+fn neighbour(ns: &NetNs, addr: &str) -> Option<String> {
+    let out = ns.run_ok("ip", &["neigh", "show", addr]).ok()?;
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "lladdr")?;
+    words.next().map(str::to_owned)
+}
+
+#[test]
+fn macvlan_containers_are_on_the_lan_and_reach_their_host() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(26).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let mut a = cluster_host(&bench, &lan, &etcd, "a", 1);
+    let b = cluster_host(&bench, &lan, &etcd, "b", 2);
+    let machine = Host::plain(&bench, &lan, "lanbox", 3).unwrap();
+    // The LAN's router for the subnet, and the hosts' own addresses in it
+    // (outside the containers' --ip-range).
+    add_address(&machine.ns, &format!("{ROUTER}/24"));
+    add_address(&a.ns, "198.18.90.201/24");
+    add_address(&b.ns, "198.18.90.202/24");
+    let web = machine.serve_http().unwrap();
+
+    a.create_netd_network(
+        "lan",
+        SUBNET,
+        &[
+            "-o",
+            "netd.mode=macvlan",
+            "-o",
+            "parent=eth0",
+            "--gateway",
+            ROUTER,
+            "--ip-range",
+            "198.18.90.0/25",
+        ],
+    )
+    .unwrap();
+    assert!(
+        b.sees_netd_networks(&["lan"], Duration::from_secs(5)),
+        "the network did not reach host b"
+    );
+    let range = b
+        .dockerd()
+        .docker(&[
+            "network",
+            "inspect",
+            "lan",
+            "--format",
+            "{{range .IPAM.Config}}{{.IPRange}} {{.Gateway}}{{end}} {{index .Options \"parent\"}}",
+        ])
+        .unwrap();
+    assert_eq!(range.trim(), "198.18.90.0/25 198.18.90.254 eth0");
+
+    a.dockerd().run_echo("c-a", &["--network", "lan"]).unwrap();
+    b.dockerd()
+        .run("c-b", &["--network", "lan"], &["sleep", "600"])
+        .unwrap();
+    let (addr_a, addr_b) = (
+        a.container_addr("c-a").unwrap(),
+        b.container_addr("c-b").unwrap(),
+    );
+    assert_eq!(
+        (addr_a, addr_b),
+        (Ipv4Addr::new(198, 18, 90, 1), Ipv4Addr::new(198, 18, 90, 2))
+    );
+    let (ip_a, ip_b) = (addr_a.to_string(), addr_b.to_string());
+    let mtu = a
+        .dockerd()
+        .exec("c-a", &["cat", "/sys/class/net/eth0/mtu"])
+        .unwrap();
+    assert_eq!(mtu.trim(), "1500", "the parent's MTU, no encapsulation");
+
+    // A LAN machine that has never heard of the container finds it by ARP,
+    // at a MAC of the container's own.
+    machine.ns.run_ok("ip", &["neigh", "flush", "all"]).unwrap();
+    assert_eq!(neighbour(&machine.ns, &ip_a), None);
+    assert!(ping(&machine.ns, &ip_a), "the LAN machine cannot reach c-a");
+    assert_eq!(
+        neighbour(&machine.ns, &ip_a).as_deref(),
+        Some("02:4e:c6:12:5a:01")
+    );
+
+    // The container reaches the LAN directly, with its own address.
+    let seen = a
+        .dockerd()
+        .http_get_from("c-a", &format!("http://{ROUTER}/cgi-bin/peer"))
+        .unwrap();
+    // busybox httpd reports an IPv4-mapped IPv6 address.
+    assert_eq!(
+        seen.trim(),
+        format!("[::ffff:{ip_a}]"),
+        "no NAT on the way out"
+    );
+
+    // Across hosts, through the LAN's switch: no encapsulation.
+    assert!(ping_from(&b, "c-b", &ip_a), "c-b cannot reach c-a");
+    assert!(ping_from(&a, "c-a", &ip_b), "c-a cannot reach c-b");
+
+    // The host and its own container reach each other (kernel macvlan
+    // cannot), both ways.
+    assert!(ping(&a.ns, &ip_a), "host a cannot reach its container");
+    assert!(
+        ping_from(&a, "c-a", "198.18.90.201"),
+        "c-a cannot reach its host"
+    );
+    assert!(ping(&b.ns, &ip_a), "host b cannot reach a's container");
+
+    // No macvlan device anywhere.
+    let links = a.ns.run_ok("ip", &["-d", "link", "show"]).unwrap();
+    assert!(!links.contains("macvlan"), "{links}");
+
+    let status = a.netd().status().unwrap();
+    for (hook, name) in [
+        ("parent-ingress", "demuxed"),
+        ("parent-egress", "demuxed"),
+        ("container-egress", "segment-out"),
+        ("container-egress", "to-host"),
+    ] {
+        assert!(counter(&status, hook, name) > 0, "{hook} {name}: {status}");
+    }
+
+    // A session from the LAN lives through a restart of netd.
+    let mut session = machine.tcp_session(addr_a, 7).unwrap();
+    assert_eq!(
+        session.echo("before", Duration::from_secs(5)).unwrap(),
+        "before"
+    );
+    a.netd().restart().unwrap();
+    assert_eq!(
+        session.echo("after", Duration::from_secs(5)).unwrap(),
+        "after"
+    );
+    drop(web);
+}
+
+#[test]
+fn a_macvlan_network_is_refused_with_its_reason() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(27).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = cluster_host(&bench, &lan, &etcd, "a", 1);
+    let refused = |subnet: &str, opts: &[&str]| {
+        let mut extra = vec!["-o", "netd.mode=macvlan"];
+        extra.extend_from_slice(opts);
+        format!(
+            "{:#}",
+            a.create_netd_network("bad", subnet, &extra)
+                .expect_err("the network must be refused")
+        )
+    };
+    let err = refused("198.18.90.0/24", &["-o", "parent=eth9"]);
+    assert!(
+        err.contains("parent interface eth9 does not exist on host a"),
+        "{err}"
+    );
+    let err = refused("198.18.90.0/24", &["-o", "parent=eth0.4095"]);
+    assert!(err.contains("VLAN id \"4095\" is not in 1-4094"), "{err}");
+    let err = refused("198.18.90.0/24", &[]);
+    assert!(err.contains("needs -o parent"), "{err}");
+    a.create_netd_network(
+        "lan",
+        "198.18.90.0/24",
+        &["-o", "netd.mode=macvlan", "-o", "parent=eth0"],
+    )
+    .unwrap();
+    let err = refused("198.18.90.0/25", &["-o", "parent=eth0"]);
+    // (Named "lan" once the mirror has seen Docker list it.)
+    assert!(
+        err.contains("overlaps network") && err.contains("(198.18.90.0/24)"),
+        "{err}"
+    );
+}
+
+/// An ARP packet for IPv4 over Ethernet (`op` 1 request, 2 reply).
+fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0, 1, 8, 0, 6, 4];
+    p.extend_from_slice(&op.to_be_bytes());
+    p.extend_from_slice(&sha);
+    p.extend_from_slice(&spa.octets());
+    p.extend_from_slice(&tha);
+    p.extend_from_slice(&tpa.octets());
+    p
+}
+
+fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
+    let out = ns.run_ok("cat", &[&format!("/sys/class/net/{ifname}/address")]);
+    let text = out.unwrap_or_default();
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(text.trim().split(':')) {
+        *b = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
+}
+
+#[test]
+fn vlans_are_tagged_on_the_wire_and_isolated() {
+    if !privileged() {
+        return;
+    }
+    use netd_tests::{
+        packet::{ethernet, icmp_echo, ipv4},
+        raw::{tagged, RawSocket},
+    };
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(28).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = cluster_host(&bench, &lan, &etcd, "a", 1);
+    let b = cluster_host(&bench, &lan, &etcd, "b", 2);
+    let machine = Host::plain(&bench, &lan, "lanbox", 3).unwrap();
+    for (name, subnet, vid) in [
+        ("v100", "198.18.91.0/24", 100),
+        ("v200", "198.18.92.0/24", 200),
+    ] {
+        let parent = format!("parent=eth0.{vid}");
+        a.create_netd_network(name, subnet, &["-o", "netd.mode=macvlan", "-o", &parent])
+            .unwrap();
+    }
+    assert!(b.sees_netd_networks(&["v100", "v200"], Duration::from_secs(5)));
+    let run = |h: &Host, name: &str, net: &str| {
+        h.dockerd()
+            .run(
+                name,
+                &["--network", net, "--cap-add", "NET_ADMIN"],
+                &["sleep", "600"],
+            )
+            .unwrap();
+        h.container_addr(name).unwrap()
+    };
+    let a100 = run(&a, "a100", "v100");
+    let a200 = run(&a, "a200", "v200");
+    let b100 = run(&b, "b100", "v100");
+    let b200 = run(&b, "b200", "v200");
+
+    // The same VLAN talks, across hosts and on one.
+    assert!(ping_from(&a, "a100", &b100.to_string()), "a100 -> b100");
+    assert!(ping_from(&b, "b200", &a200.to_string()), "b200 -> a200");
+
+    // Different VLANs don't, even when told the other subnet is on-link.
+    a.dockerd()
+        .exec(
+            "a100",
+            &["ip", "route", "add", "198.18.92.0/24", "dev", "eth0"],
+        )
+        .unwrap();
+    assert!(
+        !ping_from(&a, "a100", &b200.to_string()),
+        "a100 reached b200"
+    );
+    assert!(
+        !ping_from(&a, "a100", &a200.to_string()),
+        "a100 reached a200"
+    );
+
+    // The test's own 802.1Q peer on the wire, at an address of VLAN 100's
+    // subnet its kernel does not hold.
+    let raw = RawSocket::open(&machine.ns, "eth0").unwrap();
+    let peer_mac = mac_of(&machine.ns, "eth0");
+    let peer_ip = Ipv4Addr::new(198, 18, 91, 251);
+    let request = ethernet(
+        [0xff; 6],
+        peer_mac,
+        0x0806,
+        &arp(1, peer_mac, peer_ip, [0; 6], a100),
+    );
+    let is_arp_reply = |r: &netd_tests::raw::Received| {
+        r.frame.len() >= 42 && r.frame[12..14] == [8, 6] && r.frame[20..22] == [0, 2]
+    };
+    raw.send(&tagged(&request, 100)).unwrap();
+    let reply = raw
+        .recv_until(Duration::from_secs(3), is_arp_reply)
+        .expect("no ARP reply from a100 on VLAN 100");
+    assert_eq!(
+        reply.vlan,
+        Some(100),
+        "the reply left untagged or mis-tagged"
+    );
+    let a100_mac: [u8; 6] = reply.frame[22..28].try_into().unwrap();
+    assert_eq!(&reply.frame[28..32], &a100.octets());
+    // The same question on VLAN 200, or untagged, gets no answer.
+    for frame in [tagged(&request, 200), request.clone()] {
+        raw.send(&frame).unwrap();
+        assert!(
+            raw.recv_until(Duration::from_secs(1), is_arp_reply)
+                .is_none(),
+            "a100 answered outside VLAN 100"
+        );
+    }
+    // An echo request tagged 100 is answered, tagged 100.
+    let echo = ethernet(
+        a100_mac,
+        peer_mac,
+        0x0800,
+        &ipv4(peer_ip, a100, 1, &icmp_echo(8, 0x4242, 1, b"vlan")),
+    );
+    let is_echo_reply = |r: &netd_tests::raw::Received| {
+        r.frame.len() >= 42 && r.frame[12..14] == [8, 0] && r.frame[23] == 1 && r.frame[34] == 0
+    };
+    raw.send(&tagged(&echo, 100)).unwrap();
+    let reply = raw
+        .recv_until(Duration::from_secs(3), is_echo_reply)
+        .expect("no echo reply from a100");
+    assert_eq!(reply.vlan, Some(100));
+    raw.send(&tagged(&echo, 200)).unwrap();
+    raw.send(&echo).unwrap();
+    assert!(
+        raw.recv_until(Duration::from_secs(1), is_echo_reply)
+            .is_none(),
+        "a100 answered an echo outside VLAN 100"
+    );
+
+    // An untagged machine on the same wire with an address in the subnet
+    // cannot reach the VLAN's containers.
+    add_address(&machine.ns, "198.18.91.250/24");
+    assert!(
+        !ping(&machine.ns, &a100.to_string()),
+        "untagged reached a100"
+    );
+
+    let status = a.netd.as_ref().unwrap().status().unwrap();
+    assert!(
+        counter(&status, "parent-ingress", "demuxed") > 0,
+        "{status}"
+    );
+}
