@@ -247,7 +247,23 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Status { json, pin_dir } => {
             dataplane::require_privileges()?;
-            let status = dataplane::read_status(&pin_dir)?;
+            let mut status = dataplane::read_status(&pin_dir)?;
+            if !status.segments.is_empty() {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                for seg in &mut status.segments {
+                    // A count above 0 with netd's MACs in the filter: the
+                    // device has no unicast filter (or someone set it).
+                    seg.accepts = runtime
+                        .block_on(crate::netlink::link_identity(&seg.parent))
+                        .ok()
+                        .map(|(_, _, promiscuity)| match promiscuity {
+                            0 => "unicast filter".to_owned(),
+                            _ => "promiscuous".to_owned(),
+                        });
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -289,15 +305,19 @@ fn dispatch(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<20} {:<8} {:<8} {:<18} {:<16} HOSTS",
-                    "NAME", "MODE", "VNI", "SUBNET", "GATEWAY"
+                    "{:<20} {:<8} {:<12} {:<18} {:<16} HOSTS",
+                    "NAME", "MODE", "VNI/PARENT", "SUBNET", "GATEWAY"
                 );
                 for r in &rows {
+                    let place = match &r.parent {
+                        Some(p) => p.clone(),
+                        None => r.vni.to_string(),
+                    };
                     println!(
-                        "{:<20} {:<8} {:<8} {:<18} {:<16} {}",
+                        "{:<20} {:<8} {:<12} {:<18} {:<16} {}",
                         r.name,
                         r.mode,
-                        r.vni,
+                        place,
                         r.subnet,
                         r.gateway,
                         r.hosts.join(",")
@@ -421,6 +441,23 @@ pub fn render_status(s: &dataplane::Status) -> String {
             m.name, m.map_type, m.entries, m.max_entries
         );
     }
+    if !s.segments.is_empty() {
+        let _ = writeln!(out, "\nsegment networks:");
+    }
+    for seg in &s.segments {
+        let _ = writeln!(
+            out,
+            "  network {} on {}{}: {} containers here; the parent takes their MACs by {}",
+            seg.network,
+            seg.parent,
+            match seg.vlan {
+                0 => String::new(),
+                v => format!(" VLAN {v}"),
+            },
+            seg.containers,
+            seg.accepts.as_deref().unwrap_or("? (interface unreadable)")
+        );
+    }
     let _ = writeln!(out, "\ncounters (packets / bytes):");
     for h in &s.counters {
         let _ = writeln!(out, "  {}:", h.hook);
@@ -491,6 +528,13 @@ mod tests {
                 attached: false,
             }],
             maps: vec![],
+            segments: vec![dataplane::SegmentStatus {
+                network: "0123abcd".into(),
+                parent: "eth1".into(),
+                vlan: 100,
+                containers: 2,
+                accepts: Some("promiscuous".into()),
+            }],
             counters: vec![dataplane::HookCounters {
                 hook: "uplink-ingress",
                 counters: vec![dataplane::NamedCounter {
@@ -504,6 +548,9 @@ mod tests {
         let text = render_status(&status);
         assert!(text.contains("netd_uplink_ingress"));
         assert!(text.contains("DETACHED"));
+        assert!(text.contains(
+            "on eth1 VLAN 100: 2 containers here; the parent takes their MACs by promiscuous"
+        ));
         assert!(text.contains("no-match") && text.contains("42") && text.contains("(reason)"));
     }
 }
@@ -518,6 +565,11 @@ pub struct NetworkRow {
     pub subnet: String,
     pub gateway: std::net::Ipv4Addr,
     pub internal: bool,
+    /// Segment networks: `-o parent=` (with its VLAN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<String>,
     /// Hosts with containers on it.
     pub hosts: Vec<String>,
 }
@@ -543,6 +595,8 @@ fn network_rows(picture: &crate::cluster::Picture) -> Vec<NetworkRow> {
                 subnet: format!("{}/{}", n.subnet.0, n.subnet.1),
                 gateway: n.gateway,
                 internal: n.internal,
+                parent: n.is_segment().then(|| n.parent_option()),
+                ip_range: n.ip_range.map(|(a, l)| format!("{a}/{l}")),
                 hosts,
             }
         })

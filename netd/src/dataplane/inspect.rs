@@ -27,6 +27,23 @@ pub struct Status {
     pub maps: Vec<MapStatus>,
     /// hook name -> counter name -> totals; zero counters omitted.
     pub counters: Vec<HookCounters>,
+    /// Segment (macvlan) networks on this host.
+    pub segments: Vec<SegmentStatus>,
+}
+
+/// A segment network's place on this host.
+#[derive(Debug, Serialize)]
+pub struct SegmentStatus {
+    pub network: String,
+    pub parent: String,
+    /// 0: untagged.
+    pub vlan: u16,
+    /// Its containers on this host (MACs the parent's programs demux).
+    pub containers: u32,
+    /// How the parent takes the containers' MACs in: "unicast filter", or
+    /// "promiscuous" (a device without one; or set so by somebody). Filled
+    /// in from the kernel by the CLI.
+    pub accepts: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,7 +127,34 @@ pub fn read_status(pin_dir: &Path) -> Result<Status> {
         attachments,
         maps: map_status,
         counters,
+        segments: read_segments(&pins)?,
     })
+}
+
+fn read_segments(pins: &PinDir) -> Result<Vec<SegmentStatus>> {
+    use netd_common::{Segment, SegmentMac, SegmentPort};
+    let open = |name: &str| {
+        let path = pins.map(name);
+        MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+    };
+    let segments: aya::maps::HashMap<MapData, u32, Segment> =
+        aya::maps::HashMap::try_from(Map::HashMap(open(maps::SEGMENTS)?))?;
+    let macs: aya::maps::HashMap<MapData, SegmentMac, SegmentPort> =
+        aya::maps::HashMap::try_from(Map::HashMap(open(maps::SEGMENT_MACS)?))?;
+    let macs: Vec<SegmentPort> = macs.iter().filter_map(|m| m.ok().map(|(_, p)| p)).collect();
+    let mut out = Vec::new();
+    for item in segments.iter() {
+        let (id, seg) = item?;
+        out.push(SegmentStatus {
+            network: format!("{id:08x}"),
+            parent: interface_name(seg.parent).unwrap_or_else(|| format!("ifindex {}", seg.parent)),
+            vlan: seg.vlan,
+            containers: macs.iter().filter(|p| p.network == id).count() as u32,
+            accepts: None,
+        });
+    }
+    out.sort_by(|a, b| (&a.parent, a.vlan).cmp(&(&b.parent, b.vlan)));
+    Ok(out)
 }
 
 /// Counts the keys of a hash map by walking them (BPF has no size query).

@@ -38,7 +38,7 @@ pub use conntrack::{monotonic_now_ns, GcReport};
 pub use inspect::{
     read_ct, read_endpoints, read_peers, read_ports, read_status, uninstall, AttachmentStatus,
     EndpointStatus, FlowStatus, HookCounters, MapStatus, NamedCounter, PeerStatus, PortStatus,
-    Status, UninstallReport,
+    SegmentStatus, Status, UninstallReport,
 };
 pub use pins::{interface_index, PinDir};
 pub use tables::{Overlays, Peers, SegmentMacs, Segments, Table, Vnis, Vteps};
