@@ -173,10 +173,13 @@ pub enum Counter {
     /// receive path, since a host never receives what leaves its own
     /// interface (kernel macvlan cannot do this).
     ToHost = 36,
+    /// Routed to another host's block of a routed network (next hop: that
+    /// host), or in from one to a container here: no encapsulation.
+    Routed = 37,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 38;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -215,6 +218,7 @@ impl Counter {
         Counter::Demuxed,
         Counter::SegmentOut,
         Counter::ToHost,
+        Counter::Routed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -256,6 +260,7 @@ impl Counter {
             Counter::Demuxed => "demuxed",
             Counter::SegmentOut => "segment-out",
             Counter::ToHost => "to-host",
+            Counter::Routed => "routed",
         }
     }
 
@@ -281,7 +286,8 @@ impl Counter {
             | Counter::FragNeeded
             | Counter::Demuxed
             | Counter::SegmentOut
-            | Counter::ToHost => "action",
+            | Counter::ToHost
+            | Counter::Routed => "action",
             _ => "reason",
         }
     }

@@ -41,6 +41,9 @@ pub const SEGMENTS: &str = "netd_segments";
 /// Hash of [`crate::SegmentMac`] → [`crate::SegmentPort`]: the containers
 /// of segment networks on this host, by parent, VLAN and MAC.
 pub const SEGMENT_MACS: &str = "netd_segment_macs";
+/// LPM trie of other hosts' blocks of routed networks →
+/// [`crate::overlay::RoutedBlock`].
+pub const ROUTED_BLOCKS: &str = "netd_routed_blocks";
 
 /// LRU hash of [`crate::nat::SockRevKey`] → [`crate::nat::SockRevValue`]:
 /// reverse translation for host-local UDP.
@@ -75,6 +78,7 @@ pub const ALL: &[&str] = &[
     VTEP_PMTU,
     SEGMENTS,
     SEGMENT_MACS,
+    ROUTED_BLOCKS,
 ];
 
 /// Bumped whenever a pinned map's key/value layout or meaning changes. A

@@ -12,6 +12,11 @@ pub const NETWORK_HOST_ADDR: u32 = 1 << 2;
 /// A netd overlay network: its containers are switched by netd (same host:
 /// straight to the peer's veth; another host: VXLAN), with no bridge.
 pub const NETWORK_OVERLAY: u32 = 1 << 3;
+/// A netd routed network (with NETWORK_OVERLAY): split into per-host
+/// blocks that hosts route to each other without encapsulation. Traffic
+/// from its own subnet (another host's block) arriving on the uplink is
+/// let in, although the network masquerades towards everything else.
+pub const NETWORK_ROUTED: u32 = 1 << 4;
 
 /// Value of `netd_networks` (LPM trie keyed by subnet).
 #[repr(C)]

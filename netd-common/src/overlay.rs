@@ -9,7 +9,9 @@ pub const VXLAN_PORT: u16 = 4789;
 /// the 50 bytes of all but the outer Ethernet header.)
 pub const VXLAN_ENCAP_LEN: usize = 50;
 
-/// Value of `netd_overlays`, keyed by [`crate::NetworkInfo::id`].
+/// Value of `netd_overlays`, keyed by [`crate::NetworkInfo::id`]: overlay
+/// networks, and routed networks (VNI 0: their traffic between hosts is
+/// routed, not tunnelled).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct OverlayNetwork {
@@ -32,6 +34,23 @@ pub struct Peer {
     /// [`crate::NetworkInfo::id`] of its network.
     pub network: u32,
 }
+
+/// Value of `netd_routed_blocks` (LPM trie keyed by block): another host's
+/// block of a routed network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RoutedBlock {
+    /// The host's address on the LAN: the next hop.
+    pub host: [u8; 4],
+    /// [`crate::NetworkInfo::id`] of its network.
+    pub network: u32,
+}
+
+/// Values of `netd_vteps`: a cluster host on this host's LAN, or one that
+/// is not (reached through a router, or not at all): tunnels may reach it,
+/// routed networks cannot.
+pub const HOST_ON_LINK: u32 = 1;
+pub const HOST_OFF_LINK: u32 = 2;
 
 /// Slot 0 of `netd_tunnel`: this host's end of the tunnels.
 #[repr(C)]
@@ -73,4 +92,5 @@ mod pod {
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::TunnelConfig {}
     unsafe impl aya::Pod for super::VtepPmtu {}
+    unsafe impl aya::Pod for super::RoutedBlock {}
 }

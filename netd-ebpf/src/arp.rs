@@ -2,12 +2,12 @@
 //! container's request for its gateway or a peer (on this host or another)
 //! is turned into the reply in place and sent back out of the veth it came
 //! from. Nothing is flooded, and no ARP crosses hosts.
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_redirect, programs::TcContext};
 use netd_common::{Counter, Endpoint, OverlayNetwork};
 
 use crate::{
     delivery::mark_translated,
-    maps::{network_of, ENDPOINT_ADDRS, PEERS},
+    maps::{network_of, ENDPOINT_ADDRS, PEERS, ROUTED_BLOCKS},
     parsing::{ptr_at, ETH_HLEN},
 };
 
@@ -98,6 +98,12 @@ fn owner_mac(addr: [u8; 4], network: u32, net: &OverlayNetwork) -> Option<[u8; 6
     }
     if let Some(loc) = ENDPOINT_ADDRS.get_ptr(&addr) {
         return Some(unsafe { (*loc).mac });
+    }
+    // A routed network's containers on other hosts are behind this host,
+    // its gateway.
+    if net.vni == 0 {
+        let block = ROUTED_BLOCKS.get(&Key::new(32, addr))?;
+        return (block.network == network).then_some(net.gateway_mac);
     }
     let peer = PEERS.get_ptr(&addr)?;
     let peer = unsafe { *peer };

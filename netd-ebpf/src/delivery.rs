@@ -35,7 +35,7 @@ pub fn to_container(ctx: &TcContext, l3: usize) -> Option<i32> {
 
 /// Writes the destination MAC, and the source MAC if given.
 #[inline(always)]
-fn set_macs(ctx: &TcContext, dst: [u8; 6], src: Option<[u8; 6]>) -> Option<()> {
+pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: Option<[u8; 6]>) -> Option<()> {
     let macs: *mut [[u8; 6]; 2] = ptr_at(ctx, 0)?;
     // SAFETY: bounds-checked against the packet.
     unsafe {
@@ -196,7 +196,7 @@ pub fn take_translated(ctx: &TcContext) -> bool {
 
 /// TTL and checksum as a router leaves them; `None` at TTL 1 or below.
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext, l3: usize) -> Option<()> {
+pub fn decrement_ttl(ctx: &TcContext, l3: usize) -> Option<()> {
     let word: [u8; 2] = unsafe { *ptr_at::<[u8; 2]>(ctx, l3 + IPV4_TTL)? };
     if word[0] <= 1 {
         return None;

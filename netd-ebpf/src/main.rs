@@ -33,6 +33,8 @@ mod pmtu;
 #[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]
+mod routed;
+#[cfg(target_arch = "bpf")]
 mod segment;
 #[cfg(target_arch = "bpf")]
 mod sock;

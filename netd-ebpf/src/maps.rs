@@ -4,7 +4,7 @@ use aya_ebpf::{
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use netd_common::overlay::VtepPmtu;
+use netd_common::overlay::{RoutedBlock, VtepPmtu};
 use netd_common::segment::{Segment, SegmentMac, SegmentPort};
 use netd_common::{
     counters::COUNTER_SLOTS,
@@ -95,6 +95,10 @@ pub static SEGMENTS: HashMap<u32, Segment, { OVERLAYS_MAX as usize }> = HashMap:
 #[btf_map(name = "netd_segment_macs")]
 pub static SEGMENT_MACS: HashMap<SegmentMac, SegmentPort, { ENDPOINTS_MAX as usize }> =
     HashMap::new();
+
+/// Other hosts' blocks of routed networks; written by the daemon.
+#[btf_map(name = "netd_routed_blocks")]
+pub static ROUTED_BLOCKS: LpmTrie<[u8; 4], RoutedBlock, { VTEPS_MAX as usize }> = LpmTrie::new();
 
 /// The container network whose subnet holds `addr`, if any.
 #[inline(always)]

@@ -5,6 +5,7 @@
 //! flow keeps its translation even if the mapping changes under it.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
+    btf_maps::lpm_trie::Key,
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
         bpf_sk_release,
@@ -17,14 +18,14 @@ use netd_common::{
         CT_FLAG_DNAT, CT_FLAG_HAIRPIN, CT_FLAG_ROUTED, CT_FLAG_SNAT, CT_FLAG_TCP_ACKED,
         CT_FLAG_TCP_FIN, CT_FLAG_TCP_RST, CT_REWRITE_DST, CT_REWRITE_NONE, CT_REWRITE_SRC,
     },
-    network::{NETWORK_HOST_ADDR, NETWORK_INTERNAL, NETWORK_MASQUERADE},
+    network::{NETWORK_HOST_ADDR, NETWORK_INTERNAL, NETWORK_MASQUERADE, NETWORK_ROUTED},
     Counter, CtEntry, CtKey, PortKey,
 };
 
 use crate::{
     checksum::{set_ipv4_addr, set_port, L4Offsets},
     delivery::{route_via_uplink, Route},
-    maps::{network_of, CONFIG, NAT_CT, PORTS},
+    maps::{network_of, CONFIG, NAT_CT, PORTS, ROUTED_BLOCKS},
     parsing::{
         Ipv4Flow, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK,
         TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
@@ -229,6 +230,14 @@ fn unpublished_inbound(
     };
     if net.flags & NETWORK_HOST_ADDR != 0 {
         return Ok(None); // an address of the host itself
+    }
+    // Within a routed network: from another host's block, routed here.
+    if net.flags & NETWORK_ROUTED != 0
+        && ROUTED_BLOCKS
+            .get(&Key::new(32, f.src_addr))
+            .is_some_and(|b| b.network == net.id)
+    {
+        return Ok(Some(Counter::Routed));
     }
     if net.flags & (NETWORK_MASQUERADE | NETWORK_INTERNAL) != 0 {
         return Err(Counter::NotPublished);

@@ -11,7 +11,7 @@ use crate::{
     maps::{network_of, ENDPOINT_ADDRS, PEERS},
     nat,
     parsing::{ptr_at, Ipv4Flow, PACKET_HOST},
-    pmtu,
+    pmtu, routed,
     tunnel::{self, Encap},
 };
 
@@ -50,6 +50,10 @@ pub fn switch(
             .map_err(|_| Counter::RewriteFailed)?;
         let verdict = unsafe { bpf_redirect_peer(loc.ifindex, 0) } as i32;
         return Ok(Some((Counter::Switched, verdict)));
+    }
+    // VNI 0: a routed network, whose other hosts are reached by routing.
+    if net.vni == 0 {
+        return routed::route(ctx, ep, dst).map(Some);
     }
     let peer = unsafe { *PEERS.get_ptr(&dst).ok_or(Counter::NoEndpoint)? };
     if peer.network != ep.network {

@@ -109,7 +109,7 @@ pub fn netd_uplink_ingress(ctx: TcContext) -> i32 {
     }
     let outcome = match with_flow(&ctx, Some(Side::Ingress), nat::ingress) {
         // Now addressed to a container: deliver it there directly.
-        Outcome::Pass(action @ (Counter::Dnat | Counter::RevSnat)) => {
+        Outcome::Pass(action @ (Counter::Dnat | Counter::RevSnat | Counter::Routed)) => {
             match delivery::to_container(&ctx, EthHdr::LEN) {
                 Some(verdict) => Outcome::Redirect(action, verdict),
                 None => Outcome::Pass(action),

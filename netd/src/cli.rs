@@ -337,10 +337,11 @@ fn dispatch(command: Command) -> Result<()> {
                     "ADDRESS", "MAC", "NETWORK", "VNI"
                 );
                 for p in &peers {
-                    let place = match (&p.interface, p.vtep) {
-                        (Some(i), _) => format!("local {i}"),
-                        (None, Some(v)) => format!("remote vtep {v}"),
-                        (None, None) => "?".into(),
+                    let place = match (&p.interface, p.vtep, &p.block) {
+                        (Some(i), _, _) => format!("local {i}"),
+                        (None, Some(v), Some(b)) => format!("block {b} routed to host {v}"),
+                        (None, Some(v), None) => format!("remote vtep {v}"),
+                        (None, None, _) => "?".into(),
                     };
                     println!(
                         "{:<16} {:<18} {:<9} {:<9} {place}",
@@ -458,6 +459,12 @@ pub fn render_status(s: &dataplane::Status) -> String {
             seg.accepts.as_deref().unwrap_or("? (interface unreadable)")
         );
     }
+    if !s.hosts.is_empty() {
+        let _ = writeln!(out, "\ncluster hosts:");
+    }
+    for h in &s.hosts {
+        let _ = writeln!(out, "  {:<16} {}", h.address, h.reach);
+    }
     let _ = writeln!(out, "\ncounters (packets / bytes):");
     for h in &s.counters {
         let _ = writeln!(out, "  {}:", h.hook);
@@ -528,6 +535,10 @@ mod tests {
                 attached: false,
             }],
             maps: vec![],
+            hosts: vec![dataplane::HostStatus {
+                address: std::net::Ipv4Addr::new(198, 18, 0, 2),
+                reach: "on this LAN",
+            }],
             segments: vec![dataplane::SegmentStatus {
                 network: "0123abcd".into(),
                 parent: "eth1".into(),

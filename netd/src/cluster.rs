@@ -74,6 +74,13 @@ pub struct NetworkRecord {
     /// whole subnet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_range: Option<(Ipv4Addr, u8)>,
+    /// Routed networks: the prefix length of each host's block.
+    #[serde(default, skip_serializing_if = "is_zero_u8")]
+    pub block: u8,
+}
+
+fn is_zero_u8(v: &u8) -> bool {
+    *v == 0
 }
 
 fn is_zero(v: &u16) -> bool {
@@ -83,6 +90,17 @@ fn is_zero(v: &u16) -> bool {
 /// Mode names.
 pub const MODE_OVERLAY: &str = "overlay";
 pub const MODE_MACVLAN: &str = "macvlan";
+pub const MODE_ROUTED: &str = "routed";
+
+/// A routed network's block per host unless `netd.block` says otherwise:
+/// a /24 (254 containers a host), or a quarter of a smaller network.
+pub fn default_block(subnet: (Ipv4Addr, u8)) -> u8 {
+    if subnet.1 < 24 {
+        24
+    } else {
+        (subnet.1 + 2).min(30)
+    }
+}
 
 impl NetworkRecord {
     /// How messages name it: its name, or its short id while it has none.
@@ -110,12 +128,32 @@ pub struct NetworkRequest {
     pub parent: String,
     pub vlan: u16,
     pub ip_range: Option<(Ipv4Addr, u8)>,
+    /// Routed networks: the per-host block's prefix length (None: the
+    /// default).
+    pub block: Option<u8>,
 }
 
 impl NetworkRecord {
     /// Whether its containers sit on a physical segment (no VXLAN).
     pub fn is_segment(&self) -> bool {
         self.mode == MODE_MACVLAN
+    }
+
+    /// Whether it is split into per-host blocks, routed between hosts.
+    pub fn is_routed(&self) -> bool {
+        self.mode == MODE_ROUTED
+    }
+
+    /// How many host blocks it has.
+    pub fn block_count(&self) -> u64 {
+        1u64 << (self.block.saturating_sub(self.subnet.1))
+    }
+
+    /// The `index`th host block.
+    pub fn block_at(&self, index: u64) -> (Ipv4Addr, u8) {
+        let size = 1u64 << (32 - u32::from(self.block));
+        let base = u64::from(u32::from(self.subnet.0));
+        (Ipv4Addr::from((base + index * size) as u32), self.block)
     }
 
     /// The parent as Docker's option says it: `eth1`, or `eth1.100`.
@@ -347,7 +385,14 @@ impl Store {
                 );
             }
             let net_key = key(&["networks", id]);
-            let vni_key = key(&["vnis", &record.vni.to_string()]);
+            let mut deletes = vec![TxnOp::delete(net_key.clone(), None)];
+            if record.vni != 0 {
+                deletes.push(TxnOp::delete(key(&["vnis", &record.vni.to_string()]), None));
+            }
+            deletes.push(TxnOp::delete(
+                key(&["blocks", id, ""]),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ));
             // The network read, not one re-created meanwhile, and still no
             // claims.
             let txn = Txn::new()
@@ -356,7 +401,7 @@ impl Store {
                     Compare::create_revision(key(&["addrs", id, ""]), CompareOp::Equal, 0)
                         .with_prefix(),
                 ])
-                .and_then([TxnOp::delete(net_key, None), TxnOp::delete(vni_key, None)]);
+                .and_then(deletes);
             if self.commit(txn, "deleting a network from etcd").await? {
                 return Ok(());
             }
@@ -377,13 +422,104 @@ impl Store {
             .transpose()
     }
 
+    /// The blocks of routed network `id`: (block address, host).
+    async fn blocks(&mut self, id: &str) -> Result<Vec<(Ipv4Addr, String)>> {
+        let prefix = key(&["blocks", id, ""]);
+        let resp = self
+            .get_retrying(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading host blocks from etcd")?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let addr = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
+                .and_then(|a| a.parse().ok());
+            let claim: Option<BlockClaim> = serde_json::from_slice(kv.value()).ok();
+            if let (Some(addr), Some(claim)) = (addr, claim) {
+                out.push((addr, claim.host));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `host`'s block of routed network `id`, taken now if it has none: the
+    /// lowest free one. Refused when every block is another host's.
+    pub async fn host_block(&mut self, id: &str, host: &str) -> Result<(Ipv4Addr, u8)> {
+        check_name(id)?;
+        let gone = || anyhow!("no netd network has id {id}");
+        for _ in 0..ATTEMPTS {
+            let (record, revision) = self.network(id).await?.ok_or_else(gone)?;
+            if !record.is_routed() {
+                bail!("network {} is not a routed network", record.label());
+            }
+            let blocks = self.blocks(id).await?;
+            if let Some((addr, _)) = blocks.iter().find(|(_, h)| h == host) {
+                return Ok((*addr, record.block));
+            }
+            let taken: std::collections::HashSet<Ipv4Addr> =
+                blocks.iter().map(|(a, _)| *a).collect();
+            let Some(block) = (0..record.block_count())
+                .map(|i| record.block_at(i))
+                .find(|(a, _)| !taken.contains(a))
+            else {
+                let mut hosts: Vec<&str> = blocks.iter().map(|(_, h)| h.as_str()).collect();
+                hosts.sort_unstable();
+                hosts.dedup();
+                bail!(
+                    "routed network {}: its {} host blocks (/{}) are all taken, by {}",
+                    record.label(),
+                    record.block_count(),
+                    record.block,
+                    hosts.join(", ")
+                );
+            };
+            let block_key = key(&["blocks", id, &block.0.to_string()]);
+            let claim = BlockClaim {
+                host: host.to_owned(),
+                prefix: block.1,
+            };
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(block_key.clone(), CompareOp::Equal, 0),
+                    Compare::mod_revision(key(&["networks", id]), CompareOp::Equal, revision),
+                ])
+                .and_then([TxnOp::put(block_key, serde_json::to_vec(&claim)?, None)]);
+            if self.commit(txn, "taking a host block in etcd").await? {
+                tracing::info!(
+                    "network {}: block {}/{} is this host's",
+                    record.label(),
+                    block.0,
+                    block.1
+                );
+                return Ok(block);
+            }
+        }
+        bail!("taking a block of {id}: too much contention in etcd")
+    }
+
     /// Claims a free address of network `id` for `claim`: the lowest host
     /// address nobody holds, never the network's gateway. Unique across
     /// the cluster; refused when the pool is exhausted.
     pub async fn claim_address(&mut self, id: &str, claim: &AddressClaim) -> Result<Ipv4Addr> {
+        self.claim_address_in(id, claim, None).await
+    }
+
+    /// [`Self::claim_address`] within `within` (a routed network's host
+    /// block) instead of the network's own range.
+    pub async fn claim_address_in(
+        &mut self,
+        id: &str,
+        claim: &AddressClaim,
+        within: Option<(Ipv4Addr, u8)>,
+    ) -> Result<Ipv4Addr> {
         check_name(id)?;
         let gone = || anyhow!("no netd network has id {id}");
         let (mut record, mut revision) = self.network(id).await?.ok_or_else(gone)?;
+        if within.is_some() {
+            record.ip_range = within;
+        }
         let mut held = self.claimed(id).await?;
         // Each lost race means somebody else got an address: bounded by
         // the pool, not by a number of tries.
@@ -411,7 +547,10 @@ impl Store {
             }
             match self.network(id).await? {
                 None => bail!("network {id} was deleted meanwhile"),
-                Some((r, rev)) if rev != revision => {
+                Some((mut r, rev)) if rev != revision => {
+                    if within.is_some() {
+                        r.ip_range = within;
+                    }
                     (record, revision) = (r, rev);
                     held = self.claimed(id).await?;
                 }
@@ -645,6 +784,26 @@ pub struct Picture {
     pub hosts: Vec<HostRecord>,
     /// (network id, address, claim).
     pub claims: Vec<(String, Ipv4Addr, AddressClaim)>,
+    /// Routed networks' host blocks.
+    pub blocks: Vec<HostBlock>,
+}
+
+/// The value of `blocks/<network>/<address>`: the host a routed network's
+/// block belongs to. Not on the host's lease: the block, like the host's
+/// address claims, outlives a restart; its route goes with the host's
+/// record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockClaim {
+    pub host: String,
+    pub prefix: u8,
+}
+
+/// A routed network's block and its host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostBlock {
+    pub network: String,
+    pub block: (Ipv4Addr, u8),
+    pub host: String,
 }
 
 impl Store {
@@ -771,6 +930,7 @@ impl Store {
                     .map(|r| picture.hosts.push(r))
                     .map_err(Into::into),
                 Some("addrs") => parse_claim(rest, kv.value()).map(|c| picture.claims.push(c)),
+                Some("blocks") => parse_block(rest, kv.value()).map(|b| picture.blocks.push(b)),
                 _ => Ok(()),
             };
             if let Err(e) = parsed {
@@ -779,6 +939,23 @@ impl Store {
         }
         Ok(picture)
     }
+}
+
+/// `blocks/<network>/<address>` and its value.
+fn parse_block(key: &str, value: &[u8]) -> Result<HostBlock> {
+    let mut parts = key.split('/').skip(1);
+    let (Some(network), Some(addr)) = (parts.next(), parts.next()) else {
+        bail!("malformed block key");
+    };
+    let claim: BlockClaim = serde_json::from_slice(value)?;
+    Ok(HostBlock {
+        network: network.to_owned(),
+        block: (
+            addr.parse().context("malformed block address")?,
+            claim.prefix,
+        ),
+        host: claim.host,
+    })
 }
 
 /// `addrs/<network>/<ip>` and its value.
@@ -993,6 +1170,9 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         None => Ipv4Addr::from(u32::from(net) + 1),
     };
     let overlay = req.mode == MODE_OVERLAY;
+    if req.mode == MODE_ROUTED && req.ip_range.is_some() {
+        bail!("a routed network's addresses come from its host blocks: no --ip-range");
+    }
     if let Some(vni) = req.vni {
         if !overlay {
             bail!("a VNI is for overlay networks, not {}", req.mode);
@@ -1003,6 +1183,19 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
     }
     if let Some(range) = req.ip_range {
         check_ip_range(req.subnet, range)?;
+    }
+    let block = match (req.mode.as_str(), req.block) {
+        (MODE_ROUTED, None) => default_block(req.subnet),
+        (MODE_ROUTED, Some(b)) if b > prefix && b <= 30 => b,
+        (MODE_ROUTED, Some(b)) => bail!(
+            "block /{b} does not split {net}/{prefix}: a routed network's host blocks are /{} to /30",
+            prefix + 1
+        ),
+        (_, Some(_)) => bail!("a host block is for routed networks, not {}", req.mode),
+        (_, None) => 0,
+    };
+    if block != 0 && block <= prefix {
+        bail!("{net}/{prefix} is too small to split into host blocks");
     }
     if let Some(same) = existing.iter().find(|n| n.id == req.id) {
         let differs = if same.mode != req.mode {
@@ -1019,6 +1212,8 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
             Some(format!("parent {}", same.parent_option()))
         } else if req.ip_range != same.ip_range {
             Some("another --ip-range".to_owned())
+        } else if req.block.is_some_and(|b| b != same.block) {
+            Some(format!("host blocks /{}", same.block))
         } else {
             None
         };
@@ -1061,6 +1256,7 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         parent: req.parent.clone(),
         vlan: req.vlan,
         ip_range: req.ip_range,
+        block,
     }))
 }
 
@@ -1146,6 +1342,7 @@ mod tests {
             parent: String::new(),
             vlan: 0,
             ip_range: None,
+            block: None,
         }
     }
 

@@ -179,9 +179,12 @@ impl Mirror {
             options: [
                 (driver::OPT_ID.to_owned(), record.id.clone()),
                 (driver::OPT_MODE.to_owned(), record.mode.clone()),
-                match record.is_segment() {
-                    true => (driver::OPT_PARENT.to_owned(), record.parent_option()),
-                    false => (driver::OPT_VNI.to_owned(), record.vni.to_string()),
+                if record.is_segment() {
+                    (driver::OPT_PARENT.to_owned(), record.parent_option())
+                } else if record.is_routed() {
+                    (driver::OPT_BLOCK.to_owned(), record.block.to_string())
+                } else {
+                    (driver::OPT_VNI.to_owned(), record.vni.to_string())
                 },
             ]
             .into(),

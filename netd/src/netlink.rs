@@ -45,6 +45,59 @@ pub async fn default_route_interface() -> Result<String> {
         .ok_or_else(|| anyhow!("interface {oif} has no name"))
 }
 
+/// Which of `hosts` are not on this host's LAN: the main table's most
+/// specific route to it has a gateway, or there is none (a routed network
+/// cannot reach such a host's containers without encapsulation).
+pub async fn off_link(
+    hosts: &[std::net::Ipv4Addr],
+) -> Result<std::collections::HashSet<std::net::Ipv4Addr>> {
+    use netlink_packet_route::route::{RouteAddress, RouteType};
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .context("listing routes")?;
+    // (prefix, length, has a gateway) of the main table's unicast routes.
+    let table: Vec<(u32, u8, bool)> = routes
+        .iter()
+        .filter(|r| r.header.table == 254 && r.header.kind == RouteType::Unicast)
+        .map(|r| {
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(u32::from(*d)),
+                _ => None,
+            });
+            let gateway = r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Gateway(_)));
+            (
+                dst.unwrap_or(0),
+                r.header.destination_prefix_length,
+                gateway,
+            )
+        })
+        .collect();
+    Ok(hosts
+        .iter()
+        .filter(|h| {
+            let addr = u32::from(**h);
+            table
+                .iter()
+                .filter(|(dst, len, _)| {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                    addr & mask == dst & mask
+                })
+                .max_by_key(|(_, len, _)| *len)
+                .is_none_or(|(_, _, gateway)| *gateway)
+        })
+        .copied()
+        .collect())
+}
+
 /// The IPv4 addresses of `ifname`: the host addresses published ports
 /// bound to "every address" are served on.
 pub async fn ipv4_addresses(ifname: &str) -> Result<Vec<std::net::Ipv4Addr>> {

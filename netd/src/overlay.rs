@@ -13,7 +13,7 @@ use netd_common::{network::network_id, Endpoint, EndpointLocation, NetworkInfo};
 
 use crate::{
     cluster::{EndpointRecord, Picture, Store},
-    dataplane::{Attachment, Dataplane, Overlays, Peers, Vnis, Vteps},
+    dataplane::{Attachment, Dataplane, Overlays, Peers, RoutedBlocks, Vnis, Vteps},
     netlink,
     plugin::DatapathRequest,
     reconcile,
@@ -196,8 +196,36 @@ impl Overlay {
     /// publishes again this host's endpoints the store lost (a lease that
     /// ran out while etcd was away).
     pub async fn apply(&mut self, dp: &mut Dataplane, picture: &Picture) -> Result<bool> {
-        let desired = state::desired_overlay(picture, &self.node);
+        let others: Vec<std::net::Ipv4Addr> = picture
+            .hosts
+            .iter()
+            .filter(|h| h.node != self.node)
+            .map(|h| h.vtep)
+            .collect();
+        let off_link = netlink::off_link(&others).await.unwrap_or_else(|e| {
+            tracing::warn!("{e:#}");
+            Default::default()
+        });
+        let desired = state::desired_overlay(picture, &self.node, &off_link);
+        for b in desired
+            .unroutable
+            .iter()
+            .filter(|b| !self.desired.unroutable.contains(b))
+        {
+            tracing::warn!(
+                "host {} is not on this LAN: its block {}/{} of routed network {} is \
+                 unreachable without encapsulation",
+                b.host,
+                b.block.0,
+                b.block.1,
+                short(&b.network)
+            );
+        }
         let mut changed = reconcile::table::<Overlays>(dp, &desired.overlays)?;
+        changed.add(reconcile::prefixes::<RoutedBlocks>(
+            dp,
+            &desired.routed_blocks,
+        )?);
         changed.add(reconcile::table::<Vnis>(dp, &desired.vnis)?);
         changed.add(reconcile::table::<Peers>(dp, &desired.peers)?);
         changed.add(reconcile::table::<Vteps>(dp, &desired.vteps)?);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use netd_common::{Endpoint, EndpointLocation, NetworkInfo, PortKey, PortTarget};
 
-use crate::dataplane::{Attachment, Dataplane, Table};
+use crate::dataplane::{Attachment, Dataplane, Networks, PrefixTable, Table};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -75,17 +75,22 @@ pub fn networks(
     dp: &mut Dataplane,
     desired: &HashMap<(std::net::Ipv4Addr, u8), NetworkInfo>,
 ) -> Result<Applied> {
-    let current: HashMap<(std::net::Ipv4Addr, u8), NetworkInfo> = dp
-        .networks()?
-        .into_iter()
-        .map(|(addr, prefix, flags)| ((addr, prefix), flags))
-        .collect();
+    prefixes::<Networks>(dp, desired)
+}
+
+/// Brings the LPM table `T` to `desired`.
+pub fn prefixes<T: PrefixTable>(
+    dp: &mut Dataplane,
+    desired: &HashMap<(std::net::Ipv4Addr, u8), T::Value>,
+) -> Result<Applied> {
+    let current: HashMap<(std::net::Ipv4Addr, u8), T::Value> =
+        dp.prefix_entries::<T>()?.into_iter().collect();
     let mut applied = Applied::default();
-    for (&(addr, prefix), &flags) in desired {
-        match current.get(&(addr, prefix)) {
-            Some(f) if *f == flags => {}
+    for (&prefix, value) in desired {
+        match current.get(&prefix) {
+            Some(v) if v == value => {}
             found => {
-                dp.set_network(addr, prefix, flags)?;
+                dp.prefix_set::<T>(prefix, *value)?;
                 if found.is_some() {
                     applied.changed += 1;
                 } else {
@@ -94,8 +99,8 @@ pub fn networks(
             }
         }
     }
-    for &(addr, prefix) in current.keys().filter(|k| !desired.contains_key(k)) {
-        dp.remove_network(addr, prefix)?;
+    for &prefix in current.keys().filter(|k| !desired.contains_key(k)) {
+        dp.prefix_remove::<T>(prefix)?;
         applied.removed += 1;
     }
     Ok(applied)

@@ -6,7 +6,9 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use netd_common::{
     network::{
         network_id, NETWORK_HOST_ADDR, NETWORK_INTERNAL, NETWORK_MASQUERADE, NETWORK_OVERLAY,
+        NETWORK_ROUTED,
     },
+    overlay::{RoutedBlock, HOST_OFF_LINK, HOST_ON_LINK},
     Endpoint, NetworkInfo, OverlayNetwork, Peer, PortKey, PortTarget,
 };
 
@@ -228,13 +230,24 @@ pub struct OverlayDesired {
     pub vnis: HashMap<u32, u32>,
     /// Containers of other hosts.
     pub peers: HashMap<[u8; 4], Peer>,
-    /// Other hosts.
+    /// Other hosts: on this host's LAN, or beyond a router.
     pub vteps: HashMap<[u8; 4], u32>,
     /// Gateway addresses this host answers on.
     pub gateways: Vec<Ipv4Addr>,
+    /// Other hosts' blocks of routed networks, for hosts on this LAN.
+    pub routed_blocks: HashMap<(Ipv4Addr, u8), RoutedBlock>,
+    /// Blocks of hosts not on this LAN: unreachable without encapsulation.
+    pub unroutable: Vec<crate::cluster::HostBlock>,
 }
 
-pub fn desired_overlay(picture: &Picture, node: &str) -> OverlayDesired {
+/// What the overlay and routed maps hold for `picture` as `node` sees it;
+/// `off_link`: the other hosts not on this host's LAN (reached through a
+/// router, or not at all).
+pub fn desired_overlay(
+    picture: &Picture,
+    node: &str,
+    off_link: &std::collections::HashSet<Ipv4Addr>,
+) -> OverlayDesired {
     let mut out = OverlayDesired::default();
     // Segment networks are the LAN's: no subnet routed or NATed here, no
     // gateway of the host's, no peers (the switch finds them).
@@ -245,7 +258,8 @@ pub fn desired_overlay(picture: &Picture, node: &str) -> OverlayDesired {
                 NETWORK_INTERNAL
             } else {
                 NETWORK_MASQUERADE
-            };
+            }
+            | if n.is_routed() { NETWORK_ROUTED } else { 0 };
         out.networks.insert(n.subnet, NetworkInfo { flags, id });
         out.networks.insert(
             (n.gateway, 32),
@@ -263,14 +277,17 @@ pub fn desired_overlay(picture: &Picture, node: &str) -> OverlayDesired {
                 _pad: [0; 2],
             },
         );
-        out.vnis.insert(n.vni, id);
+        if n.vni != 0 {
+            out.vnis.insert(n.vni, id);
+        }
         out.gateways.push(n.gateway);
     }
     for e in picture.endpoints.iter().filter(|e| e.host != node) {
+        // Routed networks' containers are found by their host's block.
         if !picture
             .networks
             .iter()
-            .any(|n| n.id == e.network && !n.is_segment())
+            .any(|n| n.id == e.network && n.vni != 0)
         {
             continue;
         }
@@ -285,7 +302,36 @@ pub fn desired_overlay(picture: &Picture, node: &str) -> OverlayDesired {
         );
     }
     for h in picture.hosts.iter().filter(|h| h.node != node) {
-        out.vteps.insert(h.vtep.octets(), 1);
+        let place = match off_link.contains(&h.vtep) {
+            true => HOST_OFF_LINK,
+            false => HOST_ON_LINK,
+        };
+        out.vteps.insert(h.vtep.octets(), place);
+    }
+    // A block is routed while its host is in the cluster (its record is on
+    // the host's lease) and on this LAN.
+    for b in picture.blocks.iter().filter(|b| b.host != node) {
+        let Some(host) = picture.hosts.iter().find(|h| h.node == b.host) else {
+            continue;
+        };
+        if !picture
+            .networks
+            .iter()
+            .any(|n| n.id == b.network && n.is_routed())
+        {
+            continue;
+        }
+        if off_link.contains(&host.vtep) {
+            out.unroutable.push(b.clone());
+            continue;
+        }
+        out.routed_blocks.insert(
+            b.block,
+            RoutedBlock {
+                host: host.vtep.octets(),
+                network: network_id(&b.network),
+            },
+        );
     }
     out
 }

@@ -1,16 +1,107 @@
-//! Load generators for the NAT benchmark, run from a client namespace
-//! against a published port: TCP request/response (RR), connect/request/
-//! response/close (CRR) and bulk throughput. No netperf on this platform, so
-//! they are written here, small and symmetric for every host under test.
+//! Load generators for the benchmarks, run from a client namespace against
+//! a server: TCP request/response (RR), connect/request/response/close
+//! (CRR) and bulk throughput. No netperf on this platform, so they are
+//! written here, small and symmetric for every host under test; and the
+//! round-robin measurement of several targets the benchmarks share.
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
-    net::{SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
-use crate::netns::NetNs;
+use crate::{netns::NetNs, topology::Background};
+
+/// Ports of the static echo/discard server (`tests/echo`).
+pub const ECHO: u16 = 7;
+pub const DISCARD: u16 = 9;
+
+/// One thing measured: a client namespace and the server it loads.
+pub struct Target {
+    pub name: &'static str,
+    pub client: NetNs,
+    pub server: Ipv4Addr,
+}
+
+/// Metric → target → value.
+pub type Results = BTreeMap<&'static str, BTreeMap<&'static str, f64>>;
+
+/// RR, CRR and bulk of every target, `repeats` rounds of `run` each with
+/// the targets interleaved (a slow spell of the machine hits them all),
+/// the median kept.
+pub fn measure(targets: &[Target], repeats: usize, run: Duration) -> Result<Results> {
+    for t in targets {
+        wait_reachable(&t.client, SocketAddrV4::new(t.server, ECHO))?;
+    }
+    let mut samples: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    for round in 0..repeats {
+        for t in targets {
+            eprintln!("round {}: {} …", round + 1, t.name);
+            let echo = SocketAddrV4::new(t.server, ECHO);
+            let discard = SocketAddrV4::new(t.server, DISCARD);
+            let mut add = |metric: &'static str, v: f64| {
+                samples
+                    .entry(metric)
+                    .or_default()
+                    .entry(t.name)
+                    .or_default()
+                    .push(v);
+            };
+            add("RR (transactions/s)", rr(&t.client, echo, run)?);
+            add("CRR (connections/s)", crr(&t.client, echo, run)?);
+            add("bulk (Gbit/s)", bulk(&t.client, discard, run)? / 1e9);
+        }
+    }
+    Ok(samples
+        .into_iter()
+        .map(|(m, hosts)| (m, hosts.into_iter().map(|(h, v)| (h, median(v))).collect()))
+        .collect())
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `a / b` as "1.23x", or "-" without a base.
+pub fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+/// Until `addr` answers a transaction from `ns` (30 s at most).
+pub fn wait_reachable(ns: &NetNs, addr: SocketAddrV4) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rr(ns, addr, Duration::from_millis(10)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{addr} never answered");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The static echo/discard server `echo` as a plain process in `ns`,
+/// pinned to the benchmark's CPU. (A container only holds the namespace:
+/// its seccomp filter and cgroup are not what is measured.)
+pub fn echo_server(ns: &NetNs, echo: &Path) -> Result<Background> {
+    let child = ns
+        .command("taskset")
+        .args(["-c", &CPU.to_string()])
+        .arg(echo)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting the echo server")?;
+    Ok(Background::new(child))
+}
 
 /// Request and response size.
 pub const MESSAGE: usize = 64;

@@ -42,6 +42,7 @@ fn request(id: &str, subnet: (Ipv4Addr, u8)) -> NetworkRequest {
         parent: String::new(),
         vlan: 0,
         ip_range: None,
+        block: None,
     }
 }
 

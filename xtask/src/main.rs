@@ -63,7 +63,7 @@ enum Task {
     /// `overlay` container to container across hosts, netd's overlay with
     /// the kernel's (Docker's overlay datapath).
     Bench {
-        #[arg(value_parser = ["nat", "overlay"])]
+        #[arg(value_parser = ["nat", "overlay", "segment"])]
         which: String,
         /// Skip the 1,000 / 10,000 published-port runs (Docker with
         /// iptables needs ~20 minutes to publish 10,000 ports).

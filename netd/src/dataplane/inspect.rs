@@ -29,6 +29,15 @@ pub struct Status {
     pub counters: Vec<HookCounters>,
     /// Segment (macvlan) networks on this host.
     pub segments: Vec<SegmentStatus>,
+    /// The other hosts of the cluster.
+    pub hosts: Vec<HostStatus>,
+}
+
+/// Another cluster host as this one reaches it.
+#[derive(Debug, Serialize)]
+pub struct HostStatus {
+    pub address: std::net::Ipv4Addr,
+    pub reach: &'static str,
 }
 
 /// A segment network's place on this host.
@@ -128,7 +137,33 @@ pub fn read_status(pin_dir: &Path) -> Result<Status> {
         maps: map_status,
         counters,
         segments: read_segments(&pins)?,
+        hosts: read_hosts(&pins)?,
     })
+}
+
+fn read_hosts(pins: &PinDir) -> Result<Vec<HostStatus>> {
+    use netd_common::overlay::{HOST_OFF_LINK, HOST_ON_LINK};
+    let path = pins.map(maps::VTEPS);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let vteps: aya::maps::HashMap<MapData, [u8; 4], u32> =
+        aya::maps::HashMap::try_from(Map::HashMap(data))?;
+    let mut out: Vec<HostStatus> = vteps
+        .iter()
+        .filter_map(|e| e.ok())
+        .map(|(addr, place)| HostStatus {
+            address: addr.into(),
+            reach: match place {
+                HOST_ON_LINK => "on this LAN",
+                HOST_OFF_LINK => {
+                    "not on this LAN: routed networks cannot reach it without encapsulation"
+                }
+                _ => "cluster host",
+            },
+        })
+        .collect();
+    out.sort_by_key(|h| h.address);
+    Ok(out)
 }
 
 fn read_segments(pins: &PinDir) -> Result<Vec<SegmentStatus>> {
@@ -510,6 +545,10 @@ pub struct PeerStatus {
     pub vtep: Option<std::net::Ipv4Addr>,
     /// The host-side veth of a local container.
     pub interface: Option<String>,
+    /// Another host's block of a routed network (`addr` is its first
+    /// address, `vtep` the host it is routed to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<String>,
 }
 
 /// The overlay forwarding table from the pins: the local endpoints of
@@ -543,6 +582,7 @@ pub fn read_peers(pin_dir: &Path) -> Result<Vec<PeerStatus>> {
                 vni,
                 vtep: None,
                 interface: Some(interface_name(ifindex).unwrap_or_else(|| "?".into())),
+                block: None,
             });
         }
     }
@@ -557,6 +597,23 @@ pub fn read_peers(pin_dir: &Path) -> Result<Vec<PeerStatus>> {
             vni: vni_of(peer.network).unwrap_or(0),
             vtep: Some(peer.vtep.into()),
             interface: None,
+            block: None,
+        });
+    }
+    let blocks: aya::maps::LpmTrie<MapData, [u8; 4], netd_common::overlay::RoutedBlock> =
+        aya::maps::LpmTrie::try_from(Map::LpmTrie(open(maps::ROUTED_BLOCKS)?))?;
+    for key in blocks.keys() {
+        let key = key?;
+        let block = blocks.get(&key, 0)?;
+        let addr = std::net::Ipv4Addr::from(key.data());
+        out.push(PeerStatus {
+            addr,
+            mac: String::new(),
+            network: format!("{:08x}", block.network),
+            vni: 0,
+            vtep: Some(block.host.into()),
+            interface: None,
+            block: Some(format!("{addr}/{}", key.prefix_len())),
         });
     }
     out.sort();

@@ -19,10 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{
-        lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap as BpfHashMap, MapData, PerCpuArray,
-    },
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf, EbpfLoader,
 };
@@ -37,11 +34,13 @@ pub use attach::{AttachKind, Attachment};
 pub use conntrack::{monotonic_now_ns, GcReport};
 pub use inspect::{
     read_ct, read_endpoints, read_peers, read_ports, read_status, uninstall, AttachmentStatus,
-    EndpointStatus, FlowStatus, HookCounters, MapStatus, NamedCounter, PeerStatus, PortStatus,
-    SegmentStatus, Status, UninstallReport,
+    EndpointStatus, FlowStatus, HookCounters, HostStatus, MapStatus, NamedCounter, PeerStatus,
+    PortStatus, SegmentStatus, Status, UninstallReport,
 };
 pub use pins::{interface_index, PinDir};
-pub use tables::{Overlays, Peers, SegmentMacs, Segments, Table, Vnis, Vteps};
+pub use tables::{
+    Networks, Overlays, Peers, PrefixTable, RoutedBlocks, SegmentMacs, Segments, Table, Vnis, Vteps,
+};
 
 /// The compiled eBPF object (built by build.rs from netd-ebpf).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd"));
@@ -251,14 +250,6 @@ impl Dataplane {
         Ok(array.get(&0, 0)?)
     }
 
-    fn networks_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], NetworkInfo>> {
-        let map = self
-            .ebpf
-            .map_mut(maps::NETWORKS)
-            .ok_or_else(|| anyhow!("eBPF object lacks map {}", maps::NETWORKS))?;
-        Ok(LpmTrie::try_from(map)?)
-    }
-
     /// Sets the network of a container subnet.
     pub fn set_network(
         &mut self,
@@ -266,31 +257,11 @@ impl Dataplane {
         prefix: u8,
         info: NetworkInfo,
     ) -> Result<()> {
-        self.networks_map()?
-            .insert(&LpmKey::new(u32::from(prefix), addr.octets()), info, 0)
-            .context("writing netd_networks (full? raise its size)")
+        self.prefix_set::<tables::Networks>((addr, prefix), info)
     }
 
     pub fn remove_network(&mut self, addr: std::net::Ipv4Addr, prefix: u8) -> Result<()> {
-        match self
-            .networks_map()?
-            .remove(&LpmKey::new(u32::from(prefix), addr.octets()))
-        {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Every container subnet in the map: (address, prefix, network).
-    pub fn networks(&mut self) -> Result<Vec<(std::net::Ipv4Addr, u8, NetworkInfo)>> {
-        let trie = self.networks_map()?;
-        let mut out = Vec::new();
-        for key in trie.keys() {
-            let key = key?;
-            let flags = trie.get(&key, 0)?;
-            out.push((key.data().into(), key.prefix_len() as u8, flags));
-        }
-        Ok(out)
+        self.prefix_remove::<tables::Networks>((addr, prefix))
     }
 
     fn endpoints_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, Endpoint>> {

@@ -5,10 +5,16 @@ use std::hash::Hash;
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap as BpfHashMap, MapData, MapError,
+    },
     Pod,
 };
-use netd_common::{maps, OverlayNetwork, Peer, Segment, SegmentMac, SegmentPort, TunnelConfig};
+use netd_common::{
+    maps, overlay::RoutedBlock, NetworkInfo, OverlayNetwork, Peer, Segment, SegmentMac,
+    SegmentPort, TunnelConfig,
+};
 
 use super::Dataplane;
 
@@ -67,7 +73,69 @@ impl Table for SegmentMacs {
     type Value = SegmentPort;
 }
 
+/// An LPM trie of the datapath keyed by IPv4 prefix, by what it holds.
+pub trait PrefixTable {
+    const NAME: &'static str;
+    type Value: Pod + PartialEq;
+}
+
+/// Container subnets (and the host's gateway /32s) → their network.
+pub struct Networks;
+impl PrefixTable for Networks {
+    const NAME: &'static str = maps::NETWORKS;
+    type Value = NetworkInfo;
+}
+
+/// Other hosts' blocks of routed networks → the host.
+pub struct RoutedBlocks;
+impl PrefixTable for RoutedBlocks {
+    const NAME: &'static str = maps::ROUTED_BLOCKS;
+    type Value = RoutedBlock;
+}
+
+/// An IPv4 prefix: (address, length).
+pub type Prefix = (std::net::Ipv4Addr, u8);
+
 impl Dataplane {
+    fn prefix_table<T: PrefixTable>(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], T::Value>> {
+        let map = self
+            .ebpf
+            .map_mut(T::NAME)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {}", T::NAME))?;
+        Ok(LpmTrie::try_from(map)?)
+    }
+
+    pub fn prefix_entries<T: PrefixTable>(&mut self) -> Result<Vec<(Prefix, T::Value)>> {
+        let trie = self.prefix_table::<T>()?;
+        let mut out = Vec::new();
+        for key in trie.keys() {
+            let key = key?;
+            let value = trie.get(&key, 0)?;
+            out.push(((key.data().into(), key.prefix_len() as u8), value));
+        }
+        Ok(out)
+    }
+
+    pub fn prefix_set<T: PrefixTable>(
+        &mut self,
+        (addr, len): Prefix,
+        value: T::Value,
+    ) -> Result<()> {
+        self.prefix_table::<T>()?
+            .insert(&LpmKey::new(u32::from(len), addr.octets()), value, 0)
+            .with_context(|| format!("writing {} (full? raise its size)", T::NAME))
+    }
+
+    pub fn prefix_remove<T: PrefixTable>(&mut self, (addr, len): Prefix) -> Result<()> {
+        match self
+            .prefix_table::<T>()?
+            .remove(&LpmKey::new(u32::from(len), addr.octets()))
+        {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn table<T: Table>(&mut self) -> Result<BpfHashMap<&mut MapData, T::Key, T::Value>> {
         let map = self
             .ebpf

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 
 use super::{field, parse_cidr, DatapathRequest, Plugin, Reply, ADDRESS_SPACE};
 use crate::{
-    cluster::{AddressClaim, EndpointRecord, NetworkRequest, MODE_MACVLAN, MODE_OVERLAY},
+    cluster::{
+        AddressClaim, EndpointRecord, NetworkRequest, MODE_MACVLAN, MODE_OVERLAY, MODE_ROUTED,
+    },
     netlink,
     state::overlay_mac,
 };
@@ -22,8 +24,10 @@ pub const OPT_ID: &str = "netd.id";
 /// Docker's own macvlan option: the interface (and `.VID` VLAN) a segment
 /// network's containers sit on.
 pub const OPT_PARENT: &str = "parent";
+/// Routed networks: the prefix length of each host's block.
+pub const OPT_BLOCK: &str = "netd.block";
 /// Modes `netd.mode` may name (overlay is the default).
-const MODES: &[&str] = &[MODE_OVERLAY, MODE_MACVLAN];
+const MODES: &[&str] = &[MODE_OVERLAY, MODE_MACVLAN, MODE_ROUTED];
 /// What VXLAN over IPv4 adds to a frame: outer IPv4 20, UDP 8, VXLAN 8 and
 /// the inner Ethernet header 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -63,6 +67,7 @@ struct Requested {
     internal: bool,
     parent: String,
     vlan: u16,
+    block: Option<u8>,
 }
 
 /// `eth1` or `eth1.100` (Docker's syntax): the interface and the VLAN.
@@ -103,7 +108,7 @@ fn parse_create(body: &Value) -> Result<Requested> {
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let (mut mode, mut vni, mut adopt) = (MODE_OVERLAY.to_owned(), None, None);
-    let mut parent = None;
+    let (mut parent, mut block) = (None, None);
     if let Some(generic) = options
         .and_then(|o| o.get("com.docker.network.generic"))
         .and_then(Value::as_object)
@@ -125,8 +130,17 @@ fn parse_create(body: &Value) -> Result<Requested> {
                 }
                 OPT_ID => adopt = Some(value.to_owned()),
                 OPT_PARENT => parent = Some(parse_parent(value)?),
+                OPT_BLOCK => {
+                    block = Some(
+                        value
+                            .trim_start_matches('/')
+                            .parse::<u8>()
+                            .map_err(|_| anyhow!("{OPT_BLOCK}={value} is not a prefix length"))?,
+                    )
+                }
                 other => bail!(
-                    "netd takes no option {other} (it knows {OPT_MODE}, {OPT_VNI}, {OPT_PARENT})"
+                    "netd takes no option {other} (it knows {OPT_MODE}, {OPT_VNI}, {OPT_PARENT}, \
+                     {OPT_BLOCK})"
                 ),
             }
         }
@@ -168,6 +182,7 @@ fn parse_create(body: &Value) -> Result<Requested> {
         internal,
         parent,
         vlan,
+        block,
     })
 }
 
@@ -226,6 +241,7 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
                     parent: req.parent,
                     vlan: req.vlan,
                     ip_range,
+                    block: req.block,
                 })
                 .await?;
             tracing::info!(
@@ -234,9 +250,12 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
                 record.mode,
                 record.subnet.0,
                 record.subnet.1,
-                match record.is_segment() {
-                    true => format!("parent {}", record.parent_option()),
-                    false => format!("VNI {}", record.vni),
+                if record.is_segment() {
+                    format!("parent {}", record.parent_option())
+                } else if record.is_routed() {
+                    format!("host blocks /{}", record.block)
+                } else {
+                    format!("VNI {}", record.vni)
                 }
             );
             record.id
@@ -383,6 +402,9 @@ async fn join(plugin: &Plugin, body: &Value) -> Result<Value> {
                 plugin.host.node
             )
         })?
+    } else if net.is_routed() {
+        // Routed as the host's own packets are: nothing added.
+        netlink::mtu(&plugin.host.uplink).await?
     } else {
         netlink::mtu(&plugin.host.uplink).await? - VXLAN_OVERHEAD
     };
@@ -466,9 +488,21 @@ mod tests {
                 internal: true,
                 parent: String::new(),
                 vlan: 0,
+                block: None,
             }
         );
         let err = |b: Value| format!("{:#}", parse_create(&b).unwrap_err());
+        let r = parse_create(&request(
+            json!({"netd.mode": "routed", "netd.block": "/26"}),
+            ADDRESS_SPACE,
+        ))
+        .unwrap();
+        assert_eq!((r.mode.as_str(), r.block), ("routed", Some(26)));
+        assert!(err(request(
+            json!({"netd.mode": "routed", "netd.block": "x"}),
+            ADDRESS_SPACE
+        ))
+        .contains("not a prefix length"));
         let r = parse_create(&request(
             json!({"netd.mode": "macvlan", "parent": "eth1.100"}),
             ADDRESS_SPACE,

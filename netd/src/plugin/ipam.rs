@@ -128,9 +128,22 @@ async fn request_address(plugin: &Plugin, body: &Value) -> Result<Value> {
         owner: format!("pending-{:016x}", nonce()),
     };
     let mut store = plugin.store.clone();
-    let addr = match wanted {
-        Some(a) => store.claim_exact(&network.id, a, &claim).await?,
-        None => store.claim_address(&network.id, &claim).await?,
+    // A routed network's containers take their addresses from their
+    // host's block, which the other hosts route to it.
+    let block = match network.is_routed() {
+        true => Some(store.host_block(&network.id, &plugin.host.node).await?),
+        false => None,
+    };
+    let addr = match (wanted, block) {
+        (Some(a), Some(b)) if !crate::state::subnet_contains(b, a) => bail!(
+            "{a} is outside this host's block {}/{} of network {}: the others route only \
+             that block here",
+            b.0,
+            b.1,
+            network.label()
+        ),
+        (Some(a), _) => store.claim_exact(&network.id, a, &claim).await?,
+        (None, block) => store.claim_address_in(&network.id, &claim, block).await?,
     };
     Ok(cidr(addr))
 }

@@ -21,14 +21,16 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use netd_tests::{bench, etcd::Etcd, Bench, Host, NetNs};
+use netd_tests::{
+    bench::{self, echo_server, median, ratio, Target, ECHO},
+    etcd::Etcd,
+    Bench, Host, NetNs,
+};
 use serde_json::json;
 
 const RUN: Duration = Duration::from_secs(3);
 /// Targets interleaved, the median of the repeats kept.
 const REPEATS: usize = 3;
-const ECHO: u16 = 7;
-const DISCARD: u16 = 9;
 /// Containers started for the time-to-reachable measurement.
 const STARTS: usize = 20;
 const KERNEL_VNI: &str = "42";
@@ -40,12 +42,6 @@ fn main() {
         eprintln!("overlay-bench: {e:#}");
         std::process::exit(1);
     }
-}
-
-struct Target {
-    name: &'static str,
-    client: NetNs,
-    server: Ipv4Addr,
 }
 
 fn run() -> Result<()> {
@@ -64,7 +60,6 @@ fn run() -> Result<()> {
         bail!("the network never reached host b");
     }
     let mount = format!("{}:/echo:ro", echo.display());
-    let cpu = bench::CPU.to_string();
     // The servers (and clients) of every target are the same plain
     // processes in the endpoint's namespace: a container only holds the
     // namespace, so its seccomp filter and cgroup are not measured.
@@ -133,21 +128,9 @@ fn run() -> Result<()> {
     for ns in [&server_ns, &client_ns, &floor_ns] {
         restore_netfilter(ns, &docker_rules)?;
     }
-    let echo_server = |ns: &NetNs| -> Result<netd_tests::topology::Background> {
-        let child = ns
-            .command("taskset")
-            .args(["-c", &cpu])
-            .arg(&echo)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting the echo server")?;
-        Ok(netd_tests::topology::Background::new(child))
-    };
     let _servers = [
-        echo_server(&container_ns(&b, "echo")?)?,
-        echo_server(&server_ns)?,
+        echo_server(&container_ns(&b, "echo")?, &echo)?,
+        echo_server(&server_ns, &echo)?,
     ];
 
     let targets = [
@@ -167,32 +150,7 @@ fn run() -> Result<()> {
             server: kernel_addr(2),
         },
     ];
-    for t in &targets {
-        wait_reachable(&t.client, SocketAddrV4::new(t.server, ECHO))?;
-    }
-    let mut samples: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
-    for round in 0..REPEATS {
-        for t in &targets {
-            eprintln!("round {}: {} …", round + 1, t.name);
-            let echo = SocketAddrV4::new(t.server, ECHO);
-            let discard = SocketAddrV4::new(t.server, DISCARD);
-            let mut add = |metric: &'static str, v: f64| {
-                samples
-                    .entry(metric)
-                    .or_default()
-                    .entry(t.name)
-                    .or_default()
-                    .push(v);
-            };
-            add("RR (transactions/s)", bench::rr(&t.client, echo, RUN)?);
-            add("CRR (connections/s)", bench::crr(&t.client, echo, RUN)?);
-            add("bulk (Gbit/s)", bench::bulk(&t.client, discard, RUN)? / 1e9);
-        }
-    }
-    let results: BTreeMap<&str, BTreeMap<&str, f64>> = samples
-        .into_iter()
-        .map(|(m, hosts)| (m, hosts.into_iter().map(|(h, v)| (h, median(v))).collect()))
-        .collect();
+    let results = bench::measure(&targets, REPEATS, RUN)?;
 
     let reachable = time_to_reachable(&a, &container_ns(&b, "client-b")?, &mount)?;
     print_table(&results, &reachable);
@@ -291,22 +249,6 @@ fn kernel_endpoint(bench: &Bench, host: &Host, role: &str, addr: Ipv4Addr) -> Re
     Ok(ns)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn wait_reachable(ns: &NetNs, addr: SocketAddrV4) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while bench::rr(ns, addr, Duration::from_millis(10)).is_err() {
-        if Instant::now() > deadline {
-            bail!("{addr} never answered");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 /// `docker run` of an echo server on `host` (its address fixed with --ip);
 /// once it returns, connects from `client` (on another host) until one
 /// succeeds. Per container: from the `docker run` command's start, and from
@@ -366,20 +308,13 @@ fn time_to_reachable(
     ]))
 }
 
-fn print_table(results: &BTreeMap<&str, BTreeMap<&str, f64>>, reachable: &BTreeMap<&str, f64>) {
+fn print_table(results: &bench::Results, reachable: &BTreeMap<&str, f64>) {
     println!(
         "\n{:<22} {:>14} {:>16} {:>18} {:>12} {:>12}",
         "metric", "netd overlay", "kernel overlay", "same-host bridge", "netd/kernel", "netd/floor"
     );
     for (metric, row) in results {
         let get = |k: &str| row.get(k).copied().unwrap_or(0.0);
-        let ratio = |a: f64, b: f64| {
-            if b > 0.0 {
-                format!("{:.2}x", a / b)
-            } else {
-                "-".into()
-            }
-        };
         println!(
             "{metric:<22} {:>14.1} {:>16.1} {:>18.1} {:>12} {:>12}",
             get("netd overlay"),

@@ -1,0 +1,84 @@
+//! Routed networks (like flannel's host-gw): a cluster network split into
+//! per-host blocks that hosts route to each other without encapsulation.
+//! A container's packet for another host's block is routed here, from its
+//! veth: TTL decremented, next hop the block's host (by a FIB lookup, its
+//! neighbour resolved by the kernel when not known yet), out of the uplink.
+//! The receiving host lets it in (see `nat::unpublished_inbound`) and hands
+//! it to the container.
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    btf_maps::lpm_trie::Key,
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+    EbpfContext as _,
+};
+use netd_common::{Counter, Endpoint};
+
+use crate::{
+    delivery::{decrement_ttl, mark_translated, set_macs, FibParams, AF_INET},
+    maps::{CONFIG, ROUTED_BLOCKS},
+    parsing::ETH_HLEN,
+};
+
+/// `BPF_FIB_LOOKUP_OUTPUT`: look up as for a packet the host sends.
+const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
+
+/// Routes `ep`'s packet for `dst` (in its routed network, not on this
+/// host) to the host whose block holds `dst`. `Err`: dropped, and why (no
+/// host has the block, it is another network's, no route to its host, or
+/// the TTL ran out: the kernel path answers that).
+#[inline(always)]
+pub fn route(ctx: &TcContext, ep: &Endpoint, dst: [u8; 4]) -> Result<(Counter, i32), Counter> {
+    let block = ROUTED_BLOCKS
+        .get(&Key::new(32, dst))
+        .copied()
+        .ok_or(Counter::NoEndpoint)?;
+    if block.network != ep.network {
+        return Err(Counter::Isolated);
+    }
+    let uplink = CONFIG.get(0).map_or(0, |c| c.uplink_ifindex);
+    if uplink == 0 {
+        return Err(Counter::NoEndpoint);
+    }
+    let mut fib = FibParams::new(uplink, ep.addr, block.host, 0);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            (&mut fib as *mut FibParams).cast::<bpf_fib_lookup>(),
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    let resolved = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        // No route to the host, or too big for its link.
+        _ => return Err(Counter::NoEndpoint),
+    };
+    decrement_ttl(ctx, ETH_HLEN).ok_or(Counter::RewriteFailed)?;
+    mark_translated(ctx);
+    let verdict = if resolved {
+        set_macs(ctx, fib.dmac, Some(fib.smac)).ok_or(Counter::RewriteFailed)?;
+        unsafe { bpf_redirect(fib.ifindex, 0) }
+    } else {
+        // The next hop is the block's host, not the packet's destination.
+        let mut nh = bpf_redir_neigh {
+            nh_family: u32::from(AF_INET),
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                ipv4_nh: u32::from_ne_bytes(block.host),
+            },
+        };
+        unsafe {
+            bpf_redirect_neigh(
+                fib.ifindex,
+                &mut nh,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        }
+    };
+    Ok((Counter::Routed, verdict as i32))
+}
