@@ -260,7 +260,7 @@ fn dispatch(command: Command) -> Result<()> {
                         .ok()
                         .map(|(_, _, promiscuity)| match promiscuity {
                             0 => "unicast filter".to_owned(),
-                            _ => "promiscuous".to_owned(),
+                            _ => "promiscuous mode".to_owned(),
                         });
                 }
             }
@@ -448,7 +448,7 @@ pub fn render_status(s: &dataplane::Status) -> String {
     for seg in &s.segments {
         let _ = writeln!(
             out,
-            "  network {} on {}{}: {} containers here; the parent takes their MACs by {}",
+            "  network {} on {}{}: containers here {}, their MACs taken in by {}",
             seg.network,
             seg.parent,
             match seg.vlan {
@@ -544,7 +544,7 @@ mod tests {
                 parent: "eth1".into(),
                 vlan: 100,
                 containers: 2,
-                accepts: Some("promiscuous".into()),
+                accepts: Some("promiscuous mode".into()),
             }],
             counters: vec![dataplane::HookCounters {
                 hook: "uplink-ingress",
@@ -560,7 +560,7 @@ mod tests {
         assert!(text.contains("netd_uplink_ingress"));
         assert!(text.contains("DETACHED"));
         assert!(text.contains(
-            "on eth1 VLAN 100: 2 containers here; the parent takes their MACs by promiscuous"
+            "on eth1 VLAN 100: containers here 2, their MACs taken in by promiscuous mode"
         ));
         assert!(text.contains("no-match") && text.contains("42") && text.contains("(reason)"));
     }

@@ -204,3 +204,50 @@ pub fn bulk(ns: &NetNs, addr: SocketAddrV4, duration: Duration) -> Result<f64> {
         Ok(bytes as f64 * 8.0 / start.elapsed().as_secs_f64())
     })
 }
+
+/// `rules` (iptables-save output) loaded into `ns`: Docker's rules for a
+/// container of a user-defined network (its embedded DNS's NAT, so
+/// conntrack runs on every packet), given to the hand-made endpoints a
+/// benchmark compares Docker's containers with.
+pub fn restore_netfilter(ns: &NetNs, rules: &str) -> Result<()> {
+    let mut child = ns
+        .command("iptables-restore")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running iptables-restore (`cargo xtask setup` installs iptables)")?;
+    child
+        .stdin
+        .take()
+        .context("iptables-restore's stdin")?
+        .write_all(rules.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("iptables-restore refused Docker's container rules:\n{rules}");
+    }
+    Ok(())
+}
+
+/// A namespace plugged into `host`'s bridge br0 as `eth0` with `addr`/24,
+/// `mtu` and `mac`: a hand-made container.
+pub fn bridge_endpoint(
+    bench: &crate::Bench,
+    host: &crate::Host,
+    role: &str,
+    addr: Ipv4Addr,
+    mtu: u32,
+    mac: &str,
+) -> Result<NetNs> {
+    let ns = bench.netns(role)?;
+    let (outer, inner) = (format!("{role}-h"), format!("{role}-c"));
+    // By namespace fd: the host's own mount namespace does not see
+    // namespaces bound after it was made.
+    crate::netlink::veth_between(&host.ns, &outer, &ns, &inner, "eth0")?;
+    let mtu = mtu.to_string();
+    host.ns.run_ok(
+        "ip",
+        &["link", "set", &outer, "master", "br0", "mtu", &mtu, "up"],
+    )?;
+    let inside = |args: &[&str]| ns.run_ok("ip", args).map(|_| ());
+    inside(&["link", "set", "eth0", "address", mac, "mtu", &mtu, "up"])?;
+    inside(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    Ok(ns)
+}

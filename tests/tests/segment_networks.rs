@@ -161,7 +161,7 @@ fn macvlan_containers_are_on_the_lan_and_reach_their_host() {
     assert_eq!(segments[0]["containers"], 1, "{segments}");
     // A veth has no unicast address filter: the kernel fell back to
     // promiscuous mode when netd added the container's MAC.
-    assert_eq!(segments[0]["accepts"], "promiscuous", "{segments}");
+    assert_eq!(segments[0]["accepts"], "promiscuous mode", "{segments}");
 
     // A session from the LAN lives through a restart of netd.
     let mut session = machine.tcp_session(addr_a, 7).unwrap();

@@ -50,7 +50,7 @@ pub struct SegmentStatus {
     /// Its containers on this host (MACs the parent's programs demux).
     pub containers: u32,
     /// How the parent takes the containers' MACs in: "unicast filter", or
-    /// "promiscuous" (a device without one; or set so by somebody). Filled
+    /// "promiscuous mode" (a device without one; or set so by somebody). Filled
     /// in from the kernel by the CLI.
     pub accepts: Option<String>,
 }

@@ -1,8 +1,10 @@
 //! `cargo xtask demo`: an emulated Docker host running the real netd daemon,
 //! an outside client on its LAN, and traffic through the eBPF programs; then
 //! a second Docker host and an overlay network across both (a real etcd as
-//! the cluster store), with a container on each host talking to the other.
-//! Everything is torn down on exit and on Ctrl-C.
+//! the cluster store), with a container on each host talking to the other;
+//! then a macvlan network on the LAN itself, its container reached
+//! directly by the LAN client and by its own host. Everything is torn down
+//! on exit and on Ctrl-C.
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -202,6 +204,50 @@ fn demo(hold: bool) -> Result<()> {
         .find("counters")
         .map_or(&status[..], |at| &status[at..]);
     print!("{counters}");
+
+    step("On host-a: a macvlan network on the LAN itself: docker network create -d netd --ipam-driver netd -o netd.mode=macvlan -o parent=eth0 --subnet 198.18.95.0/24 --ip-range 198.18.95.0/25 lan")?;
+    host.create_netd_network(
+        "lan",
+        "198.18.95.0/24",
+        &[
+            "-o",
+            "netd.mode=macvlan",
+            "-o",
+            "parent=eth0",
+            "--ip-range",
+            "198.18.95.0/25",
+        ],
+    )?;
+    host.dockerd().run_httpd("lan-a", &["--network", "lan"])?;
+    let lan_a = host.container_addr("lan-a")?.to_string();
+    println!(
+        "lan-a at {lan_a}, with a MAC of its own on the LAN (no macvlan device, no bridge: eBPF demux on eth0)"
+    );
+    // The client and host-a as machines of that subnet on the same wire.
+    for (who, cidr) in [(&client, "198.18.95.250/24"), (&host, "198.18.95.201/24")] {
+        who.ns.run_ok("ip", &["addr", "add", cidr, "dev", "eth0"])?;
+    }
+    step(&format!(
+        "The LAN client fetches http://{lan_a}/ directly: no published port, no NAT"
+    ))?;
+    println!("{}", client.http_get(&format!("http://{lan_a}/"))?.trim());
+    step("host-a pings its own macvlan container (kernel macvlan cannot)")?;
+    let out = host
+        .ns
+        .run("busybox", &["ping", "-c", "2", "-W", "2", &lan_a])?;
+    show(&out);
+    if !out.status.success() {
+        bail!("host-a could not reach lan-a");
+    }
+    step("netd status on host-a: the segment network, and how eth0 takes lan-a's MAC in")?;
+    let out = host.netd().cli(&["status", "--pin-dir", &pin])?;
+    let status = String::from_utf8_lossy(&out.stdout);
+    for line in status
+        .lines()
+        .filter(|l| l.contains("on eth0") || l.contains("demuxed"))
+    {
+        println!("{line}");
+    }
 
     if hold {
         step("Holding the topology; press Ctrl-C to tear down")?;

@@ -81,9 +81,20 @@ fn run() -> Result<()> {
     }
     let kernel_addr =
         |host: u8| Ipv4Addr::new(SUBNET_KERNEL[0], SUBNET_KERNEL[1], SUBNET_KERNEL[2], host);
-    let server_ns = kernel_endpoint(&bench, &d, "ks", kernel_addr(2))?;
-    let client_ns = kernel_endpoint(&bench, &c, "kc", kernel_addr(3))?;
-    let floor_ns = kernel_endpoint(&bench, &d, "kf", kernel_addr(4))?;
+    // MTU 1450, as Docker's overlay gives its containers.
+    let endpoint = |h: &Host, role: &str, host: u8| {
+        bench::bridge_endpoint(
+            &bench,
+            h,
+            role,
+            kernel_addr(host),
+            1450,
+            &kernel_mac(kernel_addr(host)),
+        )
+    };
+    let server_ns = endpoint(&d, "ks", 2)?;
+    let client_ns = endpoint(&c, "kc", 3)?;
+    let floor_ns = endpoint(&d, "kf", 4)?;
     // Static FDB and neighbour entries, as Docker's overlay programs them.
     for (host, remote, addr, ns) in [
         (&c, &d, kernel_addr(2), &client_ns),
@@ -126,7 +137,7 @@ fn run() -> Result<()> {
         bail!("no embedded-DNS NAT rules in a netd container to copy:\n{docker_rules}");
     }
     for ns in [&server_ns, &client_ns, &floor_ns] {
-        restore_netfilter(ns, &docker_rules)?;
+        bench::restore_netfilter(ns, &docker_rules)?;
     }
     let _servers = [
         echo_server(&container_ns(&b, "echo")?, &echo)?,
@@ -177,25 +188,6 @@ fn kernel_mac(addr: Ipv4Addr) -> String {
     format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
-/// `rules` (iptables-save output) loaded into `ns`.
-fn restore_netfilter(ns: &NetNs, rules: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut child = ns
-        .command("iptables-restore")
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .context("running iptables-restore (`cargo xtask setup` installs iptables)")?;
-    child
-        .stdin
-        .take()
-        .context("iptables-restore's stdin")?
-        .write_all(rules.as_bytes())?;
-    if !child.wait()?.success() {
-        bail!("iptables-restore refused Docker's container rules:\n{rules}");
-    }
-    Ok(())
-}
-
 /// br0 with vxlan0 (Docker's overlay settings) on `host`.
 fn kernel_overlay(host: &Host) -> Result<()> {
     let ip = |args: &[&str]| host.ns.run_ok("ip", args).map(|_| ());
@@ -220,33 +212,6 @@ fn kernel_overlay(host: &Host) -> Result<()> {
         "link", "set", "vxlan0", "master", "br0", "mtu", "1450", "up",
     ])?;
     Ok(())
-}
-
-/// A namespace on `host`'s br0 with `addr`/24 (MTU 1450, as Docker's
-/// overlay gives its containers).
-fn kernel_endpoint(bench: &Bench, host: &Host, role: &str, addr: Ipv4Addr) -> Result<NetNs> {
-    let ns = bench.netns(role)?;
-    let (outer, inner) = (format!("{role}-h"), format!("{role}-c"));
-    // By namespace fd: the host's own mount namespace does not see
-    // namespaces bound after it was made.
-    netd_tests::netlink::veth_between(&host.ns, &outer, &ns, &inner, "eth0")?;
-    host.ns.run_ok(
-        "ip",
-        &["link", "set", &outer, "master", "br0", "mtu", "1450", "up"],
-    )?;
-    let inside = |args: &[&str]| ns.run_ok("ip", args).map(|_| ());
-    inside(&[
-        "link",
-        "set",
-        "eth0",
-        "address",
-        &kernel_mac(addr),
-        "mtu",
-        "1450",
-        "up",
-    ])?;
-    inside(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-    Ok(ns)
 }
 
 /// `docker run` of an echo server on `host` (its address fixed with --ip);
