@@ -41,6 +41,10 @@ pub const SEGMENTS: &str = "netd_segments";
 /// Hash of [`crate::SegmentMac`] → [`crate::SegmentPort`]: the containers
 /// of segment networks on this host, by parent, VLAN and MAC.
 pub const SEGMENT_MACS: &str = "netd_segment_macs";
+/// Hash of [`crate::segment::SegmentAddr`] → [`crate::SegmentPort`]: the
+/// containers of segment networks on this host, by parent, VLAN and
+/// address (ipvlan demux, and ARP for any segment container).
+pub const SEGMENT_ADDRS: &str = "netd_segment_addrs";
 /// LPM trie of other hosts' blocks of routed networks →
 /// [`crate::overlay::RoutedBlock`].
 pub const ROUTED_BLOCKS: &str = "netd_routed_blocks";
@@ -78,6 +82,7 @@ pub const ALL: &[&str] = &[
     VTEP_PMTU,
     SEGMENTS,
     SEGMENT_MACS,
+    SEGMENT_ADDRS,
     ROUTED_BLOCKS,
 ];
 

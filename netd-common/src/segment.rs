@@ -1,6 +1,8 @@
-//! Networks on a physical segment (macvlan mode): containers with MACs of
-//! their own on a parent interface's LAN, optionally in an 802.1Q VLAN,
-//! demultiplexed by destination MAC in eBPF instead of by a macvlan device.
+//! Networks on a physical segment: containers on a parent interface's LAN,
+//! optionally in an 802.1Q VLAN, with MACs of their own (macvlan mode,
+//! demultiplexed by destination MAC) or sharing the parent's (ipvlan L2
+//! mode, demultiplexed by destination IPv4 address), in eBPF instead of by
+//! macvlan or ipvlan devices.
 
 /// Key of `netd_segment_macs`: a container's MAC on a parent interface
 /// and VLAN (0: untagged). Twelve bytes, no padding.
@@ -14,7 +16,19 @@ pub struct SegmentMac {
     pub mac: [u8; 6],
 }
 
-/// Value of `netd_segment_macs`: which container holds the MAC.
+/// Key of `netd_segment_addrs`: a container's IPv4 address on a parent
+/// interface and VLAN. Twelve bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SegmentAddr {
+    pub parent: u32,
+    pub vlan: u16,
+    pub _pad: u16,
+    pub addr: [u8; 4],
+}
+
+/// Value of `netd_segment_macs` and `netd_segment_addrs`: which container
+/// holds the MAC or address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SegmentPort {
@@ -22,6 +36,8 @@ pub struct SegmentPort {
     pub ifindex: u32,
     /// [`crate::NetworkInfo::id`] of its network.
     pub network: u32,
+    /// SEGMENT_* flags of its network.
+    pub flags: u32,
 }
 
 /// Value of `netd_segments`, keyed by [`crate::NetworkInfo::id`]: where a
@@ -34,9 +50,16 @@ pub struct Segment {
     /// VLAN id, 0 for untagged.
     pub vlan: u16,
     /// The parent's own MAC: frames a container sends to it are for this
-    /// host, which never receives what leaves its own interface.
+    /// host (or, in ipvlan mode, for a neighbour container), which never
+    /// receives what leaves its own interface.
     pub parent_mac: [u8; 6],
+    /// SEGMENT_* flags.
+    pub flags: u32,
 }
+
+/// Segment flag: the network's containers share the parent's MAC (ipvlan
+/// L2): frames for them are told apart by destination address.
+pub const SEGMENT_SHARED_MAC: u32 = 1;
 
 /// Highest 802.1Q VLAN id (0 and 4095 are reserved).
 pub const VLAN_MAX: u16 = 4094;
@@ -45,5 +68,6 @@ pub const VLAN_MAX: u16 = 4094;
 mod pod {
     unsafe impl aya::Pod for super::SegmentMac {}
     unsafe impl aya::Pod for super::SegmentPort {}
+    unsafe impl aya::Pod for super::SegmentAddr {}
     unsafe impl aya::Pod for super::Segment {}
 }

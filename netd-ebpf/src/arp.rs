@@ -76,14 +76,18 @@ pub fn answer(
     ))
 }
 
-/// The address a well-formed IPv4-over-Ethernet ARP request asks for.
+/// The target address of a well-formed IPv4-over-Ethernet ARP packet,
+/// and whether it is a request.
 #[inline(always)]
-pub fn request_target(ctx: &TcContext) -> Option<[u8; 4]> {
+pub fn target(ctx: &TcContext) -> Option<([u8; 4], bool)> {
     let arp: *const ArpIpv4 = ptr_at(ctx, ETH_HLEN)?;
     let req = unsafe { *arp };
     let well_formed =
         req.htype == HTYPE_ETHER && req.ptype == PTYPE_IPV4 && req.hlen == 6 && req.plen == 4;
-    (well_formed && req.op == ARP_REQUEST).then_some(req.tpa)
+    if !well_formed || (req.op != ARP_REQUEST && req.op != ARP_REPLY) {
+        return None;
+    }
+    Some((req.tpa, req.op == ARP_REQUEST))
 }
 
 /// The MAC of whoever holds `addr` on overlay network `network`: its

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use netd_common::overlay::{RoutedBlock, VtepPmtu};
-use netd_common::segment::{Segment, SegmentMac, SegmentPort};
+use netd_common::segment::{Segment, SegmentAddr, SegmentMac, SegmentPort};
 use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{
@@ -94,6 +94,12 @@ pub static SEGMENTS: HashMap<u32, Segment, { OVERLAYS_MAX as usize }> = HashMap:
 /// daemon.
 #[btf_map(name = "netd_segment_macs")]
 pub static SEGMENT_MACS: HashMap<SegmentMac, SegmentPort, { ENDPOINTS_MAX as usize }> =
+    HashMap::new();
+
+/// Segment containers on this host by (parent, VLAN, address); written by
+/// the daemon.
+#[btf_map(name = "netd_segment_addrs")]
+pub static SEGMENT_ADDRS: HashMap<SegmentAddr, SegmentPort, { ENDPOINTS_MAX as usize }> =
     HashMap::new();
 
 /// Other hosts' blocks of routed networks; written by the daemon.

@@ -28,8 +28,9 @@ const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 
 /// Routes `ep`'s packet for `dst` (in its routed network, not on this
 /// host) to the host whose block holds `dst`. `Err`: dropped, and why (no
-/// host has the block, it is another network's, no route to its host, or
-/// the TTL ran out: the kernel path answers that).
+/// host has the block, it is another network's, its host is not directly
+/// on the uplink's LAN any more, too big for the link, or the TTL ran
+/// out; no ICMP error is sent for those).
 #[inline(always)]
 pub fn route(ctx: &TcContext, ep: &Endpoint, dst: [u8; 4]) -> Result<(Counter, i32), Counter> {
     let block = ROUTED_BLOCKS
@@ -58,6 +59,12 @@ pub fn route(ctx: &TcContext, ep: &Endpoint, dst: [u8; 4]) -> Result<(Counter, i
         // No route to the host, or too big for its link.
         _ => return Err(Counter::NoEndpoint),
     };
+    // The lookup put the route's gateway in place of the destination: a
+    // host beyond a router would have its containers' packets sent to the
+    // router, which does not know the block.
+    if fib.dst[..4] != block.host {
+        return Err(Counter::NoEndpoint);
+    }
     decrement_ttl(ctx, ETH_HLEN).ok_or(Counter::RewriteFailed)?;
     mark_translated(ctx);
     let verdict = if resolved {

@@ -1,9 +1,11 @@
-//! Segment (macvlan) networks: containers with MACs of their own on a
-//! parent interface's LAN, optionally in an 802.1Q VLAN, with no macvlan
-//! device, no bridge and no 8021q sub-interface.
+//! Segment networks: containers on a parent interface's LAN, optionally in
+//! an 802.1Q VLAN, with MACs of their own (macvlan mode) or sharing the
+//! parent's (ipvlan L2 mode), with no macvlan or ipvlan device, no bridge
+//! and no 8021q sub-interface.
 //!
-//! - Parent ingress: a frame for a container's MAC (on the frame's VLAN)
-//!   goes straight into it (`bpf_redirect_peer`), its tag popped; an ARP
+//! - Parent ingress: a frame for a container's MAC (on the frame's VLAN),
+//!   or for the parent's MAC and an ipvlan container's address, goes
+//!   straight into it (`bpf_redirect_peer`), its tag popped; an ARP
 //!   request for a container's address goes to that container alone.
 //!   Everything else is the host's.
 //! - Container egress: to another container of the network on this host,
@@ -21,12 +23,15 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use netd_common::{segment::SegmentMac, Counter, Endpoint, Segment, SegmentPort};
+use netd_common::{
+    segment::{SegmentAddr, SegmentMac, SEGMENT_SHARED_MAC},
+    Counter, Endpoint, Segment, SegmentPort,
+};
 
 use crate::{
     arp,
     delivery::mark_translated,
-    maps::{ENDPOINT_ADDRS, SEGMENT_MACS},
+    maps::{SEGMENT_ADDRS, SEGMENT_MACS},
     parsing::{ptr_at, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, PACKET_HOST},
 };
 
@@ -68,14 +73,51 @@ fn rx_vlan(ctx: &TcContext, ether_type: u16) -> Result<u16, Counter> {
     Ok((tci & VLAN_VID_MASK) as u16)
 }
 
-/// The container on `parent`/`vlan` whose address an ARP request asks for.
+/// The container on `parent`/`vlan` holding `addr`.
 #[inline(always)]
-fn arp_target(ctx: &TcContext, parent: u32, vlan: u16) -> Option<SegmentPort> {
-    let tpa = arp::request_target(ctx)?;
-    let loc = ENDPOINT_ADDRS.get_ptr(&tpa)?;
-    let mac = unsafe { (*loc).mac };
-    let port = unsafe { *SEGMENT_MACS.get_ptr(&SegmentMac { parent, vlan, mac })? };
-    (port.ifindex == unsafe { (*loc).ifindex }).then_some(port)
+fn by_addr(parent: u32, vlan: u16, addr: [u8; 4]) -> Option<SegmentPort> {
+    let key = SegmentAddr {
+        parent,
+        vlan,
+        _pad: 0,
+        addr,
+    };
+    SEGMENT_ADDRS.get_ptr(&key).map(|p| unsafe { *p })
+}
+
+/// The container on `parent`/`vlan` an ARP packet is for: the one whose
+/// address a request asks for, or (`replies`) the one a reply answers.
+#[inline(always)]
+fn arp_target(ctx: &TcContext, parent: u32, vlan: u16, replies: bool) -> Option<SegmentPort> {
+    let (tpa, request) = arp::target(ctx)?;
+    if !request && !replies {
+        return None;
+    }
+    by_addr(parent, vlan, tpa)
+}
+
+/// The IPv4 destination of an IPv4 frame.
+#[inline(always)]
+fn ipv4_dst(ctx: &TcContext) -> Option<[u8; 4]> {
+    let dst: *const [u8; 4] = ptr_at(ctx, ETH_HLEN + 16)?;
+    Some(unsafe { *dst })
+}
+
+/// An ipvlan container a unicast frame to the parent's own MAC is for:
+/// by its destination address (an IPv4 packet, or an ARP reply).
+#[inline(always)]
+fn shared_mac_target(
+    ctx: &TcContext,
+    parent: u32,
+    vlan: u16,
+    ether_type: u16,
+) -> Option<SegmentPort> {
+    let port = match ether_type {
+        ETH_P_IP => by_addr(parent, vlan, ipv4_dst(ctx)?)?,
+        ETH_P_ARP => arp_target(ctx, parent, vlan, true)?,
+        _ => return None,
+    };
+    (port.flags & SEGMENT_SHARED_MAC != 0).then_some(port)
 }
 
 /// Parent ingress. `Ok(None)`: not for a container here (the host's);
@@ -90,7 +132,7 @@ pub fn from_parent(ctx: &TcContext) -> Result<Option<i32>, Counter> {
         if ether_type != ETH_P_ARP {
             return Ok(None);
         }
-        match arp_target(ctx, parent, vlan) {
+        match arp_target(ctx, parent, vlan, false) {
             Some(port) => port,
             None => return Ok(None),
         }
@@ -102,7 +144,10 @@ pub fn from_parent(ctx: &TcContext) -> Result<Option<i32>, Counter> {
         };
         match SEGMENT_MACS.get_ptr(&key) {
             Some(port) => unsafe { *port },
-            None => return Ok(None),
+            None => match shared_mac_target(ctx, parent, vlan, ether_type) {
+                Some(port) => port,
+                None => return Ok(None),
+            },
         }
     };
     // The container has no 8021q device: a tag left on the skb would make
@@ -118,9 +163,10 @@ pub fn from_parent(ctx: &TcContext) -> Result<Option<i32>, Counter> {
     Ok(Some(unsafe { bpf_redirect_peer(port.ifindex, 0) } as i32))
 }
 
-/// Parent egress: the host's own frames to its containers (untagged
-/// networks: the host has no interface on a VLAN). `Ok(None)`: for the
-/// wire; `Err`: for the wire too, and why.
+/// Parent egress: the host's own frames to its macvlan containers
+/// (untagged networks: the host has no interface on a VLAN; ipvlan
+/// containers share its MAC, and as with kernel ipvlan the host does not
+/// reach them). `Ok(None)`: for the wire; `Err`: for the wire too, and why.
 #[inline(always)]
 pub fn from_host(ctx: &TcContext) -> Result<Option<i32>, Counter> {
     let (dst, ether_type) = eth_dst_type(ctx)?;
@@ -132,9 +178,9 @@ pub fn from_host(ctx: &TcContext) -> Result<Option<i32>, Counter> {
         if ether_type != ETH_P_ARP {
             return Ok(None);
         }
-        match arp_target(ctx, parent, 0) {
-            Some(port) => port,
-            None => return Ok(None),
+        match arp_target(ctx, parent, 0, false) {
+            Some(port) if port.flags & SEGMENT_SHARED_MAC == 0 => port,
+            _ => return Ok(None),
         }
     } else {
         let key = SegmentMac {
@@ -176,8 +222,12 @@ pub fn from_container(
     }
     if is_group(&dst) {
         if ether_type == ETH_P_ARP {
-            if let Some(port) = arp_target(ctx, seg.parent, seg.vlan) {
-                return to_neighbour(ctx, ep, &port, false);
+            // (Its own address: a probe or an announcement, for the LAN.)
+            let own = unsafe { (*ctx.skb.skb).ifindex };
+            if let Some(port) = arp_target(ctx, seg.parent, seg.vlan, false) {
+                if port.ifindex != own {
+                    return to_neighbour(ctx, ep, &port, false);
+                }
             }
         }
         // The host is on the untagged LAN too: it hears broadcasts (ARP
@@ -189,9 +239,15 @@ pub fn from_container(
         }
         return out_of_parent(ctx, seg);
     }
-    if seg.vlan == 0 && dst == seg.parent_mac {
-        let verdict = unsafe { bpf_redirect(seg.parent, BPF_F_INGRESS as u64) } as i32;
-        return Ok((Counter::ToHost, verdict));
+    if dst == seg.parent_mac {
+        // ipvlan neighbours share the parent's MAC: by address.
+        if let Some(port) = shared_mac_target(ctx, seg.parent, seg.vlan, ether_type) {
+            return to_neighbour(ctx, ep, &port, true);
+        }
+        if seg.vlan == 0 {
+            let verdict = unsafe { bpf_redirect(seg.parent, BPF_F_INGRESS as u64) } as i32;
+            return Ok((Counter::ToHost, verdict));
+        }
     }
     let key = SegmentMac {
         parent: seg.parent,

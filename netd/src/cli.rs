@@ -305,7 +305,7 @@ fn dispatch(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<20} {:<8} {:<12} {:<18} {:<16} HOSTS",
+                    "{:<20} {:<10} {:<12} {:<18} {:<16} HOSTS",
                     "NAME", "MODE", "VNI/PARENT", "SUBNET", "GATEWAY"
                 );
                 for r in &rows {
@@ -314,7 +314,7 @@ fn dispatch(command: Command) -> Result<()> {
                         None => r.vni.to_string(),
                     };
                     println!(
-                        "{:<20} {:<8} {:<12} {:<18} {:<16} {}",
+                        "{:<20} {:<10} {:<12} {:<18} {:<16} {}",
                         r.name,
                         r.mode,
                         place,
@@ -601,12 +601,12 @@ fn network_rows(picture: &crate::cluster::Picture) -> Vec<NetworkRow> {
             NetworkRow {
                 name: n.label().to_owned(),
                 id: n.id.clone(),
-                mode: n.mode.clone(),
+                mode: n.mode_label(),
                 vni: n.vni,
                 subnet: format!("{}/{}", n.subnet.0, n.subnet.1),
                 gateway: n.gateway,
                 internal: n.internal,
-                parent: n.is_segment().then(|| n.parent_option()),
+                parent: (!n.parent.is_empty()).then(|| n.parent_option()),
                 ip_range: n.ip_range.map(|(a, l)| format!("{a}/{l}")),
                 hosts,
             }

@@ -57,8 +57,12 @@ pub struct NetworkRecord {
     pub name: String,
     /// The node it was created on.
     pub origin: String,
-    /// "overlay" or "macvlan" (the next modes: ipvlan, routed).
+    /// "overlay", "macvlan", "ipvlan" or "routed".
     pub mode: String,
+    /// ipvlan networks: "l2" (on the parent's LAN, sharing its MAC) or
+    /// "l3" (routed through the host, as a routed network without NAT).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ipvlan_mode: String,
     /// Overlay networks' VXLAN id; 0 for the others.
     pub vni: u32,
     pub subnet: (Ipv4Addr, u8),
@@ -91,6 +95,19 @@ fn is_zero(v: &u16) -> bool {
 pub const MODE_OVERLAY: &str = "overlay";
 pub const MODE_MACVLAN: &str = "macvlan";
 pub const MODE_ROUTED: &str = "routed";
+pub const MODE_IPVLAN: &str = "ipvlan";
+pub const IPVLAN_L2: &str = "l2";
+pub const IPVLAN_L3: &str = "l3";
+
+/// Whether `mode` (with `ipvlan_mode`) puts containers on the parent's LAN.
+fn segment_mode(mode: &str, ipvlan_mode: &str) -> bool {
+    mode == MODE_MACVLAN || (mode == MODE_IPVLAN && ipvlan_mode == IPVLAN_L2)
+}
+
+/// Whether `mode` (with `ipvlan_mode`) splits the network into host blocks.
+fn routed_mode(mode: &str, ipvlan_mode: &str) -> bool {
+    mode == MODE_ROUTED || (mode == MODE_IPVLAN && ipvlan_mode == IPVLAN_L3)
+}
 
 /// A routed network's block per host unless `netd.block` says otherwise:
 /// a /24 (254 containers a host), or a quarter of a smaller network.
@@ -131,17 +148,37 @@ pub struct NetworkRequest {
     /// Routed networks: the per-host block's prefix length (None: the
     /// default).
     pub block: Option<u8>,
+    pub ipvlan_mode: String,
 }
 
 impl NetworkRecord {
     /// Whether its containers sit on a physical segment (no VXLAN).
     pub fn is_segment(&self) -> bool {
-        self.mode == MODE_MACVLAN
+        segment_mode(&self.mode, &self.ipvlan_mode)
+    }
+
+    /// Whether its containers share the parent's MAC (ipvlan L2).
+    pub fn shares_parent_mac(&self) -> bool {
+        self.mode == MODE_IPVLAN && self.ipvlan_mode == IPVLAN_L2
     }
 
     /// Whether it is split into per-host blocks, routed between hosts.
     pub fn is_routed(&self) -> bool {
-        self.mode == MODE_ROUTED
+        routed_mode(&self.mode, &self.ipvlan_mode)
+    }
+
+    /// Whether its egress leaving the cluster network is masqueraded
+    /// (ipvlan L3 containers are routed as they are, as with Docker's).
+    pub fn masquerades(&self) -> bool {
+        self.mode != MODE_IPVLAN
+    }
+
+    /// Its mode as `netd networks` says it: `ipvlan-l3`, `overlay`…
+    pub fn mode_label(&self) -> String {
+        match self.ipvlan_mode.as_str() {
+            "" => self.mode.clone(),
+            m => format!("{}-{m}", self.mode),
+        }
     }
 
     /// How many host blocks it has.
@@ -1170,7 +1207,7 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         None => Ipv4Addr::from(u32::from(net) + 1),
     };
     let overlay = req.mode == MODE_OVERLAY;
-    if req.mode == MODE_ROUTED && req.ip_range.is_some() {
+    if routed_mode(&req.mode, &req.ipvlan_mode) && req.ip_range.is_some() {
         bail!("a routed network's addresses come from its host blocks: no --ip-range");
     }
     if let Some(vni) = req.vni {
@@ -1184,22 +1221,23 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
     if let Some(range) = req.ip_range {
         check_ip_range(req.subnet, range)?;
     }
-    let block = match (req.mode.as_str(), req.block) {
-        (MODE_ROUTED, None) => default_block(req.subnet),
-        (MODE_ROUTED, Some(b)) if b > prefix && b <= 30 => b,
-        (MODE_ROUTED, Some(b)) => bail!(
+    let routed = routed_mode(&req.mode, &req.ipvlan_mode);
+    let block = match (routed, req.block) {
+        (true, None) => default_block(req.subnet),
+        (true, Some(b)) if b > prefix && b <= 30 => b,
+        (true, Some(b)) => bail!(
             "block /{b} does not split {net}/{prefix}: a routed network's host blocks are /{} to /30",
             prefix + 1
         ),
-        (_, Some(_)) => bail!("a host block is for routed networks, not {}", req.mode),
-        (_, None) => 0,
+        (false, Some(_)) => bail!("a host block is for routed networks, not {}", req.mode),
+        (false, None) => 0,
     };
     if block != 0 && block <= prefix {
         bail!("{net}/{prefix} is too small to split into host blocks");
     }
     if let Some(same) = existing.iter().find(|n| n.id == req.id) {
-        let differs = if same.mode != req.mode {
-            Some(format!("mode {}", same.mode))
+        let differs = if (&same.mode, &same.ipvlan_mode) != (&req.mode, &req.ipvlan_mode) {
+            Some(format!("mode {}", same.mode_label()))
         } else if same.subnet != req.subnet {
             Some(format!("subnet {}/{}", same.subnet.0, same.subnet.1))
         } else if same.internal != req.internal {
@@ -1257,6 +1295,7 @@ fn plan_network(req: &NetworkRequest, existing: &[NetworkRecord]) -> Result<Plan
         vlan: req.vlan,
         ip_range: req.ip_range,
         block,
+        ipvlan_mode: req.ipvlan_mode.clone(),
     }))
 }
 
@@ -1343,6 +1382,7 @@ mod tests {
             vlan: 0,
             ip_range: None,
             block: None,
+            ipvlan_mode: String::new(),
         }
     }
 

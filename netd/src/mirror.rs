@@ -176,22 +176,35 @@ impl Mirror {
             gateway: record.gateway.to_string(),
             internal: record.internal,
             ip_range: record.ip_range.map(|(a, l)| format!("{a}/{l}")),
-            options: [
-                (driver::OPT_ID.to_owned(), record.id.clone()),
-                (driver::OPT_MODE.to_owned(), record.mode.clone()),
-                if record.is_segment() {
-                    (driver::OPT_PARENT.to_owned(), record.parent_option())
-                } else if record.is_routed() {
-                    (driver::OPT_BLOCK.to_owned(), record.block.to_string())
-                } else {
-                    (driver::OPT_VNI.to_owned(), record.vni.to_string())
-                },
-            ]
-            .into(),
+            options: copy_options(record),
         };
         match docker::create_network(&self.docker, copy).await {
             Ok(()) => tracing::info!("network {} copied from the cluster", record.name),
             Err(e) => self.report(format!("copying network {}: {e:#}", record.name)),
         }
     }
+}
+
+/// The `-o` options of a copy of `record`: what its creation was given.
+fn copy_options(record: &NetworkRecord) -> std::collections::HashMap<String, String> {
+    let mut options = std::collections::HashMap::from([
+        (driver::OPT_ID.to_owned(), record.id.clone()),
+        (driver::OPT_MODE.to_owned(), record.mode.clone()),
+    ]);
+    if record.vni != 0 {
+        options.insert(driver::OPT_VNI.to_owned(), record.vni.to_string());
+    }
+    if !record.parent.is_empty() {
+        options.insert(driver::OPT_PARENT.to_owned(), record.parent_option());
+    }
+    if !record.ipvlan_mode.is_empty() {
+        options.insert(
+            driver::OPT_IPVLAN_MODE.to_owned(),
+            record.ipvlan_mode.clone(),
+        );
+    }
+    if record.block != 0 {
+        options.insert(driver::OPT_BLOCK.to_owned(), record.block.to_string());
+    }
+    options
 }

@@ -47,6 +47,8 @@ pub struct Overlay {
     gateways_applied: Option<Vec<std::net::Ipv4Addr>>,
     /// Segment (macvlan) networks: their parents and container MACs.
     segments: Segments,
+    /// The other hosts not on this LAN, as last read.
+    off_link: std::collections::HashSet<std::net::Ipv4Addr>,
 }
 
 impl Overlay {
@@ -83,6 +85,7 @@ impl Overlay {
             adopted: false,
             gateways_applied: None,
             segments: Segments::new(dp)?,
+            off_link: Default::default(),
         })
     }
 
@@ -202,11 +205,13 @@ impl Overlay {
             .filter(|h| h.node != self.node)
             .map(|h| h.vtep)
             .collect();
-        let off_link = netlink::off_link(&others).await.unwrap_or_else(|e| {
-            tracing::warn!("{e:#}");
-            Default::default()
-        });
-        let desired = state::desired_overlay(picture, &self.node, &off_link);
+        // A failed read keeps the last answer: taking every host for one
+        // on this LAN would route to hosts beyond a router.
+        match netlink::off_link(&others).await {
+            Ok(off_link) => self.off_link = off_link,
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+        let desired = state::desired_overlay(picture, &self.node, &self.off_link);
         for b in desired
             .unroutable
             .iter()

@@ -1,6 +1,7 @@
-//! The daemon's side of segment (macvlan) networks: where each network's
-//! parent is on this host, the container MACs the parents' programs demux,
-//! the programs on the parents, and the parents' unicast filters.
+//! The daemon's side of segment networks (macvlan, ipvlan L2): where each
+//! network's parent is on this host, the container MACs and addresses the
+//! parents' programs demux, the programs on the parents, and the parents'
+//! unicast filters.
 //!
 //! A Join writes its endpoint's entries at once (the container's first
 //! frame must find them); each picture of the cluster then brings the maps
@@ -8,11 +9,14 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
-use netd_common::{Endpoint, Segment, SegmentMac, SegmentPort};
+use netd_common::{
+    segment::{SegmentAddr, SEGMENT_SHARED_MAC},
+    Endpoint, Segment, SegmentMac, SegmentPort,
+};
 
 use crate::{
     cluster::{NetworkRecord, Picture},
-    dataplane::{Attachment, Dataplane, SegmentMacs, Segments as SegmentTable},
+    dataplane::{Attachment, Dataplane, SegmentAddrs, SegmentMacs, Segments as SegmentTable},
     netlink, reconcile,
 };
 
@@ -29,15 +33,16 @@ pub struct Segments {
 }
 
 impl Segments {
-    /// Picks up the parents an earlier daemon attached to.
-    pub fn new(dp: &Dataplane) -> Result<Self> {
-        Ok(Self {
-            attached: dp
-                .attached_targets(Attachment::ParentIngress)?
-                .into_iter()
-                .collect(),
-            ..Self::default()
-        })
+    /// Takes over the parents an earlier daemon attached to: their pinned
+    /// links get this daemon's programs (an upgrade's too).
+    pub fn new(dp: &mut Dataplane) -> Result<Self> {
+        let mut segments = Self::default();
+        for parent in dp.attached_targets(Attachment::ParentIngress)? {
+            if let Err(e) = segments.attach(dp, &parent) {
+                tracing::warn!("taking over the segment demux on {parent}: {e:#}");
+            }
+        }
+        Ok(segments)
     }
 
     /// Resolves `network`'s parent on this host (Join's check that it
@@ -48,6 +53,11 @@ impl Segments {
             parent,
             vlan: network.vlan,
             parent_mac,
+            flags: if network.shares_parent_mac() {
+                SEGMENT_SHARED_MAC
+            } else {
+                0
+            },
         })
     }
 
@@ -64,10 +74,13 @@ impl Segments {
         self.networks
             .insert(endpoint.network, (segment, parent.to_owned()));
         dp.table_set::<SegmentTable>(endpoint.network, segment)?;
-        let (key, port) = mac_entry(&segment, ifindex, endpoint);
-        dp.table_set::<SegmentMacs>(key, port)?;
+        let (addr, port) = addr_entry(&segment, ifindex, endpoint);
+        dp.table_set::<SegmentAddrs>(addr, port)?;
+        if let Some((key, port)) = mac_entry(&segment, ifindex, endpoint) {
+            dp.table_set::<SegmentMacs>(key, port)?;
+            self.filter(segment.parent, endpoint.mac);
+        }
         self.attach(dp, parent)?;
-        self.filter(segment.parent, endpoint.mac);
         Ok(())
     }
 
@@ -81,10 +94,13 @@ impl Segments {
         let Some((segment, _)) = self.networks.get(&endpoint.network) else {
             return Ok(());
         };
-        let (key, _) = mac_entry(segment, 0, endpoint);
-        dp.table_remove::<SegmentMacs>(&key)?;
-        let parent = segment.parent;
-        self.unfilter(parent, endpoint.mac);
+        let (addr, _) = addr_entry(segment, 0, endpoint);
+        dp.table_remove::<SegmentAddrs>(&addr)?;
+        if let Some((key, _)) = mac_entry(segment, 0, endpoint) {
+            dp.table_remove::<SegmentMacs>(&key)?;
+            let parent = segment.parent;
+            self.unfilter(parent, endpoint.mac);
+        }
         Ok(())
     }
 
@@ -103,8 +119,15 @@ impl Segments {
                 Ok(segment) => {
                     networks.insert(id, (segment, n.parent.clone()));
                 }
-                // Not an error of this host's until a container joins.
-                Err(e) => tracing::debug!("network {}: {e:#}", n.label()),
+                // Not an error of this host's until a container joins; one
+                // that worked before keeps what it had (a failed read must
+                // not take the containers' entries away).
+                Err(e) => {
+                    tracing::debug!("network {}: {e:#}", n.label());
+                    if let Some(known) = self.networks.get(&id) {
+                        networks.insert(id, known.clone());
+                    }
+                }
             }
         }
         // A network the picture lacks but an endpoint joined (a picture
@@ -114,9 +137,10 @@ impl Segments {
                 networks.entry(ep.network).or_insert_with(|| known.clone());
             }
         }
-        let (tables, macs) = desired(&networks, joined);
+        let (tables, macs, addrs) = desired(&networks, joined);
         reconcile::table::<SegmentTable>(dp, &tables)?;
         reconcile::table::<SegmentMacs>(dp, &macs)?;
+        reconcile::table::<SegmentAddrs>(dp, &addrs)?;
         let parents: HashSet<String> = networks.values().map(|(_, p)| p.clone()).collect();
         for parent in &parents {
             if let Err(e) = self.attach(dp, parent) {
@@ -174,36 +198,63 @@ impl Segments {
     }
 }
 
-/// The `netd_segment_macs` entry of `endpoint` behind veth `ifindex`.
-fn mac_entry(segment: &Segment, ifindex: u32, endpoint: &Endpoint) -> (SegmentMac, SegmentPort) {
-    (
-        SegmentMac {
+fn port(segment: &Segment, ifindex: u32, endpoint: &Endpoint) -> SegmentPort {
+    SegmentPort {
+        ifindex,
+        network: endpoint.network,
+        flags: segment.flags,
+    }
+}
+
+/// The `netd_segment_macs` entry of `endpoint` behind veth `ifindex`; none
+/// in ipvlan mode, where the MAC is the parent's.
+fn mac_entry(
+    segment: &Segment,
+    ifindex: u32,
+    endpoint: &Endpoint,
+) -> Option<(SegmentMac, SegmentPort)> {
+    (segment.flags & SEGMENT_SHARED_MAC == 0).then(|| {
+        let key = SegmentMac {
             parent: segment.parent,
             vlan: segment.vlan,
             mac: endpoint.mac,
-        },
-        SegmentPort {
-            ifindex,
-            network: endpoint.network,
-        },
-    )
+        };
+        (key, port(segment, ifindex, endpoint))
+    })
 }
 
-/// What `netd_segments` and `netd_segment_macs` hold for `networks` (id →
-/// segment here) and the endpoints joined here.
-fn desired(
-    networks: &HashMap<u32, (Segment, String)>,
-    joined: &[(u32, Endpoint)],
-) -> (HashMap<u32, Segment>, HashMap<SegmentMac, SegmentPort>) {
+/// The `netd_segment_addrs` entry of `endpoint` behind veth `ifindex`.
+fn addr_entry(segment: &Segment, ifindex: u32, endpoint: &Endpoint) -> (SegmentAddr, SegmentPort) {
+    let key = SegmentAddr {
+        parent: segment.parent,
+        vlan: segment.vlan,
+        _pad: 0,
+        addr: endpoint.addr,
+    };
+    (key, port(segment, ifindex, endpoint))
+}
+
+type Desired = (
+    HashMap<u32, Segment>,
+    HashMap<SegmentMac, SegmentPort>,
+    HashMap<SegmentAddr, SegmentPort>,
+);
+
+/// What `netd_segments`, `netd_segment_macs` and `netd_segment_addrs` hold
+/// for `networks` (id → segment here) and the endpoints joined here.
+fn desired(networks: &HashMap<u32, (Segment, String)>, joined: &[(u32, Endpoint)]) -> Desired {
     let tables = networks.iter().map(|(id, (s, _))| (*id, *s)).collect();
-    let macs = joined
-        .iter()
-        .filter_map(|(ifindex, ep)| {
-            let (segment, _) = networks.get(&ep.network)?;
-            Some(mac_entry(segment, *ifindex, ep))
-        })
-        .collect();
-    (tables, macs)
+    let mut macs = HashMap::new();
+    let mut addrs = HashMap::new();
+    for (ifindex, ep) in joined {
+        let Some((segment, _)) = networks.get(&ep.network) else {
+            continue;
+        };
+        macs.extend(mac_entry(segment, *ifindex, ep));
+        let (key, port) = addr_entry(segment, *ifindex, ep);
+        addrs.insert(key, port);
+    }
+    (tables, macs, addrs)
 }
 
 #[cfg(test)]
@@ -216,6 +267,7 @@ mod tests {
             parent: 2,
             vlan: 100,
             parent_mac: [2, 0, 0, 0, 0, 1],
+            flags: 0,
         };
         let networks = HashMap::from([(7, (segment, "eth0".to_owned()))]);
         let ep = |network, last| Endpoint {
@@ -224,8 +276,9 @@ mod tests {
             _pad: [0; 2],
             network,
         };
-        let (tables, macs) = desired(&networks, &[(10, ep(7, 2)), (11, ep(8, 3))]);
+        let (tables, macs, addrs) = desired(&networks, &[(10, ep(7, 2)), (11, ep(8, 3))]);
         assert_eq!(tables, HashMap::from([(7, segment)]));
+        assert_eq!(addrs.len(), 1);
         assert_eq!(
             macs,
             HashMap::from([(
@@ -236,9 +289,19 @@ mod tests {
                 },
                 SegmentPort {
                     ifindex: 10,
-                    network: 7
+                    network: 7,
+                    flags: 0,
                 }
             )])
         );
+        // ipvlan: by address only.
+        let shared = Segment {
+            flags: SEGMENT_SHARED_MAC,
+            ..segment
+        };
+        let networks = HashMap::from([(7, (shared, "eth0".to_owned()))]);
+        let (_, macs, addrs) = desired(&networks, &[(10, ep(7, 2))]);
+        assert!(macs.is_empty());
+        assert_eq!(addrs.keys().next().map(|k| k.addr), Some([198, 18, 90, 2]));
     }
 }

@@ -256,8 +256,10 @@ pub fn desired_overlay(
         let flags = NETWORK_OVERLAY
             | if n.internal {
                 NETWORK_INTERNAL
-            } else {
+            } else if n.masquerades() {
                 NETWORK_MASQUERADE
+            } else {
+                0
             }
             | if n.is_routed() { NETWORK_ROUTED } else { 0 };
         out.networks.insert(n.subnet, NetworkInfo { flags, id });

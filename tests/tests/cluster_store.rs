@@ -43,6 +43,7 @@ fn request(id: &str, subnet: (Ipv4Addr, u8)) -> NetworkRequest {
         vlan: 0,
         ip_range: None,
         block: None,
+        ipvlan_mode: String::new(),
     }
 }
 

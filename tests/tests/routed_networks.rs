@@ -147,7 +147,9 @@ fn hosts_route_each_others_blocks_without_encapsulation() {
         .http_get_from("cb", &format!("http://{}/cgi-bin/peer", outside.ip))
         .unwrap();
     assert_eq!(seen.trim(), format!("[::ffff:{}]", b.ip));
-    // The outside cannot reach a routed container unsolicited.
+    // The outside cannot reach a routed container unsolicited, even with
+    // a route to it.
+    outside.route([198, 19, ca.octets()[2]], a.ip).unwrap();
     assert!(
         outside
             .ns
@@ -247,5 +249,77 @@ fn routed_blocks_run_out_with_a_clear_error() {
     assert!(
         format!("{err:#}").contains("its 2 host blocks (/25) are all taken, by a, b"),
         "{err:#}"
+    );
+}
+
+/// The MAC `ns` has for `addr` in its neighbour table, if any.
+fn neighbour(ns: &NetNs, addr: &str) -> Option<String> {
+    let out = ns.run_ok("ip", &["neigh", "show", addr]).ok()?;
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "lladdr")?;
+    words.next().map(str::to_owned)
+}
+
+#[test]
+fn ipvlan_l3_containers_are_routed_through_their_host_without_nat() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(33).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = Host::cluster_member(&bench, &lan, "a", 1, &etcd.endpoint(), &[]).unwrap();
+    let b = Host::cluster_member(&bench, &lan, "b", 2, &etcd.endpoint(), &[]).unwrap();
+    let outside = Host::plain(&bench, &lan, "outside", 200).unwrap();
+    let _web = outside.serve_http().unwrap();
+    a.create_netd_network(
+        "l3",
+        "198.19.160.0/20",
+        &[
+            "-o",
+            "netd.mode=ipvlan",
+            "-o",
+            "ipvlan_mode=l3",
+            "-o",
+            "parent=eth0",
+        ],
+    )
+    .unwrap();
+    assert!(b.sees_netd_networks(&["l3"], Duration::from_secs(5)));
+    a.dockerd().run_echo("la", &["--network", "l3"]).unwrap();
+    b.dockerd()
+        .run("lb", &["--network", "l3"], &["sleep", "600"])
+        .unwrap();
+    let (la, lb) = (
+        a.container_addr("la").unwrap(),
+        b.container_addr("lb").unwrap(),
+    );
+    assert_ne!(la.octets()[2], lb.octets()[2], "one block per host");
+    assert!(ping_from(&b, "lb", &la.to_string()), "lb cannot reach la");
+
+    // The LAN routes the block via its host: no NAT either way, and no ARP
+    // on the LAN for the container.
+    outside.route([198, 19, la.octets()[2]], a.ip).unwrap();
+    let seen = a
+        .dockerd()
+        .http_get_from("la", &format!("http://{}/cgi-bin/peer", outside.ip))
+        .unwrap();
+    assert_eq!(seen.trim(), format!("[::ffff:{la}]"), "masqueraded");
+    let from_outside = outside
+        .ns
+        .run("busybox", &["ping", "-c", "1", "-W", "2", &la.to_string()])
+        .unwrap();
+    assert!(from_outside.status.success(), "the LAN cannot reach la");
+    assert_eq!(neighbour(&outside.ns, &la.to_string()), None);
+    let networks = a
+        .netd
+        .as_ref()
+        .unwrap()
+        .cli(&["networks", "--etcd", &etcd.endpoint()])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&networks.stdout).contains("ipvlan-l3"),
+        "{}",
+        String::from_utf8_lossy(&networks.stdout)
     );
 }

@@ -230,10 +230,15 @@ fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec
 }
 
 fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
-    let out = ns.run_ok("cat", &[&format!("/sys/class/net/{ifname}/address")]);
-    let text = out.unwrap_or_default();
+    // From the namespace's own rtnetlink: /sys is the machine's.
+    let out = ns.run_ok("ip", &["-o", "link", "show", ifname]).unwrap();
+    let mut words = out.split_whitespace();
+    words
+        .find(|w| *w == "link/ether")
+        .expect("an Ethernet interface");
+    let text = words.next().unwrap();
     let mut mac = [0u8; 6];
-    for (b, part) in mac.iter_mut().zip(text.trim().split(':')) {
+    for (b, part) in mac.iter_mut().zip(text.split(':')) {
         *b = u8::from_str_radix(part, 16).unwrap();
     }
     mac
@@ -309,8 +314,13 @@ fn vlans_are_tagged_on_the_wire_and_isolated() {
         0x0806,
         &arp(1, peer_mac, peer_ip, [0; 6], a100),
     );
+    // a100's reply to the peer: op 2, sender a100, target the peer.
     let is_arp_reply = |r: &netd_tests::raw::Received| {
-        r.frame.len() >= 42 && r.frame[12..14] == [8, 6] && r.frame[20..22] == [0, 2]
+        r.frame.len() >= 42
+            && r.frame[12..14] == [8, 6]
+            && r.frame[20..22] == [0, 2]
+            && r.frame[28..32] == a100.octets()
+            && r.frame[38..42] == peer_ip.octets()
     };
     raw.send(&tagged(&request, 100)).unwrap();
     let reply = raw
@@ -339,8 +349,14 @@ fn vlans_are_tagged_on_the_wire_and_isolated() {
         0x0800,
         &ipv4(peer_ip, a100, 1, &icmp_echo(8, 0x4242, 1, b"vlan")),
     );
+    // a100's echo reply to the peer.
     let is_echo_reply = |r: &netd_tests::raw::Received| {
-        r.frame.len() >= 42 && r.frame[12..14] == [8, 0] && r.frame[23] == 1 && r.frame[34] == 0
+        r.frame.len() >= 42
+            && r.frame[12..14] == [8, 0]
+            && r.frame[23] == 1
+            && r.frame[34] == 0
+            && r.frame[26..30] == a100.octets()
+            && r.frame[30..34] == peer_ip.octets()
     };
     raw.send(&tagged(&echo, 100)).unwrap();
     let reply = raw
@@ -366,6 +382,79 @@ fn vlans_are_tagged_on_the_wire_and_isolated() {
     let status = a.netd.as_ref().unwrap().status().unwrap();
     assert!(
         counter(&status, "parent-ingress", "demuxed") > 0,
+        "{status}"
+    );
+}
+
+#[test]
+fn ipvlan_l2_containers_share_the_parents_mac() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(32).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = cluster_host(&bench, &lan, &etcd, "a", 1);
+    let b = cluster_host(&bench, &lan, &etcd, "b", 2);
+    let machine = Host::plain(&bench, &lan, "lanbox", 3).unwrap();
+    add_address(&machine.ns, "198.18.96.254/24");
+    let _web = machine.serve_http().unwrap();
+    a.create_netd_network(
+        "ipv",
+        "198.18.96.0/24",
+        &[
+            "-o",
+            "netd.mode=ipvlan",
+            "-o",
+            "parent=eth0",
+            "--gateway",
+            "198.18.96.254",
+            "--ip-range",
+            "198.18.96.0/25",
+        ],
+    )
+    .unwrap();
+    assert!(b.sees_netd_networks(&["ipv"], Duration::from_secs(5)));
+    for (h, name) in [(&a, "i-a1"), (&a, "i-a2"), (&b, "i-b")] {
+        h.dockerd()
+            .run(name, &["--network", "ipv"], &["sleep", "600"])
+            .unwrap();
+    }
+    let addr = |h: &Host, name: &str| h.container_addr(name).unwrap().to_string();
+    let (a1, a2, ib) = (addr(&a, "i-a1"), addr(&a, "i-a2"), addr(&b, "i-b"));
+    let a_mac = mac_of(&a.ns, "eth0");
+    let text = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    let inside = a
+        .dockerd()
+        .exec("i-a1", &["cat", "/sys/class/net/eth0/address"])
+        .unwrap();
+    assert_eq!(
+        inside.trim(),
+        text(a_mac),
+        "the container has the parent's MAC"
+    );
+
+    // A LAN machine finds the container at its host's MAC.
+    machine.ns.run_ok("ip", &["neigh", "flush", "all"]).unwrap();
+    assert!(ping(&machine.ns, &a1), "the LAN machine cannot reach i-a1");
+    assert_eq!(neighbour(&machine.ns, &a1), Some(text(a_mac)));
+    // Neighbours on one host share the MAC and are told apart by address;
+    // across hosts through the switch; out to the LAN with no NAT.
+    assert!(ping_from(&a, "i-a1", &a2), "i-a1 cannot reach i-a2");
+    assert!(ping_from(&b, "i-b", &a1), "i-b cannot reach i-a1");
+    assert!(ping_from(&a, "i-a2", &ib), "i-a2 cannot reach i-b");
+    let seen = a
+        .dockerd()
+        .http_get_from("i-a2", "http://198.18.96.254/cgi-bin/peer")
+        .unwrap();
+    assert_eq!(seen.trim(), format!("[::ffff:{a2}]"));
+    let status = a.netd.as_ref().unwrap().status().unwrap();
+    assert!(
+        counter(&status, "parent-ingress", "demuxed") > 0,
+        "{status}"
+    );
+    assert!(
+        counter(&status, "container-egress", "switched") > 0,
         "{status}"
     );
 }

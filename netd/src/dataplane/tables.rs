@@ -12,8 +12,8 @@ use aya::{
     Pod,
 };
 use netd_common::{
-    maps, overlay::RoutedBlock, NetworkInfo, OverlayNetwork, Peer, Segment, SegmentMac,
-    SegmentPort, TunnelConfig,
+    maps, overlay::RoutedBlock, segment::SegmentAddr, NetworkInfo, OverlayNetwork, Peer, Segment,
+    SegmentMac, SegmentPort, TunnelConfig,
 };
 
 use super::Dataplane;
@@ -70,6 +70,14 @@ pub struct SegmentMacs;
 impl Table for SegmentMacs {
     const NAME: &'static str = maps::SEGMENT_MACS;
     type Key = SegmentMac;
+    type Value = SegmentPort;
+}
+
+/// (parent, VLAN, address) → the segment container holding the address.
+pub struct SegmentAddrs;
+impl Table for SegmentAddrs {
+    const NAME: &'static str = maps::SEGMENT_ADDRS;
+    type Key = SegmentAddr;
     type Value = SegmentPort;
 }
 

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use super::{field, parse_cidr, DatapathRequest, Plugin, Reply, ADDRESS_SPACE};
 use crate::{
     cluster::{
-        AddressClaim, EndpointRecord, NetworkRequest, MODE_MACVLAN, MODE_OVERLAY, MODE_ROUTED,
+        AddressClaim, EndpointRecord, NetworkRequest, IPVLAN_L2, IPVLAN_L3, MODE_IPVLAN,
+        MODE_MACVLAN, MODE_OVERLAY, MODE_ROUTED,
     },
     netlink,
     state::overlay_mac,
@@ -26,8 +27,10 @@ pub const OPT_ID: &str = "netd.id";
 pub const OPT_PARENT: &str = "parent";
 /// Routed networks: the prefix length of each host's block.
 pub const OPT_BLOCK: &str = "netd.block";
+/// Docker's own ipvlan option: l2 (the default) or l3.
+pub const OPT_IPVLAN_MODE: &str = "ipvlan_mode";
 /// Modes `netd.mode` may name (overlay is the default).
-const MODES: &[&str] = &[MODE_OVERLAY, MODE_MACVLAN, MODE_ROUTED];
+const MODES: &[&str] = &[MODE_OVERLAY, MODE_MACVLAN, MODE_IPVLAN, MODE_ROUTED];
 /// What VXLAN over IPv4 adds to a frame: outer IPv4 20, UDP 8, VXLAN 8 and
 /// the inner Ethernet header 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -68,6 +71,7 @@ struct Requested {
     parent: String,
     vlan: u16,
     block: Option<u8>,
+    ipvlan_mode: String,
 }
 
 /// `eth1` or `eth1.100` (Docker's syntax): the interface and the VLAN.
@@ -108,7 +112,7 @@ fn parse_create(body: &Value) -> Result<Requested> {
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let (mut mode, mut vni, mut adopt) = (MODE_OVERLAY.to_owned(), None, None);
-    let (mut parent, mut block) = (None, None);
+    let (mut parent, mut block, mut ipvlan_mode) = (None, None, None);
     if let Some(generic) = options
         .and_then(|o| o.get("com.docker.network.generic"))
         .and_then(Value::as_object)
@@ -130,6 +134,10 @@ fn parse_create(body: &Value) -> Result<Requested> {
                 }
                 OPT_ID => adopt = Some(value.to_owned()),
                 OPT_PARENT => parent = Some(parse_parent(value)?),
+                OPT_IPVLAN_MODE if [IPVLAN_L2, IPVLAN_L3].contains(&value) => {
+                    ipvlan_mode = Some(value.to_owned())
+                }
+                OPT_IPVLAN_MODE => bail!("{OPT_IPVLAN_MODE}={value}: netd runs l2 and l3"),
                 OPT_BLOCK => {
                     block = Some(
                         value
@@ -140,15 +148,25 @@ fn parse_create(body: &Value) -> Result<Requested> {
                 }
                 other => bail!(
                     "netd takes no option {other} (it knows {OPT_MODE}, {OPT_VNI}, {OPT_PARENT}, \
-                     {OPT_BLOCK})"
+                     {OPT_IPVLAN_MODE}, {OPT_BLOCK})"
                 ),
             }
         }
     }
+    let ipvlan_mode = match (mode.as_str(), ipvlan_mode) {
+        (MODE_IPVLAN, m) => m.unwrap_or_else(|| IPVLAN_L2.to_owned()),
+        (_, Some(_)) => bail!("-o {OPT_IPVLAN_MODE} is for ipvlan networks, not {mode}"),
+        (_, None) => String::new(),
+    };
     let (parent, vlan) = match (mode.as_str(), parent) {
-        (MODE_MACVLAN, Some(p)) => p,
-        (MODE_MACVLAN, None) => bail!("a {mode} network needs -o {OPT_PARENT}=INTERFACE[.VLAN]"),
-        (_, Some(_)) => bail!("-o {OPT_PARENT} is for macvlan networks, not {mode}"),
+        (MODE_IPVLAN, Some((_, vid))) if ipvlan_mode == IPVLAN_L3 && vid != 0 => {
+            bail!("an ipvlan l3 network is routed through its host: no VLAN (.{vid})")
+        }
+        (MODE_MACVLAN | MODE_IPVLAN, Some(p)) => p,
+        (MODE_MACVLAN | MODE_IPVLAN, None) => {
+            bail!("a {mode} network needs -o {OPT_PARENT}=INTERFACE[.VLAN]")
+        }
+        (_, Some(_)) => bail!("-o {OPT_PARENT} is for macvlan and ipvlan networks, not {mode}"),
         (_, None) => (String::new(), 0),
     };
     let v4 = body
@@ -183,6 +201,7 @@ fn parse_create(body: &Value) -> Result<Requested> {
         parent,
         vlan,
         block,
+        ipvlan_mode,
     })
 }
 
@@ -242,6 +261,7 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
                     vlan: req.vlan,
                     ip_range,
                     block: req.block,
+                    ipvlan_mode: req.ipvlan_mode,
                 })
                 .await?;
             tracing::info!(
@@ -251,7 +271,11 @@ async fn create_network(plugin: &Plugin, body: &Value) -> Result<Value> {
                 record.subnet.0,
                 record.subnet.1,
                 if record.is_segment() {
-                    format!("parent {}", record.parent_option())
+                    format!(
+                        "{} on parent {}",
+                        record.mode_label(),
+                        record.parent_option()
+                    )
                 } else if record.is_routed() {
                     format!("host blocks /{}", record.block)
                 } else {
@@ -304,13 +328,48 @@ async fn create_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
         bail!("netd networks are IPv4 only");
     }
     let addr = parse_cidr(field(iface, "Address"))?.0;
+    let network = plugin.netd_id(field(body, "NetworkID")).await?;
     let given = field(iface, "MacAddress");
-    let mac = match given {
-        "" => overlay_mac(addr),
-        m => parse_mac(m)?,
+    let (net, _) = plugin
+        .store
+        .clone()
+        .network(&network)
+        .await?
+        .ok_or_else(|| anyhow!("no netd network has id {network}"))?;
+    let mac = if net.shares_parent_mac() {
+        // ipvlan L2: the parent's MAC, as kernel ipvlan gives its slaves.
+        let segment = crate::segment::Segments::resolve(&net).await.map_err(|e| {
+            anyhow!(
+                "network {}: parent {} on host {}: {e:#}",
+                net.label(),
+                net.parent,
+                plugin.host.node
+            )
+        })?;
+        if !given.is_empty() && parse_mac(given)? != segment.parent_mac {
+            bail!("ipvlan containers share the parent's MAC: no --mac-address");
+        }
+        segment.parent_mac
+    } else {
+        match given {
+            "" => overlay_mac(addr),
+            m => parse_mac(m)?,
+        }
     };
+    if net.is_segment() && !given.is_empty() && !net.shares_parent_mac() {
+        // On the LAN, a MAC the parent's programs demux by: never a group
+        // address or the parent's own (its traffic would be a container's).
+        let parent = crate::segment::Segments::resolve(&net).await?;
+        if mac[0] & 1 != 0 || mac == parent.parent_mac {
+            bail!(
+                "--mac-address {given}: a container on {} cannot have a group MAC or the \
+                 parent's own",
+                net.parent
+            );
+        }
+    }
     let record = EndpointRecord {
-        network: plugin.netd_id(field(body, "NetworkID")).await?,
+        network,
         addr,
         mac,
         host: plugin.host.node.clone(),
@@ -326,7 +385,7 @@ async fn create_endpoint(plugin: &Plugin, body: &Value) -> Result<Value> {
     };
     store.name_claim(&record.network, addr, &claim).await?;
     // Docker lets a driver fill only what it left empty.
-    if given.is_empty() {
+    if given.is_empty() && mac != [0; 6] {
         return Ok(json!({"Interface": {"MacAddress": format_mac(mac)}}));
     }
     Ok(json!({}))
@@ -476,6 +535,7 @@ mod tests {
 
     #[test]
     fn create_requests_are_read_and_checked() {
+        let err = |b: Value| format!("{:#}", parse_create(&b).unwrap_err());
         let r = parse_create(&request(json!({"netd.vni": "5000"}), ADDRESS_SPACE)).unwrap();
         assert_eq!(
             r,
@@ -489,9 +549,25 @@ mod tests {
                 parent: String::new(),
                 vlan: 0,
                 block: None,
+                ipvlan_mode: String::new(),
             }
         );
-        let err = |b: Value| format!("{:#}", parse_create(&b).unwrap_err());
+        let r = parse_create(&request(
+            json!({"netd.mode": "ipvlan", "parent": "eth1"}),
+            ADDRESS_SPACE,
+        ))
+        .unwrap();
+        assert_eq!((r.ipvlan_mode.as_str(), r.parent.as_str()), ("l2", "eth1"));
+        assert!(err(request(
+            json!({"netd.mode": "ipvlan", "ipvlan_mode": "l3", "parent": "eth1.5"}),
+            ADDRESS_SPACE
+        ))
+        .contains("no VLAN"));
+        assert!(err(request(
+            json!({"netd.mode": "ipvlan", "ipvlan_mode": "l3s", "parent": "eth1"}),
+            ADDRESS_SPACE
+        ))
+        .contains("netd runs l2 and l3"));
         let r = parse_create(&request(
             json!({"netd.mode": "routed", "netd.block": "/26"}),
             ADDRESS_SPACE,
@@ -531,9 +607,8 @@ mod tests {
             err(request(json!({"netd.mode": "bridge"}), ADDRESS_SPACE)).contains("not a netd mode")
         );
         assert!(err(request(json!({"netd.vni": "x"}), ADDRESS_SPACE)).contains("not a number"));
-        assert!(
-            err(request(json!({"parent": "eth1"}), ADDRESS_SPACE)).contains("for macvlan networks")
-        );
+        assert!(err(request(json!({"parent": "eth1"}), ADDRESS_SPACE))
+            .contains("for macvlan and ipvlan networks"));
         assert!(err(request(json!({"bogus": "1"}), ADDRESS_SPACE)).contains("no option bogus"));
     }
 
