@@ -30,6 +30,29 @@ pub struct Segments {
     attached: HashSet<String>,
     /// (parent ifindex, MAC) put into unicast filters.
     filtered: HashSet<(u32, [u8; 6])>,
+    /// Filter changes, applied in order by one task (a Leave and Join of
+    /// the same MAC must not land the other way round).
+    filter_ops: Option<tokio::sync::mpsc::UnboundedSender<FilterOp>>,
+}
+
+/// Add (true) or remove a MAC from a parent's unicast filter.
+type FilterOp = (u32, [u8; 6], bool);
+
+/// Applies filter changes in order, each retried a few times.
+async fn apply_filter_ops(mut ops: tokio::sync::mpsc::UnboundedReceiver<FilterOp>) {
+    while let Some((parent, mac, add)) = ops.recv().await {
+        for attempt in 1..=3 {
+            let done = match add {
+                true => netlink::add_unicast_filter(parent, mac).await,
+                false => netlink::remove_unicast_filter(parent, mac).await,
+            };
+            match done {
+                Ok(()) => break,
+                Err(e) if attempt == 3 => tracing::warn!("{e:#}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+            }
+        }
+    }
 }
 
 impl Segments {
@@ -179,22 +202,23 @@ impl Segments {
 
     fn filter(&mut self, parent: u32, mac: [u8; 6]) {
         if self.filtered.insert((parent, mac)) {
-            tokio::spawn(async move {
-                if let Err(e) = netlink::add_unicast_filter(parent, mac).await {
-                    tracing::warn!("{e:#}");
-                }
-            });
+            self.send_filter_op((parent, mac, true));
         }
     }
 
     fn unfilter(&mut self, parent: u32, mac: [u8; 6]) {
         if self.filtered.remove(&(parent, mac)) {
-            tokio::spawn(async move {
-                if let Err(e) = netlink::remove_unicast_filter(parent, mac).await {
-                    tracing::debug!("{e:#}");
-                }
-            });
+            self.send_filter_op((parent, mac, false));
         }
+    }
+
+    fn send_filter_op(&mut self, op: FilterOp) {
+        let ops = self.filter_ops.get_or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(apply_filter_ops(rx));
+            tx
+        });
+        let _ = ops.send(op);
     }
 }
 
