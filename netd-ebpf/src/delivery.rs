@@ -92,6 +92,25 @@ impl FibParams {
 
 pub const AF_INET: u8 = 2;
 
+/// `BPF_FIB_LOOKUP_OUTPUT`: look up as for a packet the host sends.
+pub const FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
+
+impl FibParams {
+    /// `bpf_fib_lookup` with these parameters (`flags`: 0, or
+    /// [`FIB_LOOKUP_OUTPUT`]); the kernel's BPF_FIB_LKUP_RET_* answer.
+    #[inline(always)]
+    pub fn lookup(&mut self, ctx: &TcContext, flags: u32) -> u32 {
+        (unsafe {
+            bpf_fib_lookup(
+                ctx.as_ptr(),
+                (self as *mut FibParams).cast::<bpf_fib_lookup>(),
+                core::mem::size_of::<FibParams>() as i32,
+                flags,
+            )
+        }) as u32
+    }
+}
+
 /// Where the host's routing would send a packet from a container: the
 /// uplink, with the neighbour resolved and the packet within its MTU.
 /// `None` for anything else (another interface, the host itself, an
@@ -112,15 +131,7 @@ pub fn route_via_uplink(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8) 
     // which sends the packet down the kernel path, where a DF packet gets
     // its "fragmentation needed".
     let mut p = FibParams::new(unsafe { (*ctx.skb.skb).ifindex }, src, dst, proto);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            (&mut p as *mut FibParams).cast::<bpf_fib_lookup>(),
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || p.ifindex != uplink {
+    if p.lookup(ctx, 0) != BPF_FIB_LKUP_RET_SUCCESS || p.ifindex != uplink {
         return None;
     }
     Some(Route {

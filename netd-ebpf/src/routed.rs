@@ -7,24 +7,20 @@
 //! it to the container.
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, BPF_FIB_LKUP_RET_NO_NEIGH,
+        bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
     btf_maps::lpm_trie::Key,
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
-    EbpfContext as _,
 };
 use netd_common::{Counter, Endpoint};
 
 use crate::{
-    delivery::{decrement_ttl, mark_translated, set_macs, FibParams, AF_INET},
+    delivery::{decrement_ttl, mark_translated, set_macs, FibParams, AF_INET, FIB_LOOKUP_OUTPUT},
     maps::{CONFIG, ROUTED_BLOCKS},
     parsing::ETH_HLEN,
 };
-
-/// `BPF_FIB_LOOKUP_OUTPUT`: look up as for a packet the host sends.
-const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 
 /// Routes `ep`'s packet for `dst` (in its routed network, not on this
 /// host) to the host whose block holds `dst`. `Err`: dropped, and why (no
@@ -45,15 +41,7 @@ pub fn route(ctx: &TcContext, ep: &Endpoint, dst: [u8; 4]) -> Result<(Counter, i
         return Err(Counter::NoEndpoint);
     }
     let mut fib = FibParams::new(uplink, ep.addr, block.host, 0);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            (&mut fib as *mut FibParams).cast::<bpf_fib_lookup>(),
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    let resolved = match rc as u32 {
+    let resolved = match fib.lookup(ctx, FIB_LOOKUP_OUTPUT) {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         BPF_FIB_LKUP_RET_NO_NEIGH => false,
         // No route to the host, or too big for its link.

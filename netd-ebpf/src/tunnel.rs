@@ -8,17 +8,14 @@
 //! and is segmented (with its inner checksums) wherever the device cannot.
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_CSUM_LEVEL_DEC,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_CSUM_LEVEL_DEC, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
     },
     helpers::{
-        bpf_csum_level, bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh,
-        bpf_redirect_peer,
+        bpf_csum_level, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
     },
     programs::TcContext,
-    EbpfContext as _,
 };
 use netd_common::{
     overlay::{VXLAN_SPORT_MAX, VXLAN_SPORT_MIN},
@@ -27,7 +24,7 @@ use netd_common::{
 
 use crate::{
     checksum::ipv4_header_checksum,
-    delivery::{mark_translated, FibParams},
+    delivery::{mark_translated, FibParams, FIB_LOOKUP_OUTPUT},
     maps::{network_of, CONFIG, ENDPOINT_ADDRS, PEERS, TUNNEL, VNIS, VTEPS},
     parsing::{ptr_at, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, PACKET_HOST},
     pmtu,
@@ -42,8 +39,6 @@ const VXLAN_FLAG_VNI: u8 = 0x08;
 const INNER_L3: usize = ETH_HLEN + OUTER_L3_LEN + ETH_HLEN;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner MAC header's length.
 const ENCAP_L2_ETH_LEN: u64 = (ETH_HLEN as u64) << 56;
-/// `BPF_FIB_LOOKUP_OUTPUT`: look up as for a packet the host sends.
-const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 /// Source ports Linux's vxlan picks from (its default range).
 const SPORT_MIN: u32 = VXLAN_SPORT_MIN;
 const SPORT_MAX: u32 = VXLAN_SPORT_MAX;
@@ -97,15 +92,7 @@ pub fn encap(ctx: &TcContext, peer: &Peer, vni: u32) -> Result<Encap, Counter> {
         }
     }
     fib.tot_len = outer_len.map_or(0, |len| len.min(0xffff) as u16);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            (&mut fib as *mut FibParams).cast::<bpf_fib_lookup>(),
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    let resolved = match rc as u32 {
+    let resolved = match fib.lookup(ctx, FIB_LOOKUP_OUTPUT) {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         BPF_FIB_LKUP_RET_NO_NEIGH => false,
         // The lookup left the route's MTU in place of the length.

@@ -376,13 +376,7 @@ pub async fn peer_identity(nsid: i32, ifindex: u32) -> Result<([u8; 6], Vec<std:
         .await
         .with_context(|| format!("reading interface {ifindex} of namespace id {nsid}"))?
         .ok_or_else(|| anyhow!("no interface {ifindex} in namespace id {nsid}"))?;
-    let mac = link
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
-            _ => None,
-        })
+    let mac = link_mac(&link)
         .ok_or_else(|| anyhow!("interface {ifindex} of namespace id {nsid} has no MAC"))?;
     let mut get = handle.address().get().set_link_index_filter(ifindex);
     let msg = get.message_mut();
@@ -431,6 +425,14 @@ pub async fn mtu(ifname: &str) -> Result<u32> {
         .ok_or_else(|| anyhow!("{ifname} reports no MTU"))
 }
 
+/// A link's Ethernet address.
+fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+        _ => None,
+    })
+}
+
 /// The ifindex, MAC and promiscuity count of `ifname`.
 pub async fn link_identity(ifname: &str) -> Result<(u32, [u8; 6], u32)> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
@@ -444,14 +446,7 @@ pub async fn link_identity(ifname: &str) -> Result<(u32, [u8; 6], u32)> {
         .await
         .with_context(|| format!("reading interface {ifname}"))?
         .ok_or_else(|| anyhow!("no interface named {ifname:?}"))?;
-    let mac = link
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
-            _ => None,
-        })
-        .ok_or_else(|| anyhow!("{ifname} has no Ethernet address"))?;
+    let mac = link_mac(&link).ok_or_else(|| anyhow!("{ifname} has no Ethernet address"))?;
     let promiscuity = link
         .attributes
         .iter()

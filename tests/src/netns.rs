@@ -240,6 +240,14 @@ impl NetNs {
         })
     }
 
+    /// The MAC this namespace's neighbour table has for `addr`, if any.
+    pub fn neighbour_mac(&self, addr: &str) -> Option<String> {
+        let out = self.run_ok("ip", &["neigh", "show", addr]).ok()?;
+        let mut words = out.split_whitespace();
+        words.find(|w| *w == "lladdr")?;
+        words.next().map(str::to_owned)
+    }
+
     /// Writes a sysctl of this namespace (net.* sysctls are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

@@ -415,3 +415,34 @@ impl Drop for Background {
         }
     }
 }
+
+/// A TCP connection opened from inside a namespace (a container's, for
+/// instance) to a line echo server: what a test keeps open across a
+/// restart to see a session live on.
+pub struct LineSession {
+    conn: std::net::TcpStream,
+    lines: std::io::Lines<std::io::BufReader<std::net::TcpStream>>,
+}
+
+impl LineSession {
+    /// Connects from `ns` to `addr:port` (5 s), reads with a 10 s bound.
+    pub fn open(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Result<Self> {
+        use std::io::BufRead as _;
+        let conn = ns.enter(|| {
+            Ok(std::net::TcpStream::connect_timeout(
+                &(addr, port).into(),
+                std::time::Duration::from_secs(5),
+            )?)
+        })?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let lines = std::io::BufReader::new(conn.try_clone()?).lines();
+        Ok(Self { conn, lines })
+    }
+
+    /// Sends `line` and returns the line that comes back.
+    pub fn echo(&mut self, line: &str) -> Result<String> {
+        use std::io::Write as _;
+        writeln!(self.conn, "{line}")?;
+        Ok(self.lines.next().context("the connection closed")??)
+    }
+}

@@ -7,11 +7,11 @@
 //! restarted (its network and containers come back).
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpListener},
     time::Duration,
 };
 
-use netd_tests::{etcd::Etcd, eventually, privileged, Bench, Host, NetNs};
+use netd_tests::{etcd::Etcd, eventually, privileged, topology::LineSession, Bench, Host, NetNs};
 
 const TTL: &str = "3";
 
@@ -30,33 +30,6 @@ fn echo_server(ns: &NetNs, addr: Ipv4Addr, port: u16) -> std::thread::JoinHandle
             }
         }
     })
-}
-
-struct Session {
-    conn: TcpStream,
-    lines: std::io::Lines<BufReader<TcpStream>>,
-}
-
-impl Session {
-    fn open(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Self {
-        let conn = ns
-            .enter(|| {
-                Ok(TcpStream::connect_timeout(
-                    &(addr, port).into(),
-                    Duration::from_secs(5),
-                )?)
-            })
-            .unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let lines = BufReader::new(conn.try_clone().unwrap()).lines();
-        Self { conn, lines }
-    }
-
-    fn echo(&mut self, line: &str) -> String {
-        writeln!(self.conn, "{line}").unwrap();
-        self.lines.next().unwrap().unwrap()
-    }
 }
 
 fn peers(host: &Host) -> serde_json::Value {
@@ -111,13 +84,13 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
     let ns = |h: &Host, c: &str| NetNs::open(&h.dockerd().netns_of(c).unwrap()).unwrap();
     let (ns_a, ns_b) = (ns(&a, "c-a"), ns(&b, "c-b"));
     let server = echo_server(&ns_b, ip_b, 7000);
-    let mut session = Session::open(&ns_a, ip_b, 7000);
-    assert_eq!(session.echo("before"), "before");
+    let mut session = LineSession::open(&ns_a, ip_b, 7000).unwrap();
+    assert_eq!(session.echo("before").unwrap(), "before");
 
     // netd killed on a: the pinned datapath goes on forwarding.
     a.netd().kill();
     assert_eq!(
-        session.echo("while a's netd is down"),
+        session.echo("while a's netd is down").unwrap(),
         "while a's netd is down"
     );
     // Back, past the old lease's TTL: its records were moved to the new
@@ -125,7 +98,7 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
     a.netd().start_again().unwrap();
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
-        session.echo("after a's netd is back"),
+        session.echo("after a's netd is back").unwrap(),
         "after a's netd is back"
     );
     assert!(
@@ -163,7 +136,7 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
     // etcd goes away: forwarding between existing containers goes on, a
     // new container is refused with a reason.
     etcd.stop();
-    assert_eq!(session.echo("without etcd"), "without etcd");
+    assert_eq!(session.echo("without etcd").unwrap(), "without etcd");
     assert!(ping(&b, "c-b", ip_a));
     let err = a
         .dockerd()
@@ -213,7 +186,7 @@ fn sessions_survive_restarts_and_hosts_come_and_go_with_their_lease() {
     assert!(eventually(Duration::from_secs(10), || ping(
         &b, "c-b", ip_late
     )));
-    assert_eq!(session.echo("at the end"), "at the end");
+    assert_eq!(session.echo("at the end").unwrap(), "at the end");
     drop(session);
     server.join().unwrap();
 

@@ -4,17 +4,15 @@
 //! routing each other's blocks in eBPF with no encapsulation, egress to
 //! the rest of the world masqueraded. A third host beyond a router is said
 //! to be unreachable without encapsulation.
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, TcpStream},
-    time::Duration,
-};
+use std::time::Duration;
 
 use netd_tests::{
     etcd::Etcd,
     eventually,
     netd::{counter, NetdOptions},
-    privileged, Bench, DockerMode, Host, NetNs,
+    privileged,
+    topology::LineSession,
+    Bench, DockerMode, Host, NetNs,
 };
 
 const SUBNET: &str = "198.19.128.0/17";
@@ -23,34 +21,6 @@ fn ping_from(host: &Host, container: &str, addr: &str) -> bool {
     host.dockerd()
         .exec(container, &["ping", "-c", "1", "-W", "2", addr])
         .is_ok()
-}
-
-/// A TCP connection from inside `ns`, echoing lines.
-struct Session {
-    conn: TcpStream,
-    lines: std::io::Lines<BufReader<TcpStream>>,
-}
-
-impl Session {
-    fn open(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Self {
-        let conn = ns
-            .enter(|| {
-                Ok(TcpStream::connect_timeout(
-                    &(addr, port).into(),
-                    Duration::from_secs(5),
-                )?)
-            })
-            .unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let lines = BufReader::new(conn.try_clone().unwrap()).lines();
-        Self { conn, lines }
-    }
-
-    fn echo(&mut self, line: &str) -> String {
-        writeln!(self.conn, "{line}").unwrap();
-        self.lines.next().unwrap().unwrap()
-    }
 }
 
 fn blocks(etcd: &Etcd) -> String {
@@ -127,8 +97,8 @@ fn hosts_route_each_others_blocks_without_encapsulation() {
     // Across hosts of one LAN: routed, both ways.
     assert!(ping_from(&b, "cb", &ca.to_string()), "cb cannot reach ca");
     let cb_ns = NetNs::open(&b.dockerd().netns_of("cb").unwrap()).unwrap();
-    let mut session = Session::open(&cb_ns, ca, 7);
-    assert_eq!(session.echo("before"), "before");
+    let mut session = LineSession::open(&cb_ns, ca, 7).unwrap();
+    assert_eq!(session.echo("before").unwrap(), "before");
     // Nothing went through a tunnel; both ends routed.
     let status = a.netd().status().unwrap();
     assert!(
@@ -189,7 +159,7 @@ fn hosts_route_each_others_blocks_without_encapsulation() {
 
     // The session lives through a restart of netd at its server's end.
     a.netd().restart().unwrap();
-    assert_eq!(session.echo("after"), "after");
+    assert_eq!(session.echo("after").unwrap(), "after");
 
     // b leaves the cluster: its block is no longer routed anywhere.
     let b_block = format!("198.19.{}.0", block_of(cb));
@@ -252,14 +222,6 @@ fn routed_blocks_run_out_with_a_clear_error() {
     );
 }
 
-/// The MAC `ns` has for `addr` in its neighbour table, if any.
-fn neighbour(ns: &NetNs, addr: &str) -> Option<String> {
-    let out = ns.run_ok("ip", &["neigh", "show", addr]).ok()?;
-    let mut words = out.split_whitespace();
-    words.find(|w| *w == "lladdr")?;
-    words.next().map(str::to_owned)
-}
-
 #[test]
 fn ipvlan_l3_containers_are_routed_through_their_host_without_nat() {
     if !privileged() {
@@ -310,7 +272,7 @@ fn ipvlan_l3_containers_are_routed_through_their_host_without_nat() {
         .run("busybox", &["ping", "-c", "1", "-W", "2", &la.to_string()])
         .unwrap();
     assert!(from_outside.status.success(), "the LAN cannot reach la");
-    assert_eq!(neighbour(&outside.ns, &la.to_string()), None);
+    assert_eq!(outside.ns.neighbour_mac(&la.to_string()), None);
     let networks = a
         .netd
         .as_ref()

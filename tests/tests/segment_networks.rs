@@ -31,14 +31,6 @@ fn ping_from(host: &Host, container: &str, addr: &str) -> bool {
         .is_ok()
 }
 
-/// The MAC `ns` has for `addr` in its neighbour table, if any.
-fn neighbour(ns: &NetNs, addr: &str) -> Option<String> {
-    let out = ns.run_ok("ip", &["neigh", "show", addr]).ok()?;
-    let mut words = out.split_whitespace();
-    words.find(|w| *w == "lladdr")?;
-    words.next().map(str::to_owned)
-}
-
 #[test]
 fn macvlan_containers_are_on_the_lan_and_reach_their_host() {
     if !privileged() {
@@ -110,10 +102,10 @@ fn macvlan_containers_are_on_the_lan_and_reach_their_host() {
     // A LAN machine that has never heard of the container finds it by ARP,
     // at a MAC of the container's own.
     machine.ns.run_ok("ip", &["neigh", "flush", "all"]).unwrap();
-    assert_eq!(neighbour(&machine.ns, &ip_a), None);
+    assert_eq!(machine.ns.neighbour_mac(&ip_a), None);
     assert!(ping(&machine.ns, &ip_a), "the LAN machine cannot reach c-a");
     assert_eq!(
-        neighbour(&machine.ns, &ip_a).as_deref(),
+        machine.ns.neighbour_mac(&ip_a).as_deref(),
         Some("02:4e:c6:12:5a:01")
     );
 
@@ -437,7 +429,7 @@ fn ipvlan_l2_containers_share_the_parents_mac() {
     // A LAN machine finds the container at its host's MAC.
     machine.ns.run_ok("ip", &["neigh", "flush", "all"]).unwrap();
     assert!(ping(&machine.ns, &a1), "the LAN machine cannot reach i-a1");
-    assert_eq!(neighbour(&machine.ns, &a1), Some(text(a_mac)));
+    assert_eq!(machine.ns.neighbour_mac(&a1), Some(text(a_mac)));
     // Neighbours on one host share the MAC and are told apart by address;
     // across hosts through the switch; out to the LAN with no NAT.
     assert!(ping_from(&a, "i-a1", &a2), "i-a1 cannot reach i-a2");
