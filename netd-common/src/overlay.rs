@@ -44,6 +44,10 @@ pub struct RoutedBlock {
     pub host: [u8; 4],
     /// [`crate::NetworkInfo::id`] of its network.
     pub network: u32,
+    /// The host's uplink MAC: packets from the block must come from it
+    /// (all zero: not known, an older host; then by address alone).
+    pub host_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Values of `netd_vteps`: a cluster host on this host's LAN, or one that

@@ -27,7 +27,7 @@ use crate::{
     delivery::{route_via_uplink, Route},
     maps::{network_of, CONFIG, NAT_CT, PORTS, ROUTED_BLOCKS},
     parsing::{
-        Ipv4Flow, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK,
+        ptr_at, Ipv4Flow, IPPROTO_TCP, IPPROTO_UDP, IPV4_CSUM, IPV4_DST, IPV4_SRC, TCP_FLAG_ACK,
         TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
     },
 };
@@ -201,7 +201,7 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
         PORTS.get_ptr(&port_key)
     };
     let Some(target) = target else {
-        return unpublished_inbound(f, &key, new_connection, now);
+        return unpublished_inbound(ctx, f, &key, new_connection, now);
     };
     // A local container's address does not come from outside: recording it
     // would let a forged packet replace that container's own flows.
@@ -220,6 +220,7 @@ pub fn ingress(ctx: &TcContext, f: &Ipv4Flow) -> Result<Option<Counter>, Counter
 /// off) are, and their flows are recorded so the replies leave untranslated.
 #[inline(always)]
 fn unpublished_inbound(
+    ctx: &TcContext,
     f: &Ipv4Flow,
     key: &CtKey,
     new_connection: bool,
@@ -231,13 +232,19 @@ fn unpublished_inbound(
     if net.flags & NETWORK_HOST_ADDR != 0 {
         return Ok(None); // an address of the host itself
     }
-    // Within a routed network: from another host's block, routed here.
-    if net.flags & NETWORK_ROUTED != 0
-        && ROUTED_BLOCKS
-            .get(&Key::new(32, f.src_addr))
-            .is_some_and(|b| b.network == net.id)
-    {
-        return Ok(Some(Counter::Routed));
+    // Within a routed network: from another host's block, routed here by
+    // that host (its uplink's MAC, when it published one).
+    if net.flags & NETWORK_ROUTED != 0 {
+        if let Some(block) = ROUTED_BLOCKS.get(&Key::new(32, f.src_addr)) {
+            if block.network == net.id {
+                let src_mac: [u8; 6] =
+                    unsafe { *ptr_at::<[u8; 6]>(ctx, 6).ok_or(Counter::Truncated)? };
+                if block.host_mac != [0; 6] && src_mac != block.host_mac {
+                    return Err(Counter::Spoofed);
+                }
+                return Ok(Some(Counter::Routed));
+            }
+        }
     }
     if net.flags & (NETWORK_MASQUERADE | NETWORK_INTERNAL) != 0 {
         return Err(Counter::NotPublished);

@@ -1011,6 +1011,10 @@ pub struct HostRecord {
     pub node: String,
     /// Where its VXLAN traffic comes from and goes to.
     pub vtep: Ipv4Addr,
+    /// Its uplink's MAC: the source of the packets it routes to other
+    /// hosts' blocks of routed networks (None: a host of an older release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<[u8; 6]>,
 }
 
 /// A host's registration: its record lives as long as this keeps the lease

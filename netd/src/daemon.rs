@@ -543,6 +543,10 @@ async fn join_cluster(opts: &ClusterOptions, uplink: &str) -> Result<Membership>
             &cluster::HostRecord {
                 node: node.clone(),
                 vtep,
+                mac: netlink::link_identity(uplink)
+                    .await
+                    .ok()
+                    .map(|(_, mac, _)| mac),
             },
             opts.lease_ttl,
         )

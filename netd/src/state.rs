@@ -332,6 +332,8 @@ pub fn desired_overlay(
             RoutedBlock {
                 host: host.vtep.octets(),
                 network: network_id(&b.network),
+                host_mac: host.mac.unwrap_or_default(),
+                _pad: [0; 2],
             },
         );
     }

@@ -240,6 +240,23 @@ impl NetNs {
         })
     }
 
+    /// The MAC of interface `ifname` here (from this namespace's
+    /// rtnetlink: /sys is the machine's).
+    pub fn mac_of(&self, ifname: &str) -> Result<[u8; 6]> {
+        let out = self.run_ok("ip", &["-o", "link", "show", ifname])?;
+        let mut words = out.split_whitespace();
+        words
+            .find(|w| *w == "link/ether")
+            .with_context(|| format!("{ifname} is no Ethernet interface"))?;
+        let text = words.next().context("no MAC after link/ether")?;
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(':');
+        for b in &mut mac {
+            *b = u8::from_str_radix(parts.next().context("short MAC")?, 16)?;
+        }
+        Ok(mac)
+    }
+
     /// The MAC this namespace's neighbour table has for `addr`, if any.
     pub fn neighbour_mac(&self, addr: &str) -> Option<String> {
         let out = self.run_ok("ip", &["neigh", "show", addr]).ok()?;

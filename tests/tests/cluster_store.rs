@@ -270,6 +270,7 @@ fn hosts_come_and_go_with_their_lease() {
             let record = HostRecord {
                 node: "a".into(),
                 vtep: Ipv4Addr::new(198, 18, 13, 1),
+                mac: None,
             };
             let lease = s.register_host(&record, Duration::from_secs(2)).await?;
             while stop_rx.try_recv().is_err() {
@@ -295,6 +296,7 @@ fn hosts_come_and_go_with_their_lease() {
         let record = HostRecord {
             node: "b".into(),
             vtep: Ipv4Addr::new(198, 18, 13, 2),
+            mac: None,
         };
         let lease = s.register_host(&record, Duration::from_secs(30)).await?;
         anyhow::ensure!(s.hosts().await?.len() == 1, "b not registered");

@@ -128,6 +128,34 @@ fn hosts_route_each_others_blocks_without_encapsulation() {
         "reached a routed container from outside"
     );
 
+    // A LAN machine forging a source in b's block is not let in: the
+    // packet does not come from b's MAC.
+    {
+        use netd_tests::{
+            packet::{ethernet, icmp_echo, ipv4},
+            raw::RawSocket,
+        };
+        let raw = RawSocket::open(&outside.ns, "eth0").unwrap();
+        let (a_mac, out_mac) = (
+            a.ns.mac_of("eth0").unwrap(),
+            outside.ns.mac_of("eth0").unwrap(),
+        );
+        let spoofed =
+            |h: &mut Host| counter(&h.netd().status().unwrap(), "uplink-ingress", "spoofed");
+        let before = spoofed(&mut a);
+        let forged = ethernet(
+            a_mac,
+            out_mac,
+            0x0800,
+            &ipv4(cb, ca, 1, &icmp_echo(8, 7, 1, b"forged")),
+        );
+        raw.send(&forged).unwrap();
+        assert!(
+            eventually(Duration::from_secs(2), || spoofed(&mut a) > before),
+            "a forged source in b's block was let in"
+        );
+    }
+
     // c is beyond a router: its block is not routed, and status says why.
     assert!(!ping_from(&a, "ca", &cc.to_string()), "reached c's block");
     let status = a.netd().status().unwrap();

@@ -221,21 +221,6 @@ fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec
     p
 }
 
-fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
-    // From the namespace's own rtnetlink: /sys is the machine's.
-    let out = ns.run_ok("ip", &["-o", "link", "show", ifname]).unwrap();
-    let mut words = out.split_whitespace();
-    words
-        .find(|w| *w == "link/ether")
-        .expect("an Ethernet interface");
-    let text = words.next().unwrap();
-    let mut mac = [0u8; 6];
-    for (b, part) in mac.iter_mut().zip(text.split(':')) {
-        *b = u8::from_str_radix(part, 16).unwrap();
-    }
-    mac
-}
-
 #[test]
 fn vlans_are_tagged_on_the_wire_and_isolated() {
     if !privileged() {
@@ -298,7 +283,7 @@ fn vlans_are_tagged_on_the_wire_and_isolated() {
     // The test's own 802.1Q peer on the wire, at an address of VLAN 100's
     // subnet its kernel does not hold.
     let raw = RawSocket::open(&machine.ns, "eth0").unwrap();
-    let peer_mac = mac_of(&machine.ns, "eth0");
+    let peer_mac = machine.ns.mac_of("eth0").unwrap();
     let peer_ip = Ipv4Addr::new(198, 18, 91, 251);
     let request = ethernet(
         [0xff; 6],
@@ -414,7 +399,7 @@ fn ipvlan_l2_containers_share_the_parents_mac() {
     }
     let addr = |h: &Host, name: &str| h.container_addr(name).unwrap().to_string();
     let (a1, a2, ib) = (addr(&a, "i-a1"), addr(&a, "i-a2"), addr(&b, "i-b"));
-    let a_mac = mac_of(&a.ns, "eth0");
+    let a_mac = a.ns.mac_of("eth0").unwrap();
     let text = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
     let inside = a
         .dockerd()
