@@ -794,6 +794,10 @@ impl Store {
                 Err(e) => tracing::warn!("watching the cluster store: {e}; again in {backoff:?}"),
                 Ok(()) => tracing::warn!("etcd ended the watch; again in {backoff:?}"),
             }
+            // The readers read again at once (their reads go to another
+            // member): what changed while the watch is down is not left
+            // waiting for it to come back.
+            wake();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
