@@ -23,6 +23,18 @@ use crate::{
 
 /// Prefix of the host-side veth of a netd endpoint.
 pub const VETH_PREFIX: &str = "nd";
+/// Prefix of its container-side peer's name, until Docker moves it into
+/// the container (and after Docker moves it back, its container gone).
+pub const PEER_VETH_PREFIX: &str = "nc";
+
+/// Whether the container end of host-side veth `ifname` is back in this
+/// namespace: Docker took the container down (and moved its interface
+/// back) without a Leave reaching netd, while netd was down.
+fn container_left(ifname: &str) -> bool {
+    ifname.strip_prefix(VETH_PREFIX).is_some_and(|short| {
+        nix::net::if_::if_nametoindex(format!("{PEER_VETH_PREFIX}{short}").as_str()).is_ok()
+    })
+}
 
 /// A netd endpoint on this host.
 pub struct Joined {
@@ -66,6 +78,17 @@ impl Overlay {
                 .ok()
                 .map(|n| n.to_string_lossy().into_owned());
             if let Some(ifname) = ifname.filter(|n| n.starts_with(VETH_PREFIX)) {
+                if container_left(&ifname) {
+                    // Its maps entries go with the next reconcile, its
+                    // record and address with the adoption below.
+                    tracing::info!("the container of {ifname} left while netd was down");
+                    tokio::spawn(async move {
+                        if let Err(e) = netlink::delete_link(&ifname).await {
+                            tracing::warn!("{e:#}");
+                        }
+                    });
+                    continue;
+                }
                 joined.insert(
                     ifindex,
                     Joined {
@@ -335,14 +358,7 @@ impl Overlay {
     fn adopt(&self, picture: &Picture) {
         let lease = self.lease.load(std::sync::atomic::Ordering::Relaxed);
         for record in picture.endpoints.iter().filter(|e| e.host == self.node) {
-            let veth = record
-                .endpoint
-                .get(..11)
-                .map(|short| format!("{VETH_PREFIX}{short}"));
-            let alive = move || {
-                veth.as_ref()
-                    .is_some_and(|v| nix::net::if_::if_nametoindex(v.as_str()).is_ok())
-            };
+            let alive = endpoint_alive(&record.endpoint);
             let (mut store, record) = (self.store.clone(), record.clone());
             tokio::spawn(async move {
                 let kept = store.put_endpoint(&record, lease).await;
@@ -373,6 +389,45 @@ impl Overlay {
                 }
             });
         }
+        // Claims of this host's endpoints whose record went with an
+        // expired lease (netd was down longer than its TTL): with no veth
+        // after the grace either, the address is given back.
+        for (network, addr, claim) in picture.claims.iter().filter(|(_, _, c)| {
+            c.host == self.node
+                && !c.owner.starts_with(crate::plugin::PENDING_CLAIM)
+                && !picture.endpoints.iter().any(|e| e.endpoint == c.owner)
+        }) {
+            let alive = endpoint_alive(&claim.owner);
+            let (mut store, network, addr, host) = (
+                self.store.clone(),
+                network.clone(),
+                *addr,
+                claim.host.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(JOIN_GRACE).await;
+                if alive() {
+                    return;
+                }
+                tracing::info!(
+                    "address {addr} of an endpoint that left while netd was down: released"
+                );
+                if let Err(e) = store.release_address(&network, addr, &host).await {
+                    tracing::warn!("releasing {addr}: {e:#}");
+                }
+            });
+        }
+    }
+}
+
+/// Whether endpoint `id`'s veth is here with its container end in a
+/// container.
+fn endpoint_alive(id: &str) -> impl Fn() -> bool + Send + 'static {
+    let veth = id.get(..11).map(|short| format!("{VETH_PREFIX}{short}"));
+    move || {
+        veth.as_ref().is_some_and(|v| {
+            nix::net::if_::if_nametoindex(v.as_str()).is_ok() && !container_left(v)
+        })
     }
 }
 

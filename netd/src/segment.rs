@@ -59,7 +59,17 @@ impl Segments {
     /// Takes over the parents an earlier daemon attached to: their pinned
     /// links get this daemon's programs (an upgrade's too).
     pub fn new(dp: &mut Dataplane) -> Result<Self> {
-        let mut segments = Self::default();
+        // The MACs an earlier daemon demuxed are the ones it put into the
+        // parents' filters: the first picture takes out those whose
+        // container left while netd was down.
+        let mut segments = Self {
+            filtered: dp
+                .table_entries::<SegmentMacs>()?
+                .into_iter()
+                .map(|(key, _)| (key.parent, key.mac))
+                .collect(),
+            ..Self::default()
+        };
         for parent in dp.attached_targets(Attachment::ParentIngress)? {
             if let Err(e) = segments.attach(dp, &parent) {
                 tracing::warn!("taking over the segment demux on {parent}: {e:#}");

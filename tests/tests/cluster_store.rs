@@ -433,7 +433,9 @@ fn a_daemon_joins_the_cluster_and_is_withdrawn_with_its_lease() {
                 "veth",
                 "peer",
                 "name",
-                "ncaaaaaaaaaaa",
+                // Not nc…: Docker has taken the container's end (an nc…
+                // peer here means its container is gone).
+                "eth0-of-a",
             ],
         )
         .unwrap();

@@ -239,7 +239,9 @@ fn a_store_member_lost_goes_unnoticed() {
         .unwrap();
     let ip_b = b.container_addr("c-b").unwrap();
     // (The watch a had on that member is set up again on another.)
-    assert!(eventually(Duration::from_secs(10), || ping(&a, "c-a", ip_b)));
+    assert!(eventually(Duration::from_secs(10), || ping(
+        &a, "c-a", ip_b
+    )));
     let started = std::time::Instant::now();
     b.create_netd_network("ov2", "198.19.117.0/24", &[])
         .unwrap();

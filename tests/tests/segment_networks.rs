@@ -5,7 +5,7 @@
 //! with a real etcd.
 use std::{net::Ipv4Addr, time::Duration};
 
-use netd_tests::{etcd::Etcd, netd::counter, privileged, Bench, Host, NetNs};
+use netd_tests::{etcd::Etcd, eventually, netd::counter, privileged, Bench, Host, NetNs};
 
 /// The macvlan network's subnet on the LAN, beside the hosts' own.
 const SUBNET: &str = "198.18.90.0/24";
@@ -165,6 +165,37 @@ fn macvlan_containers_are_on_the_lan_and_reach_their_host() {
     assert_eq!(
         session.echo("after", Duration::from_secs(5)).unwrap(),
         "after"
+    );
+    drop(session);
+
+    // The container's MAC is in eth0's unicast address list; a container
+    // removed while netd is down has its MAC taken out once netd is back.
+    let mac = "02:4e:c6:12:5a:01";
+    let listed = |h: &Host| {
+        h.ns.run_ok("bridge", &["fdb", "show", "dev", "eth0"])
+            .is_ok_and(|fdb| fdb.contains(mac))
+    };
+    assert!(listed(&a), "{mac} not in eth0's address list");
+    a.netd().stop();
+    let _ = a.dockerd().docker(&["rm", "-f", "c-a"]);
+    a.netd().start_again().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !listed(&a)),
+        "{mac} stayed in eth0's address list"
+    );
+    // Docker moved the container's end of the veth back to the host: netd
+    // takes that for a Leave, deletes the pair and gives the address back.
+    let links = a.ns.run_ok("ip", &["-o", "link"]).unwrap();
+    assert!(!links.contains("02:4e:c6:12:5a:01"), "{links}");
+    let claims = || {
+        etcd.ctl(&["get", "--prefix", "--keys-only", "/netd/v1/addrs/"])
+            .unwrap_or_default()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || !claims()
+            .contains("/198.18.90.1\n")),
+        "{}",
+        claims()
     );
     drop(web);
 }

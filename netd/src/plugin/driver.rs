@@ -421,7 +421,11 @@ fn veth_names(endpoint_id: &str) -> Result<(String, String)> {
         .get(..11)
         .filter(|s| s.bytes().all(|b| b.is_ascii_alphanumeric()))
         .ok_or_else(|| anyhow!("endpoint id {endpoint_id:?} is malformed"))?;
-    Ok((format!("nd{short}"), format!("nc{short}")))
+    use crate::overlay::{PEER_VETH_PREFIX, VETH_PREFIX};
+    Ok((
+        format!("{VETH_PREFIX}{short}"),
+        format!("{PEER_VETH_PREFIX}{short}"),
+    ))
 }
 
 /// Creates the endpoint's veth pair and has the daemon attach and register

@@ -125,7 +125,7 @@ async fn request_address(plugin: &Plugin, body: &Value) -> Result<Value> {
     // nonce, so that this request's claim is told from any other's.
     let claim = AddressClaim {
         host: plugin.host.node.clone(),
-        owner: format!("pending-{:016x}", nonce()),
+        owner: format!("{}{:016x}", super::PENDING_CLAIM, nonce()),
     };
     let mut store = plugin.store.clone();
     // A routed network's containers take their addresses from their

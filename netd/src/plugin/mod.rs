@@ -72,6 +72,10 @@ pub struct HostInfo {
     pub lease: Arc<AtomicI64>,
 }
 
+/// How the owner of an address claim starts until CreateEndpoint names it
+/// after its endpoint.
+pub const PENDING_CLAIM: &str = "pending-";
+
 /// Subnet → its `--ip-range`.
 type IpRanges = HashMap<(Ipv4Addr, u8), (Ipv4Addr, u8)>;
 
