@@ -405,24 +405,30 @@ pub async fn peer_identity(nsid: i32, ifindex: u32) -> Result<([u8; 6], Vec<std:
 
 /// The MTU of `ifname`.
 pub async fn mtu(ifname: &str) -> Result<u32> {
-    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    tokio::spawn(conn);
-    let link = handle
-        .link()
-        .get()
-        .match_name(ifname.into())
-        .execute()
-        .try_next()
-        .await
-        .with_context(|| format!("reading {ifname}"))?
-        .ok_or_else(|| anyhow!("no interface named {ifname:?}"))?;
-    link.attributes
+    link_named(ifname)
+        .await?
+        .attributes
         .iter()
         .find_map(|a| match a {
             LinkAttribute::Mtu(m) => Some(*m),
             _ => None,
         })
         .ok_or_else(|| anyhow!("{ifname} reports no MTU"))
+}
+
+/// The interface named `ifname`.
+async fn link_named(ifname: &str) -> Result<LinkMessage> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    handle
+        .link()
+        .get()
+        .match_name(ifname.into())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("reading interface {ifname}"))?
+        .ok_or_else(|| anyhow!("no interface named {ifname:?}"))
 }
 
 /// A link's Ethernet address.
@@ -435,17 +441,7 @@ fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
 
 /// The ifindex, MAC and promiscuity count of `ifname`.
 pub async fn link_identity(ifname: &str) -> Result<(u32, [u8; 6], u32)> {
-    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    tokio::spawn(conn);
-    let link = handle
-        .link()
-        .get()
-        .match_name(ifname.into())
-        .execute()
-        .try_next()
-        .await
-        .with_context(|| format!("reading interface {ifname}"))?
-        .ok_or_else(|| anyhow!("no interface named {ifname:?}"))?;
+    let link = link_named(ifname).await?;
     let mac = link_mac(&link).ok_or_else(|| anyhow!("{ifname} has no Ethernet address"))?;
     let promiscuity = link
         .attributes
