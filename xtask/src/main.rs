@@ -114,6 +114,49 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Space a build of the whole suite from a clean clone needs under target/,
+/// measured with some headroom. A linker that runs out of disk dies with
+/// SIGBUS and no word about space, so this is checked before building.
+const SUITE_BUILD_BYTES: u64 = 8 << 30;
+
+fn require_build_space() -> Result<()> {
+    let root = workspace_root();
+    let target = root.join("target");
+    let probe = if target.exists() { target } else { root };
+    let path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs writes only into the struct it is given.
+    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut fs) } != 0 {
+        return Ok(()); // Unknown: let the build speak for itself.
+    }
+    let free = fs.f_bavail as u64 * fs.f_frsize as u64;
+    let used = dir_size(&probe.join("debug"));
+    if free + used < SUITE_BUILD_BYTES {
+        bail!(
+            "only {:.1} GiB free on the filesystem of {}; building the suite needs about {} GiB",
+            free as f64 / f64::from(1 << 30),
+            probe.display(),
+            SUITE_BUILD_BYTES >> 30
+        );
+    }
+    Ok(())
+}
+
+/// Bytes in files under `dir` (0 when it does not exist).
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", describe(cmd));
     let status = cmd
@@ -292,6 +335,7 @@ fn cargo() -> Command {
 
 fn test(args: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
+    require_build_space()?;
     setup()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
