@@ -176,10 +176,14 @@ pub enum Counter {
     /// Routed to another host's block of a routed network (next hop: that
     /// host), or in from one to a container here: no encapsulation.
     Routed = 37,
+    /// A broadcast or IPv4 multicast frame on a segment, copied into the
+    /// containers of its parent and VLAN on this host (one count per frame;
+    /// a container's own frame reaches only its network's neighbours).
+    Flooded = 38,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 38;
+    pub const COUNT: u32 = 39;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -219,6 +223,7 @@ impl Counter {
         Counter::SegmentOut,
         Counter::ToHost,
         Counter::Routed,
+        Counter::Flooded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -261,6 +266,7 @@ impl Counter {
             Counter::SegmentOut => "segment-out",
             Counter::ToHost => "to-host",
             Counter::Routed => "routed",
+            Counter::Flooded => "flooded",
         }
     }
 
@@ -287,7 +293,8 @@ impl Counter {
             | Counter::Demuxed
             | Counter::SegmentOut
             | Counter::ToHost
-            | Counter::Routed => "action",
+            | Counter::Routed
+            | Counter::Flooded => "action",
             _ => "reason",
         }
     }

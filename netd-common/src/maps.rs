@@ -45,6 +45,10 @@ pub const SEGMENT_MACS: &str = "netd_segment_macs";
 /// containers of segment networks on this host, by parent, VLAN and
 /// address (ipvlan demux, and ARP for any segment container).
 pub const SEGMENT_ADDRS: &str = "netd_segment_addrs";
+/// Hash of [`crate::segment::BroadcastDomain`] →
+/// [`crate::segment::FloodList`]: the segment containers on this host that
+/// a broadcast on a parent and VLAN is copied into.
+pub const SEGMENT_FLOODS: &str = "netd_segment_floods";
 /// LPM trie of other hosts' blocks of routed networks →
 /// [`crate::overlay::RoutedBlock`].
 pub const ROUTED_BLOCKS: &str = "netd_routed_blocks";
@@ -83,6 +87,7 @@ pub const ALL: &[&str] = &[
     SEGMENTS,
     SEGMENT_MACS,
     SEGMENT_ADDRS,
+    SEGMENT_FLOODS,
     ROUTED_BLOCKS,
 ];
 

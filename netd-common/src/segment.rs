@@ -57,6 +57,51 @@ pub struct Segment {
     pub flags: u32,
 }
 
+/// Key of `netd_segment_floods`: a parent interface and VLAN (0:
+/// untagged), the broadcast domain containers of several networks may
+/// share. Eight bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BroadcastDomain {
+    pub parent: u32,
+    pub vlan: u16,
+    pub _pad: u16,
+}
+
+/// Most containers on one host's part of a broadcast domain that a
+/// broadcast is copied into: the copying loop is bounded for the verifier.
+pub const FLOOD_MAX: usize = 64;
+
+/// One container in a [`FloodList`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FloodPort {
+    /// ifindex of the container's host-side veth.
+    pub ifindex: u32,
+    /// [`crate::NetworkInfo::id`] of its network: a container's own
+    /// broadcasts reach only its network's neighbours.
+    pub network: u32,
+}
+
+/// Value of `netd_segment_floods`: the containers on this host a
+/// broadcast or IPv4 multicast frame of the domain is copied into.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FloodList {
+    /// How many of `ports` are in use (at most [`FLOOD_MAX`]).
+    pub count: u32,
+    pub ports: [FloodPort; FLOOD_MAX],
+}
+
+impl Default for FloodList {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            ports: [FloodPort::default(); FLOOD_MAX],
+        }
+    }
+}
+
 /// Segment flag: the network's containers share the parent's MAC (ipvlan
 /// L2): frames for them are told apart by destination address.
 pub const SEGMENT_SHARED_MAC: u32 = 1;
@@ -70,4 +115,6 @@ mod pod {
     unsafe impl aya::Pod for super::SegmentPort {}
     unsafe impl aya::Pod for super::SegmentAddr {}
     unsafe impl aya::Pod for super::Segment {}
+    unsafe impl aya::Pod for super::BroadcastDomain {}
+    unsafe impl aya::Pod for super::FloodList {}
 }

@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use netd_common::overlay::{RoutedBlock, VtepPmtu};
-use netd_common::segment::{Segment, SegmentAddr, SegmentMac, SegmentPort};
+use netd_common::segment::{
+    BroadcastDomain, FloodList, Segment, SegmentAddr, SegmentMac, SegmentPort,
+};
 use netd_common::{
     counters::COUNTER_SLOTS,
     maps::{
@@ -100,6 +102,12 @@ pub static SEGMENT_MACS: HashMap<SegmentMac, SegmentPort, { ENDPOINTS_MAX as usi
 /// the daemon.
 #[btf_map(name = "netd_segment_addrs")]
 pub static SEGMENT_ADDRS: HashMap<SegmentAddr, SegmentPort, { ENDPOINTS_MAX as usize }> =
+    HashMap::new();
+
+/// Segment containers on this host by broadcast domain (parent, VLAN), for
+/// copies of broadcasts; written by the daemon.
+#[btf_map(name = "netd_segment_floods")]
+pub static SEGMENT_FLOODS: HashMap<BroadcastDomain, FloodList, { OVERLAYS_MAX as usize }> =
     HashMap::new();
 
 /// Other hosts' blocks of routed networks; written by the daemon.

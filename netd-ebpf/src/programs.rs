@@ -162,8 +162,8 @@ pub fn netd_parent_ingress(ctx: TcContext) -> i32 {
     // too: this one runs first.
     delivery::take_translated(&ctx);
     let outcome = match segment::from_parent(&ctx) {
-        Ok(Some(verdict)) => Outcome::Redirect(Counter::Demuxed, verdict),
-        Ok(None) => Outcome::Pass(Counter::NoMatch),
+        Ok(segment::FromParent::Container(verdict)) => Outcome::Redirect(Counter::Demuxed, verdict),
+        Ok(segment::FromParent::Host(counter)) => Outcome::Pass(counter),
         Err(reason @ Counter::RewriteFailed) => Outcome::Drop(reason),
         Err(reason) => Outcome::Pass(reason),
     };

@@ -7,31 +7,39 @@
 //!   or for the parent's MAC and an ipvlan container's address, goes
 //!   straight into it (`bpf_redirect_peer`), its tag popped; an ARP
 //!   request for a container's address goes to that container alone.
-//!   Everything else is the host's.
+//!   Other broadcasts and IPv4 multicast (ARP and IPv4) are copied into
+//!   every container of the frame's parent and VLAN, as a switch floods
+//!   them, and go on to the host as they came. Everything else is the
+//!   host's.
 //! - Container egress: to another container of the network on this host,
 //!   straight into it; to this host's own MAC, into the parent's receive
 //!   path (a host never receives what leaves its own interface, which is
 //!   why kernel macvlan cannot reach its host); anything else out of the
-//!   parent, tagged. Broadcasts also go to the host (untagged networks).
+//!   parent, tagged. Broadcasts also go to the host (untagged networks)
+//!   and to the network's other containers here.
 //! - Parent egress: what the host sends its own containers (its ARP
 //!   requests for their addresses too) goes into their veths instead of
-//!   onto the wire, where nobody would answer.
+//!   onto the wire, where nobody would answer; its broadcasts are copied
+//!   into its untagged networks' containers.
 use aya_ebpf::{
-    bindings::BPF_F_INGRESS,
+    bindings::{__sk_buff, BPF_F_INGRESS},
+    cty::c_void,
     helpers::{
-        bpf_clone_redirect, bpf_redirect, bpf_redirect_peer, bpf_skb_vlan_pop, bpf_skb_vlan_push,
+        bpf_clone_redirect, bpf_loop, bpf_redirect, bpf_redirect_peer, bpf_skb_vlan_pop,
+        bpf_skb_vlan_push,
     },
     programs::TcContext,
 };
 use netd_common::{
-    segment::{SegmentAddr, SegmentMac, SEGMENT_SHARED_MAC},
-    Counter, Endpoint, Segment, SegmentPort,
+    segment::{BroadcastDomain, FloodList, SegmentAddr, SegmentMac, FLOOD_MAX, SEGMENT_SHARED_MAC},
+    Counter, Endpoint, Hook, Segment, SegmentPort,
 };
 
 use crate::{
     arp,
+    counters::count,
     delivery::mark_translated,
-    maps::{SEGMENT_ADDRS, SEGMENT_MACS},
+    maps::{SEGMENT_ADDRS, SEGMENT_FLOODS, SEGMENT_MACS},
     parsing::{ptr_at, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, PACKET_HOST},
 };
 
@@ -120,21 +128,114 @@ fn shared_mac_target(
     (port.flags & SEGMENT_SHARED_MAC != 0).then_some(port)
 }
 
-/// Parent ingress. `Ok(None)`: not for a container here (the host's);
-/// `Err`: passed to the host too, and why (malformed, or a tag netd does
-/// not run), except `RewriteFailed`: dropped half-rewritten.
+/// Whether a group frame is one a broadcast domain floods: ARP, and IPv4
+/// broadcast and multicast (netd's containers speak IPv4 only; link-local
+/// control frames such as STP's and LLDP's stay with the host).
 #[inline(always)]
-pub fn from_parent(ctx: &TcContext) -> Result<Option<i32>, Counter> {
+fn floods(ether_type: u16) -> bool {
+    ether_type == ETH_P_ARP || ether_type == ETH_P_IP
+}
+
+/// What [`flood_one`] needs, on the caller's stack.
+#[repr(C)]
+struct Flood {
+    skb: *mut __sk_buff,
+    list: *const FloodList,
+    /// Only this network's containers, if `one_network` is set.
+    network: u32,
+    one_network: u32,
+    /// The sender's veth (0: none).
+    except: u32,
+    copied: u32,
+}
+
+/// One turn of the copying loop. A `bpf_loop` callback: the verifier checks
+/// it once, where an unrolled loop would be walked again for every state
+/// reaching it (container egress then exceeds the verifier's budget).
+extern "C" fn flood_one(index: u64, flood: *mut c_void) -> i64 {
+    let flood = unsafe { &mut *(flood as *mut Flood) };
+    let list = unsafe { &*flood.list };
+    if index >= u64::from(list.count) {
+        return 1;
+    }
+    let Some(port) = list.ports.get(index as usize) else {
+        return 1;
+    };
+    if port.ifindex == flood.except || (flood.one_network != 0 && port.network != flood.network) {
+        return 0;
+    }
+    if unsafe { bpf_clone_redirect(flood.skb, port.ifindex, 0) } == 0 {
+        flood.copied = 1;
+    }
+    0
+}
+
+/// Copies the frame, as it is now (untagged), out of the host-side veths
+/// of `domain`'s containers here: into the containers. `network`: only
+/// that network's, and not the sender `except`. Counted `flooded` on
+/// `hook` once per frame that reached a container; a copy that fails (a
+/// veth just deleted) is left out.
+#[inline(always)]
+fn flood(ctx: &TcContext, hook: Hook, domain: &BroadcastDomain, network: Option<u32>, except: u32) {
+    let Some(list) = SEGMENT_FLOODS.get_ptr(domain) else {
+        return;
+    };
+    let mut flood = Flood {
+        skb: ctx.skb.skb,
+        list,
+        network: network.unwrap_or(0),
+        one_network: network.is_some() as u32,
+        except,
+        copied: 0,
+    };
+    unsafe {
+        bpf_loop(
+            FLOOD_MAX as u32,
+            flood_one as *mut c_void,
+            &mut flood as *mut Flood as *mut c_void,
+            0,
+        )
+    };
+    if flood.copied != 0 {
+        count(hook, Counter::Flooded, ctx.len());
+    }
+}
+
+#[inline(always)]
+fn domain(parent: u32, vlan: u16) -> BroadcastDomain {
+    BroadcastDomain {
+        parent,
+        vlan,
+        _pad: 0,
+    }
+}
+
+/// Where parent ingress sends a frame.
+pub enum FromParent {
+    /// Redirected into a container: the helper's verdict.
+    Container(i32),
+    /// On to the host, and what was done (`Flooded`) or why not (`NoMatch`).
+    Host(Counter),
+}
+
+/// Parent ingress. `Err`: passed to the host too, and why (malformed, or
+/// a tag netd does not run), except `RewriteFailed`: dropped
+/// half-rewritten.
+#[inline(always)]
+pub fn from_parent(ctx: &TcContext) -> Result<FromParent, Counter> {
     let (dst, ether_type) = eth_dst_type(ctx)?;
     let vlan = rx_vlan(ctx, ether_type)?;
     let parent = unsafe { (*ctx.skb.skb).ifindex };
     let port = if is_group(&dst) {
-        if ether_type != ETH_P_ARP {
-            return Ok(None);
-        }
-        match arp_target(ctx, parent, vlan, false) {
+        let target = if ether_type == ETH_P_ARP {
+            arp_target(ctx, parent, vlan, false)
+        } else {
+            None
+        };
+        match target {
             Some(port) => port,
-            None => return Ok(None),
+            None if floods(ether_type) => return flood_from_parent(ctx, parent, vlan),
+            None => return Ok(FromParent::Host(Counter::NoMatch)),
         }
     } else {
         let key = SegmentMac {
@@ -146,7 +247,7 @@ pub fn from_parent(ctx: &TcContext) -> Result<Option<i32>, Counter> {
             Some(port) => unsafe { *port },
             None => match shared_mac_target(ctx, parent, vlan, ether_type) {
                 Some(port) => port,
-                None => return Ok(None),
+                None => return Ok(FromParent::Host(Counter::NoMatch)),
             },
         }
     };
@@ -160,7 +261,29 @@ pub fn from_parent(ctx: &TcContext) -> Result<Option<i32>, Counter> {
         ctx.change_type(PACKET_HOST)
             .map_err(|_| Counter::RewriteFailed)?;
     }
-    Ok(Some(unsafe { bpf_redirect_peer(port.ifindex, 0) } as i32))
+    Ok(FromParent::Container(
+        unsafe { bpf_redirect_peer(port.ifindex, 0) } as i32,
+    ))
+}
+
+/// A LAN broadcast: into every container of its domain, then to the host
+/// with its tag back on (the host has no interface on a VLAN, and must not
+/// take a VLAN's broadcast for the untagged LAN's).
+#[inline(always)]
+fn flood_from_parent(ctx: &TcContext, parent: u32, vlan: u16) -> Result<FromParent, Counter> {
+    let domain = domain(parent, vlan);
+    if SEGMENT_FLOODS.get_ptr(&domain).is_none() {
+        return Ok(FromParent::Host(Counter::NoMatch));
+    }
+    let skb = ctx.skb.skb;
+    if vlan != 0 && unsafe { bpf_skb_vlan_pop(skb) } != 0 {
+        return Err(Counter::RewriteFailed);
+    }
+    flood(ctx, Hook::ParentIngress, &domain, None, 0);
+    if vlan != 0 && unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), vlan) } != 0 {
+        return Err(Counter::RewriteFailed);
+    }
+    Ok(FromParent::Host(Counter::Flooded))
 }
 
 /// Parent egress: the host's own frames to its macvlan containers
@@ -175,11 +298,19 @@ pub fn from_host(ctx: &TcContext) -> Result<Option<i32>, Counter> {
     }
     let parent = unsafe { (*ctx.skb.skb).ifindex };
     let port = if is_group(&dst) {
-        if ether_type != ETH_P_ARP {
-            return Ok(None);
-        }
-        match arp_target(ctx, parent, 0, false) {
+        let target = if ether_type == ETH_P_ARP {
+            arp_target(ctx, parent, 0, false)
+        } else {
+            None
+        };
+        match target {
             Some(port) if port.flags & SEGMENT_SHARED_MAC == 0 => port,
+            // The host is on the untagged LAN: its broadcasts reach the
+            // containers there as a LAN machine's do.
+            None if floods(ether_type) => {
+                flood(ctx, Hook::ParentEgress, &domain(parent, 0), None, 0);
+                return Ok(None);
+            }
             _ => return Ok(None),
         }
     } else {
@@ -221,9 +352,9 @@ pub fn from_container(
         }
     }
     if is_group(&dst) {
+        let own = unsafe { (*ctx.skb.skb).ifindex };
         if ether_type == ETH_P_ARP {
             // (Its own address: a probe or an announcement, for the LAN.)
-            let own = unsafe { (*ctx.skb.skb).ifindex };
             if let Some(port) = arp_target(ctx, seg.parent, seg.vlan, false) {
                 if port.ifindex != own {
                     return to_neighbour(ctx, ep, &port, false);
@@ -236,6 +367,10 @@ pub fn from_container(
             && unsafe { bpf_clone_redirect(ctx.skb.skb, seg.parent, BPF_F_INGRESS as u64) } != 0
         {
             return Err(Counter::RewriteFailed);
+        }
+        if floods(ether_type) {
+            let domain = domain(seg.parent, seg.vlan);
+            flood(ctx, Hook::ContainerEgress, &domain, Some(ep.network), own);
         }
         return out_of_parent(ctx, seg);
     }

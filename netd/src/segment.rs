@@ -1,22 +1,25 @@
 //! The daemon's side of segment networks (macvlan, ipvlan L2): where each
 //! network's parent is on this host, the container MACs and addresses the
-//! parents' programs demux, the programs on the parents, and the parents'
-//! unicast filters.
+//! parents' programs demux, the containers each parent and VLAN copies
+//! broadcasts into, the programs on the parents, and the parents' unicast
+//! filters.
 //!
 //! A Join writes its endpoint's entries at once (the container's first
 //! frame must find them); each picture of the cluster then brings the maps
 //! to what the networks and the joined endpoints ask for.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Result;
 use netd_common::{
-    segment::{SegmentAddr, SEGMENT_SHARED_MAC},
+    segment::{BroadcastDomain, FloodList, FloodPort, SegmentAddr, FLOOD_MAX, SEGMENT_SHARED_MAC},
     Endpoint, Segment, SegmentMac, SegmentPort,
 };
 
 use crate::{
     cluster::{NetworkRecord, Picture},
-    dataplane::{Attachment, Dataplane, SegmentAddrs, SegmentMacs, Segments as SegmentTable},
+    dataplane::{
+        Attachment, Dataplane, SegmentAddrs, SegmentFloods, SegmentMacs, Segments as SegmentTable,
+    },
     netlink, reconcile,
 };
 
@@ -30,6 +33,10 @@ pub struct Segments {
     attached: HashSet<String>,
     /// (parent ifindex, MAC) put into unicast filters.
     filtered: HashSet<(u32, [u8; 6])>,
+    /// Each broadcast domain's containers here, by address.
+    members: Members,
+    /// Domains with more containers than a broadcast reaches (said once).
+    overfull: HashSet<BroadcastDomain>,
     /// Filter changes, applied in order by one task (a Leave and Join of
     /// the same MAC must not land the other way round).
     filter_ops: Option<tokio::sync::mpsc::UnboundedSender<FilterOp>>,
@@ -37,6 +44,9 @@ pub struct Segments {
 
 /// Add (true) or remove a MAC from a parent's unicast filter.
 type FilterOp = (u32, [u8; 6], bool);
+
+/// Broadcast domain → its containers on this host, by address.
+type Members = BTreeMap<BroadcastDomain, BTreeMap<[u8; 4], FloodPort>>;
 
 /// Applies filter changes in order, each retried a few times.
 async fn apply_filter_ops(mut ops: tokio::sync::mpsc::UnboundedReceiver<FilterOp>) {
@@ -113,8 +123,45 @@ impl Segments {
             dp.table_set::<SegmentMacs>(key, port)?;
             self.filter(segment.parent, endpoint.mac);
         }
+        let domain = domain_of(&segment);
+        self.members.entry(domain).or_default().insert(
+            endpoint.addr,
+            FloodPort {
+                ifindex,
+                network: endpoint.network,
+            },
+        );
+        self.write_flood(dp, domain)?;
         self.attach(dp, parent)?;
         Ok(())
+    }
+
+    /// Writes `domain`'s flood list from its members (or takes it out).
+    fn write_flood(&mut self, dp: &mut Dataplane, domain: BroadcastDomain) -> Result<()> {
+        match self.members.get(&domain).filter(|m| !m.is_empty()) {
+            Some(members) => {
+                let list = flood_list(members);
+                self.say_overfull(domain, members.len());
+                dp.table_set::<SegmentFloods>(domain, list)
+            }
+            None => {
+                self.members.remove(&domain);
+                dp.table_remove::<SegmentFloods>(&domain)
+            }
+        }
+    }
+
+    fn say_overfull(&mut self, domain: BroadcastDomain, members: usize) {
+        if members <= FLOOD_MAX {
+            self.overfull.remove(&domain);
+        } else if self.overfull.insert(domain) {
+            tracing::warn!(
+                "parent ifindex {} VLAN {}: {members} containers on this host; \
+                 broadcasts reach only {FLOOD_MAX} of them",
+                domain.parent,
+                domain.vlan
+            );
+        }
     }
 
     /// Whether `network` is a segment network here.
@@ -127,14 +174,18 @@ impl Segments {
         let Some((segment, _)) = self.networks.get(&endpoint.network) else {
             return Ok(());
         };
-        let (addr, _) = addr_entry(segment, 0, endpoint);
+        let segment = *segment;
+        let (addr, _) = addr_entry(&segment, 0, endpoint);
         dp.table_remove::<SegmentAddrs>(&addr)?;
-        if let Some((key, _)) = mac_entry(segment, 0, endpoint) {
+        if let Some((key, _)) = mac_entry(&segment, 0, endpoint) {
             dp.table_remove::<SegmentMacs>(&key)?;
-            let parent = segment.parent;
-            self.unfilter(parent, endpoint.mac);
+            self.unfilter(segment.parent, endpoint.mac);
         }
-        Ok(())
+        let domain = domain_of(&segment);
+        if let Some(members) = self.members.get_mut(&domain) {
+            members.remove(&endpoint.addr);
+        }
+        self.write_flood(dp, domain)
     }
 
     /// Brings the segment maps, the parents' programs and their filters to
@@ -174,6 +225,17 @@ impl Segments {
         reconcile::table::<SegmentTable>(dp, &tables)?;
         reconcile::table::<SegmentMacs>(dp, &macs)?;
         reconcile::table::<SegmentAddrs>(dp, &addrs)?;
+        self.members = members(&addrs);
+        let floods: HashMap<BroadcastDomain, FloodList> = self
+            .members
+            .iter()
+            .map(|(domain, m)| (*domain, flood_list(m)))
+            .collect();
+        reconcile::table::<SegmentFloods>(dp, &floods)?;
+        let sizes: Vec<_> = self.members.iter().map(|(d, m)| (*d, m.len())).collect();
+        for (domain, size) in sizes {
+            self.say_overfull(domain, size);
+        }
         let parents: HashSet<String> = networks.values().map(|(_, p)| p.clone()).collect();
         for parent in &parents {
             if let Err(e) = self.attach(dp, parent) {
@@ -268,6 +330,44 @@ fn addr_entry(segment: &Segment, ifindex: u32, endpoint: &Endpoint) -> (SegmentA
     (key, port(segment, ifindex, endpoint))
 }
 
+fn domain_of(segment: &Segment) -> BroadcastDomain {
+    BroadcastDomain {
+        parent: segment.parent,
+        vlan: segment.vlan,
+        _pad: 0,
+    }
+}
+
+/// The containers of each broadcast domain, from the address entries.
+fn members(addrs: &HashMap<SegmentAddr, SegmentPort>) -> Members {
+    let mut members = Members::new();
+    for (key, port) in addrs {
+        let domain = BroadcastDomain {
+            parent: key.parent,
+            vlan: key.vlan,
+            _pad: 0,
+        };
+        members.entry(domain).or_default().insert(
+            key.addr,
+            FloodPort {
+                ifindex: port.ifindex,
+                network: port.network,
+            },
+        );
+    }
+    members
+}
+
+/// A domain's flood list: its first [`FLOOD_MAX`] containers by address.
+fn flood_list(members: &BTreeMap<[u8; 4], FloodPort>) -> FloodList {
+    let mut list = FloodList::default();
+    for (slot, port) in list.ports.iter_mut().zip(members.values()) {
+        *slot = *port;
+        list.count += 1;
+    }
+    list
+}
+
 type Desired = (
     HashMap<u32, Segment>,
     HashMap<SegmentMac, SegmentPort>,
@@ -337,5 +437,48 @@ mod tests {
         let (_, macs, addrs) = desired(&networks, &[(10, ep(7, 2))]);
         assert!(macs.is_empty());
         assert_eq!(addrs.keys().next().map(|k| k.addr), Some([198, 18, 90, 2]));
+    }
+
+    #[test]
+    fn a_domains_flood_list_holds_its_containers_up_to_the_bound() {
+        let key = |vlan, last| SegmentAddr {
+            parent: 2,
+            vlan,
+            _pad: 0,
+            addr: [198, 18, 90, last],
+        };
+        let port = |ifindex| SegmentPort {
+            ifindex,
+            network: 7,
+            flags: 0,
+        };
+        let addrs = HashMap::from([
+            (key(100, 3), port(13)),
+            (key(100, 2), port(12)),
+            (key(200, 2), port(22)),
+        ]);
+        let domains = members(&addrs);
+        assert_eq!(domains.len(), 2, "one list per VLAN");
+        let domain = BroadcastDomain {
+            parent: 2,
+            vlan: 100,
+            _pad: 0,
+        };
+        let list = flood_list(&domains[&domain]);
+        assert_eq!(list.count, 2);
+        assert_eq!(
+            list.ports[..2]
+                .iter()
+                .map(|p| p.ifindex)
+                .collect::<Vec<_>>(),
+            [12, 13],
+            "by address"
+        );
+        let many: HashMap<_, _> = (1..=FLOOD_MAX as u8 + 5)
+            .map(|last| (key(100, last), port(u32::from(last))))
+            .collect();
+        let list = flood_list(&members(&many)[&domain]);
+        assert_eq!(list.count as usize, FLOOD_MAX);
+        assert_eq!(list.ports[FLOOD_MAX - 1].ifindex, FLOOD_MAX as u32);
     }
 }

@@ -3,7 +3,10 @@
 //! bridge). Two Docker hosts and a plain LAN machine (standing in for the
 //! LAN's router at .254 and for any machine there) on one emulated LAN,
 //! with a real etcd.
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, UdpSocket},
+    time::{Duration, Instant},
+};
 
 use netd_tests::{etcd::Etcd, eventually, netd::counter, privileged, Bench, Host, NetNs};
 
@@ -23,6 +26,44 @@ fn add_address(ns: &NetNs, cidr: &str) {
 fn ping(ns: &NetNs, addr: &str) -> bool {
     ns.run("busybox", &["ping", "-c", "1", "-W", "2", addr])
         .is_ok_and(|o| o.status.success())
+}
+
+/// Port the broadcast checks listen on.
+const BROADCAST_PORT: u16 = 9999;
+
+/// A UDP socket on [`BROADCAST_PORT`] in container `name`'s namespace.
+fn listener_in(host: &Host, name: &str) -> UdpSocket {
+    let ns = NetNs::open(&host.dockerd().netns_of(name).unwrap()).unwrap();
+    ns.enter(|| Ok(UdpSocket::bind(("0.0.0.0", BROADCAST_PORT))?))
+        .unwrap()
+}
+
+/// A socket in `ns` allowed to send broadcasts.
+fn broadcaster(ns: &NetNs) -> UdpSocket {
+    ns.enter(|| {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_broadcast(true)?;
+        Ok(s)
+    })
+    .unwrap()
+}
+
+/// The datagrams `socket` receives within `within` (all of them, until
+/// the time is up).
+fn heard(socket: &UdpSocket, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        socket
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match socket.recv(&mut buf) {
+            Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    got
 }
 
 fn ping_from(host: &Host, container: &str, addr: &str) -> bool {
@@ -134,6 +175,19 @@ fn macvlan_containers_are_on_the_lan_and_reach_their_host() {
     );
     assert!(ping(&b.ns, &ip_a), "host b cannot reach a's container");
 
+    // The LAN's broadcasts and the host's own reach the containers, as a
+    // switch floods them.
+    let (hear_a, hear_b) = (listener_in(&a, "c-a"), listener_in(&b, "c-b"));
+    let to_all = ("198.18.90.255", BROADCAST_PORT);
+    broadcaster(&machine.ns).send_to(b"lan", to_all).unwrap();
+    broadcaster(&a.ns).send_to(b"host-a", to_all).unwrap();
+    for (name, socket) in [("c-a", &hear_a), ("c-b", &hear_b)] {
+        let got = heard(socket, Duration::from_secs(2));
+        for what in ["lan", "host-a"] {
+            assert!(got.iter().any(|g| g == what), "{name} heard {got:?}");
+        }
+    }
+
     // No macvlan device anywhere.
     let links = a.ns.run_ok("ip", &["-d", "link", "show"]).unwrap();
     assert!(!links.contains("macvlan"), "{links}");
@@ -141,7 +195,9 @@ fn macvlan_containers_are_on_the_lan_and_reach_their_host() {
     let status = a.netd().status().unwrap();
     for (hook, name) in [
         ("parent-ingress", "demuxed"),
+        ("parent-ingress", "flooded"),
         ("parent-egress", "demuxed"),
+        ("parent-egress", "flooded"),
         ("container-egress", "segment-out"),
         ("container-egress", "to-host"),
     ] {
@@ -287,6 +343,7 @@ fn vlans_are_tagged_on_the_wire_and_isolated() {
         h.container_addr(name).unwrap()
     };
     let a100 = run(&a, "a100", "v100");
+    run(&a, "a100b", "v100");
     let a200 = run(&a, "a200", "v200");
     let b100 = run(&b, "b100", "v100");
     let b200 = run(&b, "b200", "v200");
@@ -379,6 +436,59 @@ fn vlans_are_tagged_on_the_wire_and_isolated() {
         "a100 answered an echo outside VLAN 100"
     );
 
+    // Broadcasts stay in their VLAN: the peer's tagged 100 reaches VLAN
+    // 100's containers on both hosts, its untagged one none; a container's
+    // reaches its neighbour on the host, the other host's VLAN 100
+    // container, and the wire tagged 100.
+    let ears: Vec<(&str, UdpSocket)> = [
+        (&a, "a100"),
+        (&a, "a100b"),
+        (&b, "b100"),
+        (&a, "a200"),
+        (&b, "b200"),
+    ]
+    .into_iter()
+    .map(|(h, name)| (name, listener_in(h, name)))
+    .collect();
+    let broadcast = |payload: &[u8]| {
+        let dst = (Ipv4Addr::BROADCAST, BROADCAST_PORT);
+        let frame = netd_tests::packet::udp4_frame((peer_ip, 4000), dst, payload);
+        // From the peer's MAC, to everyone.
+        let mut frame = frame;
+        frame[..6].copy_from_slice(&[0xff; 6]);
+        frame[6..12].copy_from_slice(&peer_mac);
+        frame
+    };
+    raw.send(&tagged(&broadcast(b"vlan100"), 100)).unwrap();
+    raw.send(&broadcast(b"untagged")).unwrap();
+    let a100_ns = NetNs::open(&a.dockerd().netns_of("a100").unwrap()).unwrap();
+    broadcaster(&a100_ns)
+        .send_to(b"from-a100", ("198.18.91.255", BROADCAST_PORT))
+        .unwrap();
+    let on_wire = raw
+        .recv_until(Duration::from_secs(3), |r| {
+            r.frame.len() >= 42 && r.frame[..6] == [0xff; 6] && r.frame.ends_with(b"from-a100")
+        })
+        .expect("a100's broadcast did not reach the wire");
+    assert_eq!(on_wire.vlan, Some(100), "a100's broadcast left untagged");
+    for (name, socket) in &ears {
+        let got = heard(socket, Duration::from_secs(2));
+        let wanted: &[&str] = match *name {
+            "a100" => &["vlan100"],
+            "a100b" | "b100" => &["vlan100", "from-a100"],
+            _ => &[],
+        };
+        let mut sorted: Vec<&str> = got
+            .iter()
+            .map(String::as_str)
+            .filter(|g| *g != "from-a100" || *name != "a100")
+            .collect();
+        sorted.sort();
+        let mut wanted = wanted.to_vec();
+        wanted.sort();
+        assert_eq!(sorted, wanted, "{name} heard {got:?}");
+    }
+
     // An untagged machine on the same wire with an address in the subnet
     // cannot reach the VLAN's containers.
     add_address(&machine.ns, "198.18.91.250/24");
@@ -388,10 +498,13 @@ fn vlans_are_tagged_on_the_wire_and_isolated() {
     );
 
     let status = a.netd.as_ref().unwrap().status().unwrap();
-    assert!(
-        counter(&status, "parent-ingress", "demuxed") > 0,
-        "{status}"
-    );
+    for (hook, name) in [
+        ("parent-ingress", "demuxed"),
+        ("parent-ingress", "flooded"),
+        ("container-egress", "flooded"),
+    ] {
+        assert!(counter(&status, hook, name) > 0, "{hook} {name}: {status}");
+    }
 }
 
 #[test]

@@ -39,8 +39,8 @@ pub use inspect::{
 };
 pub use pins::{interface_index, PinDir};
 pub use tables::{
-    Networks, Overlays, Peers, PrefixTable, RoutedBlocks, SegmentAddrs, SegmentMacs, Segments,
-    Table, Vnis, Vteps,
+    Networks, Overlays, Peers, PrefixTable, RoutedBlocks, SegmentAddrs, SegmentFloods, SegmentMacs,
+    Segments, Table, Vnis, Vteps,
 };
 
 /// The compiled eBPF object (built by build.rs from netd-ebpf).

@@ -12,8 +12,10 @@ use aya::{
     Pod,
 };
 use netd_common::{
-    maps, overlay::RoutedBlock, segment::SegmentAddr, NetworkInfo, OverlayNetwork, Peer, Segment,
-    SegmentMac, SegmentPort, TunnelConfig,
+    maps,
+    overlay::RoutedBlock,
+    segment::{BroadcastDomain, FloodList, SegmentAddr},
+    NetworkInfo, OverlayNetwork, Peer, Segment, SegmentMac, SegmentPort, TunnelConfig,
 };
 
 use super::Dataplane;
@@ -79,6 +81,14 @@ impl Table for SegmentAddrs {
     const NAME: &'static str = maps::SEGMENT_ADDRS;
     type Key = SegmentAddr;
     type Value = SegmentPort;
+}
+
+/// (parent, VLAN) → the segment containers its broadcasts are copied into.
+pub struct SegmentFloods;
+impl Table for SegmentFloods {
+    const NAME: &'static str = maps::SEGMENT_FLOODS;
+    type Key = BroadcastDomain;
+    type Value = FloodList;
 }
 
 /// An LPM trie of the datapath keyed by IPv4 prefix, by what it holds.
