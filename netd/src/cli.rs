@@ -121,6 +121,19 @@ pub enum Command {
         #[arg(long, env = "NETD_ETCD", value_delimiter = ',', required = true)]
         etcd: Vec<String>,
     },
+    /// Give back what a host that left the cluster for good still holds in
+    /// the cluster store: its containers' addresses and its routed
+    /// networks' blocks (kept for a host that reboots). Refused while the
+    /// host is registered.
+    ForgetHost {
+        /// The host's name in the cluster (`netd run --node`).
+        node: String,
+        #[arg(long)]
+        json: bool,
+        /// etcd client URLs, comma-separated.
+        #[arg(long, env = "NETD_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+    },
     /// The overlay forwarding table as the datapath holds it (reads the
     /// pinned maps): each container address, its MAC and network, and
     /// whether it is on this host (its veth) or another (its host's VTEP).
@@ -142,6 +155,19 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+/// A runtime for one command's requests, and a connection to the cluster
+/// store at `etcd`.
+fn cluster_store(etcd: &[String]) -> Result<(tokio::runtime::Runtime, crate::cluster::Store)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = runtime.block_on(crate::cluster::Store::connect(
+        etcd,
+        std::time::Duration::from_secs(5),
+    ))?;
+    Ok((runtime, store))
 }
 
 /// Parses "MIN-MAX" (1 <= MIN <= MAX <= 65535).
@@ -291,15 +317,8 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Networks { json, etcd } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let picture = runtime.block_on(async {
-                let mut store =
-                    crate::cluster::Store::connect(&etcd, std::time::Duration::from_secs(5))
-                        .await?;
-                store.picture().await
-            })?;
+            let (runtime, mut store) = cluster_store(&etcd)?;
+            let picture = runtime.block_on(store.picture())?;
             let rows = network_rows(&picture);
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -323,6 +342,19 @@ fn dispatch(command: Command) -> Result<()> {
                         r.hosts.join(",")
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::ForgetHost { node, json, etcd } => {
+            let (runtime, mut store) = cluster_store(&etcd)?;
+            let forgotten = runtime.block_on(store.forget_host(&node))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&forgotten)?);
+            } else {
+                println!(
+                    "host {node} forgotten: {} addresses, {} routed blocks and {} records given back",
+                    forgotten.addresses, forgotten.blocks, forgotten.records
+                );
             }
             Ok(())
         }

@@ -839,6 +839,15 @@ pub struct BlockClaim {
     pub prefix: u8,
 }
 
+/// What [`Store::forget_host`] gave back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Forgotten {
+    pub addresses: usize,
+    pub blocks: usize,
+    /// Endpoint records and the mirror's copies of Docker networks.
+    pub records: usize,
+}
+
 /// A routed network's block and its host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostBlock {
@@ -1117,6 +1126,73 @@ impl Store {
             .await
             .context("revoking the host's lease")?;
         Ok(())
+    }
+
+    /// Gives back what a host that left the cluster for good still holds:
+    /// its address claims and routed blocks (which outlive its lease, so
+    /// that a host that reboots keeps them), and any record naming it.
+    /// Refused while the host is registered; each deletion is conditional
+    /// on the host's record still being absent and on the key unchanged
+    /// since it was read, so a host coming back meanwhile loses nothing
+    /// it claimed again.
+    pub async fn forget_host(&mut self, node: &str) -> Result<Forgotten> {
+        check_name(node)?;
+        let alive = || {
+            anyhow!(
+                "host {node} is in the cluster (its lease keeps its record): stop its netd \
+                 and let the lease run out first"
+            )
+        };
+        let host_key = key(&["hosts", node]);
+        let resp = self
+            .get_retrying(PREFIX, Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading the cluster store")?;
+        let mut forgotten = Forgotten::default();
+        for kv in resp.kvs() {
+            let Some(rest) = kv.key_str().ok().and_then(|k| k.strip_prefix(PREFIX)) else {
+                continue;
+            };
+            let kind = rest.split('/').next().unwrap_or_default();
+            let holder = match kind {
+                "hosts" if kv.key_str().ok() == Some(host_key.as_str()) => return Err(alive()),
+                "addrs" => serde_json::from_slice::<AddressClaim>(kv.value())
+                    .ok()
+                    .map(|c| c.host),
+                "blocks" => serde_json::from_slice::<BlockClaim>(kv.value())
+                    .ok()
+                    .map(|c| c.host),
+                "endpoints" => serde_json::from_slice::<EndpointRecord>(kv.value())
+                    .ok()
+                    .map(|r| r.host),
+                "copies" => rest.split('/').nth(1).map(str::to_owned),
+                _ => None,
+            };
+            if holder.as_deref() != Some(node) {
+                continue;
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision()),
+                    Compare::create_revision(host_key.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::delete(kv.key(), None)]);
+            if !self.commit(txn, "forgetting a host's keys").await? {
+                if self.hosts().await?.iter().any(|h| h.node == node) {
+                    return Err(alive());
+                }
+                continue; // Changed meanwhile: somebody else's now.
+            }
+            match kind {
+                "addrs" => forgotten.addresses += 1,
+                "blocks" => forgotten.blocks += 1,
+                _ => forgotten.records += 1,
+            }
+        }
+        if forgotten == Forgotten::default() {
+            bail!("the cluster store holds nothing of host {node}");
+        }
+        Ok(forgotten)
     }
 
     /// Every registered host.

@@ -61,6 +61,9 @@ pub struct Overlay {
     segments: Segments,
     /// The other hosts not on this LAN, as last read.
     off_link: std::collections::HashSet<std::net::Ipv4Addr>,
+    /// Endpoints here with neither a record nor a claim in the store,
+    /// already said in the log.
+    unclaimed: std::collections::HashSet<[u8; 4]>,
 }
 
 impl Overlay {
@@ -109,6 +112,7 @@ impl Overlay {
             gateways_applied: None,
             segments: Segments::new(dp)?,
             off_link: Default::default(),
+            unclaimed: Default::default(),
         })
     }
 
@@ -307,7 +311,20 @@ impl Overlay {
                         }
                     });
                 }
-                (None, None) => {}
+                (None, None) => {
+                    // The host was forgotten (`netd forget-host`) while it
+                    // was away: nothing of this endpoint is in the store.
+                    let addr = std::net::Ipv4Addr::from(joined.endpoint.addr);
+                    if self.unclaimed.insert(joined.endpoint.addr) {
+                        tracing::warn!(
+                            "endpoint {addr} on {} has no record or address claim of this host \
+                             in the cluster store (was this host forgotten?): other hosts do not \
+                             reach it and its address may be given to another container; \
+                             remove its container",
+                            joined.ifname
+                        );
+                    }
+                }
             }
         }
         let nothing = reconcile::Applied::default();

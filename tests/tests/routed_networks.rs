@@ -191,6 +191,22 @@ fn hosts_route_each_others_blocks_without_encapsulation() {
 
     // b leaves the cluster: its block is no longer routed anywhere.
     let b_block = format!("198.19.{}.0", block_of(cb));
+    let forget = |node: &str| {
+        let endpoint = etcd.endpoint();
+        let out = a
+            .netd
+            .as_ref()
+            .unwrap()
+            .cli(&["forget-host", node, "--etcd", &endpoint])
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (done, _, err) = forget("b");
+    assert!(
+        !done && err.contains("host b is in the cluster"),
+        "forgot a live host: {err}"
+    );
     drop(b);
     let peers = || {
         let netd = a.netd.as_ref().unwrap();
@@ -204,6 +220,21 @@ fn hosts_route_each_others_blocks_without_encapsulation() {
         "b's block is still routed: {}",
         peers()
     );
+    // Its block stays b's (a host that reboots keeps it) until b is
+    // forgotten, for good.
+    assert!(blocks(&etcd).contains(r#""host":"b""#), "{}", blocks(&etcd));
+    let (done, out, err) = forget("b");
+    assert!(done && out.starts_with("host b forgotten: "), "{out} {err}");
+    assert!(out.contains("1 routed blocks"), "{out}");
+    assert!(
+        !blocks(&etcd).contains(r#""host":"b""#),
+        "{}",
+        blocks(&etcd)
+    );
+    let claims = etcd.ctl(&["get", "--prefix", "/netd/v1/addrs/"]).unwrap();
+    assert!(!claims.contains(r#""host":"b""#), "{claims}");
+    let (done, _, err) = forget("b");
+    assert!(!done && err.contains("holds nothing of host b"), "{err}");
 }
 
 #[test]
