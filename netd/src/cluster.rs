@@ -96,6 +96,8 @@ pub const MODE_OVERLAY: &str = "overlay";
 pub const MODE_MACVLAN: &str = "macvlan";
 pub const MODE_ROUTED: &str = "routed";
 pub const MODE_IPVLAN: &str = "ipvlan";
+/// The modes this release runs, published in its host record.
+pub const MODES: [&str; 4] = [MODE_OVERLAY, MODE_MACVLAN, MODE_IPVLAN, MODE_ROUTED];
 pub const IPVLAN_L2: &str = "l2";
 pub const IPVLAN_L3: &str = "l3";
 
@@ -346,6 +348,14 @@ impl Store {
                 Plan::Exists(record) => return Ok(record),
                 Plan::Create(record) => record,
             };
+            // An older netd would take the record for an overlay network.
+            if let Some(old) = self.hosts().await?.iter().find(|h| !h.runs(&record.mode)) {
+                bail!(
+                    "host {} runs a netd release without {} networks: upgrade it first",
+                    old.node,
+                    record.mode
+                );
+            }
             let net_key = key(&["networks", &record.id]);
             // No network was created or changed since the read the plan
             // was made on (a range compare: etcd >= 3.3). That alone
@@ -1028,6 +1038,17 @@ pub struct HostRecord {
     /// hosts' blocks of routed networks (None: a host of an older release).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<[u8; 6]>,
+    /// The network modes its netd runs (empty: a host of a release before
+    /// they were listed, which runs overlay networks only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modes: Vec<String>,
+}
+
+impl HostRecord {
+    /// Whether its netd runs networks of `mode`.
+    pub fn runs(&self, mode: &str) -> bool {
+        mode == MODE_OVERLAY || self.modes.iter().any(|m| m == mode)
+    }
 }
 
 /// A host's registration: its record lives as long as this keeps the lease

@@ -547,6 +547,7 @@ async fn join_cluster(opts: &ClusterOptions, uplink: &str) -> Result<Membership>
                     .await
                     .ok()
                     .map(|(_, mac, _)| mac),
+                modes: cluster::MODES.map(str::to_owned).to_vec(),
             },
             opts.lease_ttl,
         )

@@ -271,6 +271,7 @@ fn hosts_come_and_go_with_their_lease() {
                 node: "a".into(),
                 vtep: Ipv4Addr::new(198, 18, 13, 1),
                 mac: None,
+                modes: Vec::new(),
             };
             let lease = s.register_host(&record, Duration::from_secs(2)).await?;
             while stop_rx.try_recv().is_err() {
@@ -297,6 +298,7 @@ fn hosts_come_and_go_with_their_lease() {
             node: "b".into(),
             vtep: Ipv4Addr::new(198, 18, 13, 2),
             mac: None,
+            modes: Vec::new(),
         };
         let lease = s.register_host(&record, Duration::from_secs(30)).await?;
         anyhow::ensure!(s.hosts().await?.len() == 1, "b not registered");
@@ -305,6 +307,37 @@ fn hosts_come_and_go_with_their_lease() {
         Ok(())
     })
     .unwrap();
+
+    // A host of a release that runs overlay networks only (its record
+    // lists no modes) would take a macvlan network for an overlay one: its
+    // creation is refused while that host is in the cluster.
+    let err = from_host(&b.ns, &ep, async |s| {
+        let old = HostRecord {
+            node: "old".into(),
+            vtep: Ipv4Addr::new(198, 18, 13, 3),
+            mac: None,
+            modes: Vec::new(),
+        };
+        let lease = s.register_host(&old, Duration::from_secs(30)).await?;
+        let mut req = request("mv", (Ipv4Addr::new(198, 19, 67, 0), 24));
+        req.mode = "macvlan".into();
+        req.parent = "eth0".into();
+        let refused = s.create_network(&req).await;
+        let overlay = s
+            .create_network(&request("ov2", (Ipv4Addr::new(198, 19, 68, 0), 24)))
+            .await;
+        s.withdraw_host(lease).await?;
+        anyhow::ensure!(overlay.is_ok(), "overlay refused: {overlay:?}");
+        Ok(format!(
+            "{:#}",
+            refused.expect_err("created with an old host")
+        ))
+    })
+    .unwrap();
+    assert!(
+        err.contains("host old runs a netd release without macvlan networks"),
+        "{err}"
+    );
 }
 
 /// `netd run --etcd`: an unreachable store at start is a one-line error; a
