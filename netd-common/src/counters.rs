@@ -180,10 +180,14 @@ pub enum Counter {
     /// containers of its parent and VLAN on this host (one count per frame;
     /// a container's own frame reaches only its network's neighbours).
     Flooded = 38,
+    /// A routed packet's TTL ran out here: ICMP "time exceeded" went back
+    /// to the container from its gateway (dropped instead when no error
+    /// may be sent about it).
+    TimeExceeded = 39,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 39;
+    pub const COUNT: u32 = 40;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Pass,
         Counter::Drop,
@@ -224,6 +228,7 @@ impl Counter {
         Counter::ToHost,
         Counter::Routed,
         Counter::Flooded,
+        Counter::TimeExceeded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -267,6 +272,7 @@ impl Counter {
             Counter::ToHost => "to-host",
             Counter::Routed => "routed",
             Counter::Flooded => "flooded",
+            Counter::TimeExceeded => "time-exceeded",
         }
     }
 
@@ -294,7 +300,8 @@ impl Counter {
             | Counter::SegmentOut
             | Counter::ToHost
             | Counter::Routed
-            | Counter::Flooded => "action",
+            | Counter::Flooded
+            | Counter::TimeExceeded => "action",
             _ => "reason",
         }
     }

@@ -53,7 +53,7 @@ pub fn switch(
     }
     // VNI 0: a routed network, whose other hosts are reached by routing.
     if net.vni == 0 {
-        return routed::route(ctx, ep, dst).map(Some);
+        return routed::route(ctx, ep, dst, net.gateway).map(Some);
     }
     let peer = unsafe { *PEERS.get_ptr(&dst).ok_or(Counter::NoEndpoint)? };
     if peer.network != ep.network {

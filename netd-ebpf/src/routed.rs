@@ -18,17 +18,24 @@ use netd_common::{Counter, Endpoint};
 
 use crate::{
     delivery::{decrement_ttl, mark_translated, set_macs, FibParams, AF_INET, FIB_LOOKUP_OUTPUT},
+    icmp_error,
     maps::{CONFIG, ROUTED_BLOCKS},
     parsing::ETH_HLEN,
 };
 
 /// Routes `ep`'s packet for `dst` (in its routed network, not on this
-/// host) to the host whose block holds `dst`. `Err`: dropped, and why (no
-/// host has the block, it is another network's, its host is not directly
-/// on the uplink's LAN any more, too big for the link, or the TTL ran
-/// out; no ICMP error is sent for those).
+/// host) to the host whose block holds `dst`. A packet whose TTL runs out
+/// here goes back as ICMP "time exceeded" from `gateway`, the router the
+/// container sees. `Err`: dropped, and why (no host has the block, it is
+/// another network's, its host is not directly on the uplink's LAN any
+/// more, or too big for the link; no ICMP error is sent for those).
 #[inline(always)]
-pub fn route(ctx: &TcContext, ep: &Endpoint, dst: [u8; 4]) -> Result<(Counter, i32), Counter> {
+pub fn route(
+    ctx: &TcContext,
+    ep: &Endpoint,
+    dst: [u8; 4],
+    gateway: [u8; 4],
+) -> Result<(Counter, i32), Counter> {
     let block = ROUTED_BLOCKS
         .get(&Key::new(32, dst))
         .copied()
@@ -53,7 +60,11 @@ pub fn route(ctx: &TcContext, ep: &Endpoint, dst: [u8; 4]) -> Result<(Counter, i
     if fib.dst[..4] != block.host {
         return Err(Counter::NoEndpoint);
     }
-    decrement_ttl(ctx, ETH_HLEN).ok_or(Counter::RewriteFailed)?;
+    if decrement_ttl(ctx, ETH_HLEN).is_none() {
+        // (Or the packet is too short to hold a TTL: then it is refused.)
+        let verdict = icmp_error::to_sender(ctx, icmp_error::TTL_EXCEEDED, [0; 4], gateway)?;
+        return Ok((Counter::TimeExceeded, verdict));
+    }
     mark_translated(ctx);
     let verdict = if resolved {
         set_macs(ctx, fib.dmac, Some(fib.smac)).ok_or(Counter::RewriteFailed)?;

@@ -107,6 +107,31 @@ fn hosts_route_each_others_blocks_without_encapsulation() {
     );
     assert!(counter(&status, "uplink-ingress", "routed") > 0, "{status}");
     assert_eq!(counter(&status, "container-egress", "vxlan-encap"), 0);
+    // A packet whose TTL runs out at its host comes back as "time
+    // exceeded" from the gateway: traceroute's first hop is the host.
+    let trace = b
+        .dockerd()
+        .exec(
+            "cb",
+            &[
+                "traceroute",
+                "-n",
+                "-q",
+                "1",
+                "-w",
+                "2",
+                "-m",
+                "1",
+                &ca.to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(trace.contains("1  198.19.128.1 "), "{trace}");
+    let b_status = b.netd.as_ref().unwrap().status().unwrap();
+    assert!(
+        counter(&b_status, "container-egress", "time-exceeded") > 0,
+        "{b_status}"
+    );
     // The routes are netd's maps, not the kernel's tables.
     let routes = a.ns.run_ok("ip", &["route"]).unwrap();
     assert!(!routes.contains("198.19.129.0"), "{routes}");
