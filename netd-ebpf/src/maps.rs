@@ -1,6 +1,7 @@
 //! Map definitions. Names are the pin file names (netd_common::maps); BTF map
 //! definitions so that `bpftool map dump` prints field names.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -107,8 +108,15 @@ pub static SEGMENT_ADDRS: HashMap<SegmentAddr, SegmentPort, { ENDPOINTS_MAX as u
 /// Segment containers on this host by broadcast domain (parent, VLAN), for
 /// copies of broadcasts; written by the daemon.
 #[btf_map(name = "netd_segment_floods")]
-pub static SEGMENT_FLOODS: HashMap<BroadcastDomain, FloodList, { OVERLAYS_MAX as usize }> =
-    HashMap::new();
+/// Not preallocated: a replaced list is freed only after the programs
+/// reading it are done (RCU), where a preallocated element may be reused
+/// by the next update while the copying loop still walks it.
+pub static SEGMENT_FLOODS: HashMap<
+    BroadcastDomain,
+    FloodList,
+    { OVERLAYS_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Other hosts' blocks of routed networks; written by the daemon.
 #[btf_map(name = "netd_routed_blocks")]

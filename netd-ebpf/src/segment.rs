@@ -172,13 +172,12 @@ extern "C" fn flood_one(index: u64, flood: *mut c_void) -> i64 {
 
 /// Copies the frame, as it is now (untagged), out of the host-side veths
 /// of `domain`'s containers here: into the containers. `network`: only
-/// that network's, and not the sender `except`. Counted `flooded` on
-/// `hook` once per frame that reached a container; a copy that fails (a
-/// veth just deleted) is left out.
+/// that network's, and not the sender `except`. Whether a copy reached a
+/// container; one that fails (a veth just deleted) is left out.
 #[inline(always)]
-fn flood(ctx: &TcContext, hook: Hook, domain: &BroadcastDomain, network: Option<u32>, except: u32) {
+fn flood(ctx: &TcContext, domain: &BroadcastDomain, network: Option<u32>, except: u32) -> bool {
     let Some(list) = SEGMENT_FLOODS.get_ptr(domain) else {
-        return;
+        return false;
     };
     let mut flood = Flood {
         skb: ctx.skb.skb,
@@ -196,7 +195,19 @@ fn flood(ctx: &TcContext, hook: Hook, domain: &BroadcastDomain, network: Option<
             0,
         )
     };
-    if flood.copied != 0 {
+    flood.copied != 0
+}
+
+/// [`flood`], counted `flooded` on `hook` (beside the frame's own detail).
+#[inline(always)]
+fn flood_counted(
+    ctx: &TcContext,
+    hook: Hook,
+    domain: &BroadcastDomain,
+    network: Option<u32>,
+    except: u32,
+) {
+    if flood(ctx, domain, network, except) {
         count(hook, Counter::Flooded, ctx.len());
     }
 }
@@ -276,14 +287,20 @@ fn flood_from_parent(ctx: &TcContext, parent: u32, vlan: u16) -> Result<FromPare
         return Ok(FromParent::Host(Counter::NoMatch));
     }
     let skb = ctx.skb.skb;
+    // The whole TCI, priority bits too, goes back on the host's copy.
+    let tci = unsafe { (*skb).vlan_tci } as u16;
     if vlan != 0 && unsafe { bpf_skb_vlan_pop(skb) } != 0 {
         return Err(Counter::RewriteFailed);
     }
-    flood(ctx, Hook::ParentIngress, &domain, None, 0);
-    if vlan != 0 && unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), vlan) } != 0 {
+    let copied = flood(ctx, &domain, None, 0);
+    if vlan != 0 && unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), tci) } != 0 {
         return Err(Counter::RewriteFailed);
     }
-    Ok(FromParent::Host(Counter::Flooded))
+    Ok(FromParent::Host(if copied {
+        Counter::Flooded
+    } else {
+        Counter::NoMatch
+    }))
 }
 
 /// Parent egress: the host's own frames to its macvlan containers
@@ -308,7 +325,7 @@ pub fn from_host(ctx: &TcContext) -> Result<Option<i32>, Counter> {
             // The host is on the untagged LAN: its broadcasts reach the
             // containers there as a LAN machine's do.
             None if floods(ether_type) => {
-                flood(ctx, Hook::ParentEgress, &domain(parent, 0), None, 0);
+                flood_counted(ctx, Hook::ParentEgress, &domain(parent, 0), None, 0);
                 return Ok(None);
             }
             _ => return Ok(None),
@@ -361,16 +378,19 @@ pub fn from_container(
                 }
             }
         }
+        if floods(ether_type) {
+            let domain = domain(seg.parent, seg.vlan);
+            flood_counted(ctx, Hook::ContainerEgress, &domain, Some(ep.network), own);
+        }
         // The host is on the untagged LAN too: it hears broadcasts (ARP
-        // for its address, DHCP) as any machine there would.
+        // for its address, DHCP) as any machine there would. Marked, the
+        // copy is the host's alone: the parent's ingress program would
+        // otherwise flood it (or an ARP probe back into its sender).
+        mark_translated(ctx);
         if seg.vlan == 0
             && unsafe { bpf_clone_redirect(ctx.skb.skb, seg.parent, BPF_F_INGRESS as u64) } != 0
         {
             return Err(Counter::RewriteFailed);
-        }
-        if floods(ether_type) {
-            let domain = domain(seg.parent, seg.vlan);
-            flood(ctx, Hook::ContainerEgress, &domain, Some(ep.network), own);
         }
         return out_of_parent(ctx, seg);
     }
@@ -380,6 +400,7 @@ pub fn from_container(
             return to_neighbour(ctx, ep, &port, true);
         }
         if seg.vlan == 0 {
+            mark_translated(ctx);
             let verdict = unsafe { bpf_redirect(seg.parent, BPF_F_INGRESS as u64) } as i32;
             return Ok((Counter::ToHost, verdict));
         }

@@ -72,12 +72,17 @@ impl Segments {
         // The MACs an earlier daemon demuxed are the ones it put into the
         // parents' filters: the first picture takes out those whose
         // container left while netd was down.
+        // And a Join before the first picture adds to the pinned domains'
+        // members, rather than write a list of its endpoint alone.
+        let addrs: HashMap<SegmentAddr, SegmentPort> =
+            dp.table_entries::<SegmentAddrs>()?.into_iter().collect();
         let mut segments = Self {
             filtered: dp
                 .table_entries::<SegmentMacs>()?
                 .into_iter()
                 .map(|(key, _)| (key.parent, key.mac))
                 .collect(),
+            members: members(&addrs),
             ..Self::default()
         };
         for parent in dp.attached_targets(Attachment::ParentIngress)? {
