@@ -90,6 +90,11 @@ pub struct FloodPort {
 pub struct FloodList {
     /// How many of `ports` are in use (at most [`FLOOD_MAX`]).
     pub count: u32,
+    /// The parent's own MAC: a frame from it (or from a container's MAC)
+    /// on the parent's ingress is a copy a container's program made for
+    /// the host, never one from the LAN to flood.
+    pub parent_mac: [u8; 6],
+    pub _pad: [u8; 2],
     pub ports: [FloodPort; FLOOD_MAX],
 }
 
@@ -97,6 +102,8 @@ impl Default for FloodList {
     fn default() -> Self {
         Self {
             count: 0,
+            parent_mac: [0; 6],
+            _pad: [0; 2],
             ports: [FloodPort::default(); FLOOD_MAX],
         }
     }

@@ -158,20 +158,14 @@ pub fn netd_container_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn netd_parent_ingress(ctx: TcContext) -> i32 {
-    // A segment container's frame for the host, handed here by its veth's
-    // program: the host's alone. (The mark is cleared: the uplink program
-    // runs next if this parent is the uplink too.)
-    let outcome = if delivery::take_translated(&ctx) {
-        Outcome::Pass(Counter::Translated)
-    } else {
-        match segment::from_parent(&ctx) {
-            Ok(segment::FromParent::Container(verdict)) => {
-                Outcome::Redirect(Counter::Demuxed, verdict)
-            }
-            Ok(segment::FromParent::Host(counter)) => Outcome::Pass(counter),
-            Err(reason @ Counter::RewriteFailed) => Outcome::Drop(reason),
-            Err(reason) => Outcome::Pass(reason),
-        }
+    // What the uplink program would clear, if this parent is the uplink
+    // too: this one runs first.
+    delivery::take_translated(&ctx);
+    let outcome = match segment::from_parent(&ctx) {
+        Ok(segment::FromParent::Container(verdict)) => Outcome::Redirect(Counter::Demuxed, verdict),
+        Ok(segment::FromParent::Host(counter)) => Outcome::Pass(counter),
+        Err(reason @ Counter::RewriteFailed) => Outcome::Drop(reason),
+        Err(reason) => Outcome::Pass(reason),
     };
     finish(&ctx, Hook::ParentIngress, outcome)
 }

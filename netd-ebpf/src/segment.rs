@@ -221,6 +221,29 @@ fn domain(parent: u32, vlan: u16) -> BroadcastDomain {
     }
 }
 
+/// Whether a group frame on the parent's ingress comes from this host's
+/// own side of the domain (a container's MAC, or the parent's own): the
+/// copy a container's program handed to the host. A LAN never sends a
+/// station its own frames back, so such a frame is the host's alone: not
+/// flooded again, and an ARP probe not sent back into its sender. (Not a
+/// mark on the skb: netd's marks are not trusted on arrival.)
+#[inline(always)]
+fn from_own(ctx: &TcContext, parent: u32, vlan: u16) -> Result<bool, Counter> {
+    let src: *const [u8; 6] = ptr_at(ctx, 6).ok_or(Counter::Truncated)?;
+    let src = unsafe { *src };
+    if let Some(list) = SEGMENT_FLOODS.get_ptr(&domain(parent, vlan)) {
+        if unsafe { (*list).parent_mac } == src {
+            return Ok(true);
+        }
+    }
+    let key = SegmentMac {
+        parent,
+        vlan,
+        mac: src,
+    };
+    Ok(SEGMENT_MACS.get_ptr(&key).is_some())
+}
+
 /// Where parent ingress sends a frame.
 pub enum FromParent {
     /// Redirected into a container: the helper's verdict.
@@ -238,6 +261,9 @@ pub fn from_parent(ctx: &TcContext) -> Result<FromParent, Counter> {
     let vlan = rx_vlan(ctx, ether_type)?;
     let parent = unsafe { (*ctx.skb.skb).ifindex };
     let port = if is_group(&dst) {
+        if from_own(ctx, parent, vlan)? {
+            return Ok(FromParent::Host(Counter::NoMatch));
+        }
         let target = if ether_type == ETH_P_ARP {
             arp_target(ctx, parent, vlan, false)
         } else {
@@ -383,10 +409,8 @@ pub fn from_container(
             flood_counted(ctx, Hook::ContainerEgress, &domain, Some(ep.network), own);
         }
         // The host is on the untagged LAN too: it hears broadcasts (ARP
-        // for its address, DHCP) as any machine there would. Marked, the
-        // copy is the host's alone: the parent's ingress program would
-        // otherwise flood it (or an ARP probe back into its sender).
-        mark_translated(ctx);
+        // for its address, DHCP) as any machine there would. (The parent's
+        // ingress program knows the copy by its source: not flooded again.)
         if seg.vlan == 0
             && unsafe { bpf_clone_redirect(ctx.skb.skb, seg.parent, BPF_F_INGRESS as u64) } != 0
         {
@@ -400,7 +424,6 @@ pub fn from_container(
             return to_neighbour(ctx, ep, &port, true);
         }
         if seg.vlan == 0 {
-            mark_translated(ctx);
             let verdict = unsafe { bpf_redirect(seg.parent, BPF_F_INGRESS as u64) } as i32;
             return Ok((Counter::ToHost, verdict));
         }

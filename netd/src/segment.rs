@@ -145,7 +145,7 @@ impl Segments {
     fn write_flood(&mut self, dp: &mut Dataplane, domain: BroadcastDomain) -> Result<()> {
         match self.members.get(&domain).filter(|m| !m.is_empty()) {
             Some(members) => {
-                let list = flood_list(members);
+                let list = flood_list(members, self.parent_mac(domain.parent));
                 self.say_overfull(domain, members.len());
                 dp.table_set::<SegmentFloods>(domain, list)
             }
@@ -154,6 +154,10 @@ impl Segments {
                 dp.table_remove::<SegmentFloods>(&domain)
             }
         }
+    }
+
+    fn parent_mac(&self, ifindex: u32) -> [u8; 6] {
+        parent_mac_in(&self.networks, ifindex)
     }
 
     fn say_overfull(&mut self, domain: BroadcastDomain, members: usize) {
@@ -234,7 +238,10 @@ impl Segments {
         let floods: HashMap<BroadcastDomain, FloodList> = self
             .members
             .iter()
-            .map(|(domain, m)| (*domain, flood_list(m)))
+            .map(|(domain, m)| {
+                let mac = parent_mac_in(&networks, domain.parent);
+                (*domain, flood_list(m, mac))
+            })
             .collect();
         reconcile::table::<SegmentFloods>(dp, &floods)?;
         let sizes: Vec<_> = self.members.iter().map(|(d, m)| (*d, m.len())).collect();
@@ -363,9 +370,21 @@ fn members(addrs: &HashMap<SegmentAddr, SegmentPort>) -> Members {
     members
 }
 
-/// A domain's flood list: its first [`FLOOD_MAX`] containers by address.
-fn flood_list(members: &BTreeMap<[u8; 4], FloodPort>) -> FloodList {
-    let mut list = FloodList::default();
+/// The MAC of parent `ifindex`, from the segments resolved on it.
+fn parent_mac_in(networks: &HashMap<u32, (Segment, String)>, ifindex: u32) -> [u8; 6] {
+    networks
+        .values()
+        .find(|(s, _)| s.parent == ifindex)
+        .map_or([0; 6], |(s, _)| s.parent_mac)
+}
+
+/// A domain's flood list: its first [`FLOOD_MAX`] containers by address,
+/// and the parent's MAC.
+fn flood_list(members: &BTreeMap<[u8; 4], FloodPort>, parent_mac: [u8; 6]) -> FloodList {
+    let mut list = FloodList {
+        parent_mac,
+        ..FloodList::default()
+    };
     for (slot, port) in list.ports.iter_mut().zip(members.values()) {
         *slot = *port;
         list.count += 1;
@@ -469,8 +488,9 @@ mod tests {
             vlan: 100,
             _pad: 0,
         };
-        let list = flood_list(&domains[&domain]);
+        let list = flood_list(&domains[&domain], [2, 0, 0, 0, 0, 1]);
         assert_eq!(list.count, 2);
+        assert_eq!(list.parent_mac, [2, 0, 0, 0, 0, 1]);
         assert_eq!(
             list.ports[..2]
                 .iter()
@@ -482,7 +502,7 @@ mod tests {
         let many: HashMap<_, _> = (1..=FLOOD_MAX as u8 + 5)
             .map(|last| (key(100, last), port(u32::from(last))))
             .collect();
-        let list = flood_list(&members(&many)[&domain]);
+        let list = flood_list(&members(&many)[&domain], [0; 6]);
         assert_eq!(list.count as usize, FLOOD_MAX);
         assert_eq!(list.ports[FLOOD_MAX - 1].ifindex, FLOOD_MAX as u32);
     }
