@@ -72,11 +72,16 @@ pub fn to_sender(
     rest: [u8; 4],
     from: [u8; 4],
 ) -> Result<i32, Counter> {
-    // The headers and the quote in the linear data (a zero-copy send may
-    // have left less there).
+    // A packet shorter than the quote (a bare ICMP echo, a small UDP
+    // probe) is padded with zeros to it: the quoted header's length says
+    // where the packet ended. The headers and the quote then in the
+    // linear data (a zero-copy send may have left less there).
+    let cut = (ETH_HLEN + QUOTE_LEN) as u32;
+    if ctx.len() < cut && unsafe { bpf_skb_change_tail(ctx.skb.skb, cut, 0) } != 0 {
+        return Err(refused(kind));
+    }
     if ctx.data() + ETH_HLEN + QUOTE_LEN > ctx.data_end() {
-        ctx.pull_data((ETH_HLEN + QUOTE_LEN) as u32)
-            .map_err(|_| refused(kind))?;
+        ctx.pull_data(cut).map_err(|_| refused(kind))?;
     }
     {
         let ip: *const [u8; 20] = ptr_at(ctx, ETH_HLEN).ok_or(refused(kind))?;
@@ -101,7 +106,6 @@ pub fn to_sender(
     // after the Ethernet header (a GSO packet stops being one here). The
     // frame's own Ethernet header stays at 0 and its IPv4 header is now
     // the quote's start: nothing needs keeping across the two calls.
-    let cut = (ETH_HLEN + QUOTE_LEN) as u32;
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, cut, 0) } != 0 {
         return Err(Counter::RewriteFailed);
     }

@@ -43,6 +43,12 @@ pub fn route(
     if block.network != ep.network {
         return Err(Counter::Isolated);
     }
+    // Before the next hop's lookup, as a router checks TTL before MTU.
+    if decrement_ttl(ctx, ETH_HLEN).is_none() {
+        // (Or the packet is too short to hold a TTL: then it is refused.)
+        let verdict = icmp_error::to_sender(ctx, icmp_error::TTL_EXCEEDED, [0; 4], gateway)?;
+        return Ok((Counter::TimeExceeded, verdict));
+    }
     let uplink = CONFIG.get(0).map_or(0, |c| c.uplink_ifindex);
     if uplink == 0 {
         return Err(Counter::NoEndpoint);
@@ -59,11 +65,6 @@ pub fn route(
     // router, which does not know the block.
     if fib.dst[..4] != block.host {
         return Err(Counter::NoEndpoint);
-    }
-    if decrement_ttl(ctx, ETH_HLEN).is_none() {
-        // (Or the packet is too short to hold a TTL: then it is refused.)
-        let verdict = icmp_error::to_sender(ctx, icmp_error::TTL_EXCEEDED, [0; 4], gateway)?;
-        return Ok((Counter::TimeExceeded, verdict));
     }
     mark_translated(ctx);
     let verdict = if resolved {

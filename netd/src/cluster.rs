@@ -366,8 +366,12 @@ impl Store {
                 let vni_key = key(&["vnis", &record.vni.to_string()]);
                 puts.push(TxnOp::put(vni_key, record.id.clone(), None));
             }
+            // Nor a host registered since (the modes check read them).
+            let hosts_unchanged =
+                Compare::mod_revision(key(&["hosts", ""]), CompareOp::Less, revision + 1)
+                    .with_prefix();
             let txn = Txn::new()
-                .when([networks_unchanged_since(revision)])
+                .when([networks_unchanged_since(revision), hosts_unchanged])
                 .and_then(puts);
             if self.commit(txn, "creating the network in etcd").await? {
                 return Ok(record);
@@ -1169,14 +1173,20 @@ impl Store {
             .get_retrying(PREFIX, Some(GetOptions::new().with_prefix()))
             .await
             .context("reading the cluster store")?;
+        if resp.kvs().iter().any(|kv| kv.key() == host_key.as_bytes()) {
+            return Err(alive());
+        }
+        // Records before claims: one left half-done keeps no record of an
+        // address nobody holds.
+        let mut kvs: Vec<_> = resp.kvs().iter().collect();
+        kvs.sort_by_key(|kv| !kv.key().starts_with(key(&["endpoints", ""]).as_bytes()));
         let mut forgotten = Forgotten::default();
-        for kv in resp.kvs() {
+        for kv in kvs {
             let Some(rest) = kv.key_str().ok().and_then(|k| k.strip_prefix(PREFIX)) else {
                 continue;
             };
             let kind = rest.split('/').next().unwrap_or_default();
             let holder = match kind {
-                "hosts" if kv.key_str().ok() == Some(host_key.as_str()) => return Err(alive()),
                 "addrs" => serde_json::from_slice::<AddressClaim>(kv.value())
                     .ok()
                     .map(|c| c.host),

@@ -304,7 +304,31 @@ impl Overlay {
                 (None, Some(record)) => {
                     let (mut store, record) = (self.store.clone(), record.clone());
                     let lease = self.lease.load(std::sync::atomic::Ordering::Relaxed);
+                    // A host forgotten while it was cut off from the store
+                    // lost its claims: the address is taken back first, or
+                    // the endpoint is not published over somebody else's.
+                    let claimed = picture.claims.iter().any(|(n, a, c)| {
+                        *n == record.network && *a == record.addr && c.host == self.node
+                    });
                     tokio::spawn(async move {
+                        if !claimed {
+                            let claim = crate::cluster::AddressClaim {
+                                host: record.host.clone(),
+                                owner: record.endpoint.clone(),
+                            };
+                            if let Err(e) = store
+                                .claim_exact(&record.network, record.addr, &claim)
+                                .await
+                            {
+                                tracing::warn!(
+                                    "endpoint {} lost its address claim (was this host \
+                                     forgotten?) and cannot take it back: {e:#}; remove its \
+                                     container",
+                                    record.addr
+                                );
+                                return;
+                            }
+                        }
                         match store.put_endpoint(&record, lease).await {
                             Ok(()) => tracing::info!("endpoint {} published again", record.addr),
                             Err(e) => tracing::warn!("publishing endpoint {}: {e:#}", record.addr),

@@ -109,24 +109,42 @@ fn hosts_route_each_others_blocks_without_encapsulation() {
     assert_eq!(counter(&status, "container-egress", "vxlan-encap"), 0);
     // A packet whose TTL runs out at its host comes back as "time
     // exceeded" from the gateway: traceroute's first hop is the host.
-    let trace = b
-        .dockerd()
-        .exec(
-            "cb",
-            &[
-                "traceroute",
-                "-n",
-                "-q",
-                "1",
-                "-w",
-                "2",
-                "-m",
-                "1",
-                &ca.to_string(),
-            ],
-        )
-        .unwrap();
+    let ca_text = ca.to_string();
+    let probe = [
+        "traceroute",
+        "-n",
+        "-q",
+        "1",
+        "-w",
+        "2",
+        "-m",
+        "1",
+        &ca_text,
+    ];
+    let trace = b.dockerd().exec("cb", &probe).unwrap();
     assert!(trace.contains("1  198.19.128.1 "), "{trace}");
+    // A probe shorter than the quote the error carries (a bare UDP
+    // header) is answered too: a connected socket asking for ICMP errors
+    // gets "host unreachable", which is how Linux reports time exceeded.
+    let reported = cb_ns
+        .enter(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_ttl(1)?;
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
+            socket.connect((ca, 9))?;
+            socket.send(b"")?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            Ok(socket
+                .recv(&mut [0u8; 16])
+                .err()
+                .and_then(|e| e.raw_os_error()))
+        })
+        .unwrap();
+    assert_eq!(
+        reported,
+        Some(libc::EHOSTUNREACH),
+        "no time exceeded for a short probe"
+    );
     let b_status = b.netd.as_ref().unwrap().status().unwrap();
     assert!(
         counter(&b_status, "container-egress", "time-exceeded") > 0,
