@@ -29,8 +29,9 @@ const PARENT_ATTACHMENTS: [Attachment; 2] = [Attachment::ParentIngress, Attachme
 pub struct Segments {
     /// Network id → its segment here, and the parent's name.
     networks: HashMap<u32, (Segment, String)>,
-    /// Parents with netd's programs, by name.
-    attached: HashSet<String>,
+    /// Parents with netd's programs: name → the ifindex they went on (a
+    /// parent deleted and created again under its name needs them again).
+    attached: HashMap<String, u32>,
     /// (parent ifindex, MAC) put into unicast filters.
     filtered: HashSet<(u32, [u8; 6])>,
     /// Each broadcast domain's containers here, by address.
@@ -86,7 +87,9 @@ impl Segments {
             ..Self::default()
         };
         for parent in dp.attached_targets(Attachment::ParentIngress)? {
-            if let Err(e) = segments.attach(dp, &parent) {
+            let taken = crate::dataplane::interface_index(&parent)
+                .and_then(|ifindex| segments.attach(dp, &parent, ifindex));
+            if let Err(e) = taken {
                 tracing::warn!("taking over the segment demux on {parent}: {e:#}");
             }
         }
@@ -137,7 +140,7 @@ impl Segments {
             },
         );
         self.write_flood(dp, domain)?;
-        self.attach(dp, parent)?;
+        self.attach(dp, parent, segment.parent)?;
         Ok(())
     }
 
@@ -248,17 +251,26 @@ impl Segments {
         for (domain, size) in sizes {
             self.say_overfull(domain, size);
         }
-        let parents: HashSet<String> = networks.values().map(|(_, p)| p.clone()).collect();
-        for parent in &parents {
-            if let Err(e) = self.attach(dp, parent) {
+        let parents: HashMap<String, u32> = networks
+            .values()
+            .map(|(s, p)| (p.clone(), s.parent))
+            .collect();
+        for (parent, ifindex) in &parents {
+            if let Err(e) = self.attach(dp, parent, *ifindex) {
                 tracing::warn!("{e:#}");
             }
         }
-        for parent in self.attached.clone().difference(&parents) {
+        let gone: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|p| !parents.contains_key(*p))
+            .cloned()
+            .collect();
+        for parent in gone {
             for att in PARENT_ATTACHMENTS {
-                dp.detach(att, parent)?;
+                dp.detach(att, &parent)?;
             }
-            self.attached.remove(parent);
+            self.attached.remove(&parent);
             tracing::info!("no segment network on {parent} any more: detached");
         }
         let wanted: HashSet<(u32, [u8; 6])> = macs.keys().map(|k| (k.parent, k.mac)).collect();
@@ -272,15 +284,20 @@ impl Segments {
         Ok(())
     }
 
-    fn attach(&mut self, dp: &mut Dataplane, parent: &str) -> Result<()> {
-        if self.attached.contains(parent) {
-            return Ok(());
+    /// netd's programs on `parent`, at `ifindex` (again, when the name
+    /// now stands for another interface: its pinned links went with the
+    /// old one, and `Dataplane::attach` replaces stale ones).
+    fn attach(&mut self, dp: &mut Dataplane, parent: &str, ifindex: u32) -> Result<()> {
+        match self.attached.get(parent) {
+            Some(known) if *known == ifindex => return Ok(()),
+            Some(_) => tracing::info!("{parent} was created again: attaching anew"),
+            None => {}
         }
         for att in PARENT_ATTACHMENTS {
             dp.attach(att, parent)?;
         }
         tracing::info!("segment demux attached to {parent}");
-        self.attached.insert(parent.to_owned());
+        self.attached.insert(parent.to_owned(), ifindex);
         Ok(())
     }
 

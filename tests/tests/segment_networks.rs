@@ -588,3 +588,68 @@ fn ipvlan_l2_containers_share_the_parents_mac() {
         "{status}"
     );
 }
+
+#[test]
+fn a_parent_created_again_gets_the_demux_back() {
+    if !privileged() {
+        return;
+    }
+    let bench = Bench::new().unwrap();
+    let lan = bench.lan(34).unwrap();
+    let etcd = Etcd::start(&bench, &lan, 250).unwrap();
+    let a = Host::cluster_member(
+        &bench,
+        &lan,
+        "a",
+        1,
+        &etcd.endpoint(),
+        &["--resync-interval", "1"],
+    )
+    .unwrap();
+    // A second interface as the parent (a veth: this kernel has no dummy
+    // devices), then deleted and made again, as a replugged NIC or a
+    // re-created bond comes back: the same name, another interface.
+    let make_parent = || {
+        a.ns.run_ok(
+            "ip",
+            &[
+                "link", "add", "p0", "type", "veth", "peer", "name", "p0-peer",
+            ],
+        )
+        .unwrap();
+        a.ns.run_ok("ip", &["link", "set", "p0", "up"]).unwrap();
+    };
+    // Both parent programs attached to the interface p0 is now (netd
+    // status asks the kernel's TCX lists).
+    let demux_on_p0 = || {
+        let Ok(status) = a.netd.as_ref().unwrap().status() else {
+            return false;
+        };
+        let on_p0 = |hook: &str| {
+            status["attachments"].as_array().is_some_and(|all| {
+                all.iter()
+                    .any(|x| x["hook"] == hook && x["interface"] == "p0" && x["attached"] == true)
+            })
+        };
+        on_p0("parent-ingress") && on_p0("parent-egress")
+    };
+    make_parent();
+    a.create_netd_network(
+        "side",
+        "198.18.97.0/24",
+        &["-o", "netd.mode=macvlan", "-o", "parent=p0"],
+    )
+    .unwrap();
+    a.dockerd()
+        .run("c-side", &["--network", "side"], &["sleep", "600"])
+        .unwrap();
+    assert!(demux_on_p0(), "no demux on p0 after the Join");
+    a.ns.run_ok("ip", &["link", "del", "p0"]).unwrap();
+    make_parent();
+    assert!(
+        eventually(Duration::from_secs(10), demux_on_p0),
+        "p0 created again has no demux"
+    );
+    let status = a.netd.as_ref().unwrap().status().unwrap();
+    assert_eq!(status["segments"][0]["parent"], "p0", "{status}");
+}
