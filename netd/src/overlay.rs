@@ -64,6 +64,9 @@ pub struct Overlay {
     /// Endpoints here with neither a record nor a claim in the store,
     /// already said in the log.
     unclaimed: std::collections::HashSet<[u8; 4]>,
+    /// (host, mode) pairs of hosts whose netd does not run a mode some
+    /// network has, already said in the log.
+    behind: std::collections::HashSet<(String, String)>,
 }
 
 impl Overlay {
@@ -113,6 +116,7 @@ impl Overlay {
             segments: Segments::new(dp)?,
             off_link: Default::default(),
             unclaimed: Default::default(),
+            behind: Default::default(),
         })
     }
 
@@ -238,6 +242,7 @@ impl Overlay {
             Ok(off_link) => self.off_link = off_link,
             Err(e) => tracing::warn!("{e:#}"),
         }
+        self.say_hosts_behind(picture);
         let desired = state::desired_overlay(picture, &self.node, &self.off_link);
         for b in desired
             .unroutable
@@ -389,6 +394,26 @@ fn rebuilt_record(picture: &Picture, node: &str, endpoint: &Endpoint) -> Option<
 }
 
 impl Overlay {
+    /// Says once per host and mode when a host's netd (an older release,
+    /// registered after the network was made) does not run a mode one of
+    /// the cluster's networks has: it takes such a network for an overlay
+    /// one, and its containers on it do not work.
+    fn say_hosts_behind(&mut self, picture: &Picture) {
+        for host in &picture.hosts {
+            for n in picture.networks.iter().filter(|n| !host.runs(&n.mode)) {
+                if self.behind.insert((host.node.clone(), n.mode.clone())) {
+                    tracing::warn!(
+                        "host {} runs a netd release without {} networks, as network {} is: \
+                         upgrade it",
+                        host.node,
+                        n.mode,
+                        n.label()
+                    );
+                }
+            }
+        }
+    }
+
     /// A new daemon's first picture: this host's endpoint records go on
     /// this daemon's lease (the previous daemon's runs out after its TTL,
     /// and would take them along), and those whose veth is still missing

@@ -652,4 +652,21 @@ fn a_parent_created_again_gets_the_demux_back() {
     );
     let status = a.netd.as_ref().unwrap().status().unwrap();
     assert_eq!(status["segments"][0]["parent"], "p0", "{status}");
+
+    // A host of an older release (its record lists no modes) registered
+    // after the network was made: the log names it.
+    etcd.ctl(&[
+        "put",
+        "/netd/v1/hosts/old",
+        r#"{"node":"old","vtep":"198.18.34.99"}"#,
+    ])
+    .unwrap();
+    let log = || std::fs::read_to_string(a.netd.as_ref().unwrap().log_path()).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(10), || log()
+            .contains("host old runs a netd release without macvlan networks")),
+        "{}",
+        log()
+    );
+    etcd.ctl(&["del", "/netd/v1/hosts/old"]).unwrap();
 }
