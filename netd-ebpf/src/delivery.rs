@@ -88,14 +88,7 @@ impl FibParams {
         p.dst[..4].copy_from_slice(&dst);
         p
     }
-}
 
-pub const AF_INET: u8 = 2;
-
-/// `BPF_FIB_LOOKUP_OUTPUT`: look up as for a packet the host sends.
-pub const FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
-
-impl FibParams {
     /// `bpf_fib_lookup` with these parameters (`flags`: 0, or
     /// [`FIB_LOOKUP_OUTPUT`]); the kernel's BPF_FIB_LKUP_RET_* answer.
     #[inline(always)]
@@ -110,6 +103,11 @@ impl FibParams {
         }) as u32
     }
 }
+
+pub const AF_INET: u8 = 2;
+
+/// `BPF_FIB_LOOKUP_OUTPUT`: look up as for a packet the host sends.
+pub const FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 
 /// Where the host's routing would send a packet from a container: the
 /// uplink, with the neighbour resolved and the packet within its MTU.

@@ -171,14 +171,12 @@ extern "C" fn flood_one(index: u64, flood: *mut c_void) -> i64 {
 }
 
 /// Copies the frame, as it is now (untagged), out of the host-side veths
-/// of `domain`'s containers here: into the containers. `network`: only
-/// that network's, and not the sender `except`. Whether a copy reached a
-/// container; one that fails (a veth just deleted) is left out.
+/// of the containers in `list` (a domain's): into the containers.
+/// `network`: only that network's, and not the sender `except`. Whether a
+/// copy reached a container; one that fails (a veth just deleted) is left
+/// out.
 #[inline(always)]
-fn flood(ctx: &TcContext, domain: &BroadcastDomain, network: Option<u32>, except: u32) -> bool {
-    let Some(list) = SEGMENT_FLOODS.get_ptr(domain) else {
-        return false;
-    };
+fn flood(ctx: &TcContext, list: *const FloodList, network: Option<u32>, except: u32) -> bool {
     let mut flood = Flood {
         skb: ctx.skb.skb,
         list,
@@ -198,7 +196,8 @@ fn flood(ctx: &TcContext, domain: &BroadcastDomain, network: Option<u32>, except
     flood.copied != 0
 }
 
-/// [`flood`], counted `flooded` on `hook` (beside the frame's own detail).
+/// [`flood`] into `domain`'s containers, counted `flooded` on `hook`
+/// (beside the frame's own detail).
 #[inline(always)]
 fn flood_counted(
     ctx: &TcContext,
@@ -207,8 +206,10 @@ fn flood_counted(
     network: Option<u32>,
     except: u32,
 ) {
-    if flood(ctx, domain, network, except) {
-        count(hook, Counter::Flooded, ctx.len());
+    if let Some(list) = SEGMENT_FLOODS.get_ptr(domain) {
+        if flood(ctx, list, network, except) {
+            count(hook, Counter::Flooded, ctx.len());
+        }
     }
 }
 
@@ -222,19 +223,23 @@ fn domain(parent: u32, vlan: u16) -> BroadcastDomain {
 }
 
 /// Whether a group frame on the parent's ingress comes from this host's
-/// own side of the domain (a container's MAC, or the parent's own): the
-/// copy a container's program handed to the host. A LAN never sends a
-/// station its own frames back, so such a frame is the host's alone: not
-/// flooded again, and an ARP probe not sent back into its sender. (Not a
-/// mark on the skb: netd's marks are not trusted on arrival.)
+/// own side of the domain (`list`, its containers here: a container's MAC,
+/// or the parent's own): the copy a container's program handed to the
+/// host. A LAN never sends a station its own frames back, so such a frame
+/// is the host's alone: not flooded again, and an ARP probe not sent back
+/// into its sender. (Not a mark on the skb: netd's marks are not trusted
+/// on arrival.)
 #[inline(always)]
-fn from_own(ctx: &TcContext, parent: u32, vlan: u16) -> Result<bool, Counter> {
+fn from_own(
+    ctx: &TcContext,
+    list: Option<*const FloodList>,
+    parent: u32,
+    vlan: u16,
+) -> Result<bool, Counter> {
     let src: *const [u8; 6] = ptr_at(ctx, 6).ok_or(Counter::Truncated)?;
     let src = unsafe { *src };
-    if let Some(list) = SEGMENT_FLOODS.get_ptr(&domain(parent, vlan)) {
-        if unsafe { (*list).parent_mac } == src {
-            return Ok(true);
-        }
+    if list.is_some_and(|l| unsafe { (*l).parent_mac } == src) {
+        return Ok(true);
     }
     let key = SegmentMac {
         parent,
@@ -261,7 +266,11 @@ pub fn from_parent(ctx: &TcContext) -> Result<FromParent, Counter> {
     let vlan = rx_vlan(ctx, ether_type)?;
     let parent = unsafe { (*ctx.skb.skb).ifindex };
     let port = if is_group(&dst) {
-        if from_own(ctx, parent, vlan)? {
+        // One lookup of the domain's list for the frame.
+        let list = SEGMENT_FLOODS
+            .get_ptr(&domain(parent, vlan))
+            .map(|l| l as *const FloodList);
+        if from_own(ctx, list, parent, vlan)? {
             return Ok(FromParent::Host(Counter::NoMatch));
         }
         let target = if ether_type == ETH_P_ARP {
@@ -269,10 +278,10 @@ pub fn from_parent(ctx: &TcContext) -> Result<FromParent, Counter> {
         } else {
             None
         };
-        match target {
-            Some(port) => port,
-            None if floods(ether_type) => return flood_from_parent(ctx, parent, vlan),
-            None => return Ok(FromParent::Host(Counter::NoMatch)),
+        match (target, list) {
+            (Some(port), _) => port,
+            (None, Some(list)) if floods(ether_type) => return flood_from_parent(ctx, list, vlan),
+            (None, _) => return Ok(FromParent::Host(Counter::NoMatch)),
         }
     } else {
         let key = SegmentMac {
@@ -307,18 +316,18 @@ pub fn from_parent(ctx: &TcContext) -> Result<FromParent, Counter> {
 /// with its tag back on (the host has no interface on a VLAN, and must not
 /// take a VLAN's broadcast for the untagged LAN's).
 #[inline(always)]
-fn flood_from_parent(ctx: &TcContext, parent: u32, vlan: u16) -> Result<FromParent, Counter> {
-    let domain = domain(parent, vlan);
-    if SEGMENT_FLOODS.get_ptr(&domain).is_none() {
-        return Ok(FromParent::Host(Counter::NoMatch));
-    }
+fn flood_from_parent(
+    ctx: &TcContext,
+    list: *const FloodList,
+    vlan: u16,
+) -> Result<FromParent, Counter> {
     let skb = ctx.skb.skb;
     // The whole TCI, priority bits too, goes back on the host's copy.
     let tci = unsafe { (*skb).vlan_tci } as u16;
     if vlan != 0 && unsafe { bpf_skb_vlan_pop(skb) } != 0 {
         return Err(Counter::RewriteFailed);
     }
-    let copied = flood(ctx, &domain, None, 0);
+    let copied = flood(ctx, list, None, 0);
     if vlan != 0 && unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), tci) } != 0 {
         return Err(Counter::RewriteFailed);
     }
